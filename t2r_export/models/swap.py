@@ -1,0 +1,164 @@
+"""Swap softmax attention for T2R linear attention, and save / load the result.
+
+``swap_attention(model, T2RConfig())`` converts a supported HF causal LM in place: each attention
+module gets a ``t2r_feature_map`` (the only new parameters), the config records the T2R settings
+and ``attn_implementation`` becomes "t2r". The model's class becomes a registered subclass
+(``T2RLlamaForCausalLM``, model_type "t2r_llama", ...), so ``save_pretrained`` writes a config that
+``AutoModelForCausalLM.from_pretrained`` rebuilds once ``t2r_export`` is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..ops.feature_maps import FeatureMap
+from .adapters import ADAPTERS, T2R_PREFIX, ArchitectureAdapter, attention_dims, get_adapter
+from .attention import ATTN_IMPLEMENTATION, FEATURE_MAP_ATTR, register_attention_function
+from .config import T2RConfig
+
+logger = logging.getLogger(__name__)
+
+_T2R_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def decoder_layers(model, adapter: ArchitectureAdapter):
+    obj = model
+    for part in adapter.layers.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attention_modules(model) -> list:
+    adapter = get_adapter(model.config.model_type)
+    return [getattr(layer, adapter.attention) for layer in decoder_layers(model, adapter)]
+
+
+def _attach_feature_maps(model, cfg: T2RConfig) -> int:
+    """Add one FeatureMap per attention module; returns the number of parameters added."""
+    _, kv_heads, head_dim = attention_dims(model.config)
+    added = 0
+    ref = next(model.parameters())
+    for i, attn in enumerate(attention_modules(model)):
+        fm = FeatureMap(cfg.feature_map, kv_heads, head_dim, cfg.feature_dim, cfg.init, seed=cfg.seed + i)
+        fm.settings = cfg
+        fm.to(device=ref.device, dtype=ref.dtype)
+        setattr(attn, FEATURE_MAP_ATTR, fm)
+        added += sum(p.numel() for p in fm.parameters())
+    return added
+
+
+def _make_t2r_classes(adapter: ArchitectureAdapter) -> tuple[type, type]:
+    """Subclasses of the HF config/model classes, registered with the Auto classes."""
+    if adapter.model_type in _T2R_CLASSES:
+        return _T2R_CLASSES[adapter.model_type]
+    base_config = getattr(transformers, adapter.config_class)
+    base_model = getattr(transformers, adapter.model_class)
+    model_type = T2R_PREFIX + adapter.model_type
+    config_cls = type("T2R" + adapter.config_class, (base_config,), {"model_type": model_type})
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        _attach_feature_maps(self, T2RConfig.from_dict(config.t2r))
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation=None, is_init_check=False, **kwargs):
+        # a T2R model has exactly one attention implementation: ours
+        return ATTN_IMPLEMENTATION
+
+    model_cls = type("T2R" + adapter.model_class, (base_model,), {
+        "config_class": config_cls,
+        "__init__": __init__,
+        "_check_and_adjust_attn_implementation": _check_and_adjust_attn_implementation,
+        "__module__": __name__,
+    })
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    _T2R_CLASSES[adapter.model_type] = (config_cls, model_cls)
+    return config_cls, model_cls
+
+
+def register_auto_classes() -> None:
+    register_attention_function()
+    for adapter in ADAPTERS.values():
+        _make_t2r_classes(adapter)
+
+
+def is_t2r_model(model) -> bool:
+    return getattr(model.config, "t2r", None) is not None
+
+
+def swap_attention(model: PreTrainedModel, cfg: T2RConfig | None = None) -> PreTrainedModel:
+    """Replace every self-attention of ``model`` by T2R linear attention, in place; returns it.
+
+    All pretrained weights are kept bit-identical; only the feature maps are added.
+    """
+    cfg = cfg or T2RConfig()
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings") \
+            or model.get_output_embeddings() is None:
+        raise ValueError(f"expected a Hugging Face causal LM (a *ForCausalLM model), got {type(model).__name__}")
+    if is_t2r_model(model):
+        raise ValueError("model is already a T2R model; swap takes a softmax-attention model")
+    adapter = get_adapter(model.config.model_type)
+    if type(model).__name__ != adapter.model_class:
+        raise ValueError(f"expected a {adapter.model_class} for model_type {adapter.model_type!r}, "
+                         f"got {type(model).__name__}")
+    register_auto_classes()
+    config_cls, model_cls = _make_t2r_classes(adapter)
+    added = _attach_feature_maps(model, cfg)
+    model.config.__class__ = config_cls
+    model.config.t2r = cfg.to_dict()
+    # the recurrent state replaces the KV cache: HF must not build one
+    model.config.use_cache = False
+    model.__class__ = model_cls
+    model.config._attn_implementation_internal = ATTN_IMPLEMENTATION
+    logger.info("swapped %d attention layers of %s (%s), +%d parameters", len(attention_modules(model)),
+                adapter.model_type, cfg.feature_map, added)
+    return model
+
+
+def swap_summary(model) -> dict:
+    heads, kv_heads, head_dim = attention_dims(model.config)
+    fms = [getattr(a, FEATURE_MAP_ATTR) for a in attention_modules(model)]
+    k = fms[0].feature_dim
+    return {
+        "architecture": get_adapter(model.config.model_type).model_type,
+        "layers_swapped": len(fms),
+        "parameters_added": sum(p.numel() for fm in fms for p in fm.parameters()),
+        "parameters_total": sum(p.numel() for p in model.parameters()),
+        "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "feature_dim": k,
+        "state_bytes_per_sequence": len(fms) * kv_heads * k * (head_dim + 1) * 4,
+        **{f"t2r.{key}": v for key, v in model.config.t2r.items()},
+    }
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32) -> PreTrainedModel:
+    """Load any supported causal LM (softmax or T2R) from a local directory, safetensors only."""
+    register_auto_classes()
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory not found: {path} (expected a directory with config.json "
+                         "and model.safetensors)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json; expected a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot read the model config in {path}: {str(err).splitlines()[0]}") from None
+    get_adapter(config.model_type)
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no *.safetensors weights; only safetensors are loaded "
+                         "(convert .bin checkpoints with safetensors first)")
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_t2r_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """One call: a saved T2R model back, identical logits."""
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code)
+    if not is_t2r_model(model):
+        raise ValueError(f"{path} holds a softmax model, not a T2R model; run `t2r-export swap` first")
+    return model
