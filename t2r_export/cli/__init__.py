@@ -1,0 +1,44 @@
+"""The `t2r-export` command line: thin wrappers that parse, build a config, call the library.
+
+Each command lives in its own module and imports torch (or anything heavy) inside the function,
+so `t2r-export --help` and the torch-free commands start fast and work on a runtime-only install.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import swap_cmd
+
+app = typer.Typer(
+    name="t2r-export",
+    help="Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders."""
+
+
+app.command("swap", help="Swap every softmax attention of a HF causal LM for T2R linear attention.")(swap_cmd.swap)
+
+try:
+    from . import pretrain_cmd
+
+    app.command("pretrain", help="Train the bundled softmax teacher on the Python standard library.")(
+        pretrain_cmd.pretrain)
+except ImportError:  # written in a parallel branch; absent until it lands
+    pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""`t2r-export swap MODEL_DIR -o OUT_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import atomic_output_dir, console, fail
+
+
+def swap(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face causal LM directory (safetensors)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the T2R model."),
+    feature_map: str = typer.Option("t2r", help="t2r (learned, the paper's) | elu | rfa (baselines)."),
+    feature_dim: int = typer.Option(32, help="Feature size k of phi (ignored by elu, which uses head_dim)."),
+    init: str = typer.Option("default", help="Feature-map init: default (nn.Linear's) | identity."),
+    seed: int = typer.Option(0, help="Seed for the feature-map init and rfa's random features."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
+) -> None:
+    from ..models import T2RConfig, load_causal_lm, swap_attention, swap_summary
+
+    try:
+        cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed)
+    except ValueError as err:
+        fail(str(err))
+    if out.resolve() == model_dir.resolve():
+        fail(f"output directory {out} is the input model directory; choose another --out")
+    try:
+        import torch
+
+        model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+        torch.manual_seed(seed)
+        swap_attention(model, cfg)
+    except ValueError as err:
+        fail(str(err))
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(model_dir, tmp)
+    summary = swap_summary(model)
+    from rich.table import Table
+
+    table = Table(title=f"swapped → {out}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    console.print(table)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                 "merges.txt", "generation_config.json"):
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
