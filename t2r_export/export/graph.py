@@ -1,0 +1,291 @@
+"""Emit the step and prefill ONNX graphs from a ``DecoderWeights`` description.
+
+Plain ONNX ops only (opset 17), no transposes on the decode path, one fused q/k/v(+RoPE) matmul
+and one batched feature-map matmul per layer. Names and shapes of the graph I/O come from
+``contract``. Precision plans:
+- fp32: everything fp32.
+- fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
+  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
+- fp16-all: the same but the state and the denominator too: the overflow demonstration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import contract
+from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
+
+PRECISIONS = ("fp32", "fp16", "fp16-all")
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class GraphBuilder:
+    """A tiny helper over onnx.helper: unique names, initializers, nodes."""
+
+    def __init__(self, compute_dtype=np.float32):
+        self.nodes: list = []
+        self.initializers: list = []
+        self.count = 0
+        self.compute_dtype = compute_dtype
+        self._consts: dict = {}
+        self._weights: dict = {}
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def const(self, value, dtype=None, name: str | None = None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = None
+        if arr.size <= 16 and name is None:
+            key = (arr.dtype.str, arr.shape, arr.tobytes())
+            if key in self._consts:
+                return self._consts[key]
+        name = name or self._name("const")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def weight(self, name: str, arr: np.ndarray, fp32: bool = False) -> str:
+        """A named initializer; asking again for the same name returns the first one (shared weights)."""
+        if name not in self._weights:
+            dtype = np.float32 if fp32 else self.compute_dtype
+            self._weights[name] = self.const(arr.astype(dtype), name=name)
+        return self._weights[name]
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, **attrs):
+        if isinstance(outputs, int):
+            names = [self._name(op_type.lower()) for _ in range(outputs)]
+        else:
+            names = outputs
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._name("n_" + op_type), **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def cast(self, x: str, dtype) -> str:
+        return self.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    def reshape(self, x: str, shape) -> str:
+        return self.op("Reshape", x, self.const(shape, np.int64))
+
+    def unsqueeze(self, x: str, axes) -> str:
+        return self.op("Unsqueeze", x, self.const(axes, np.int64))
+
+    def slice_last(self, x: str, axis: int) -> str:
+        """x[..., -1:, ...] along axis (keeps the axis)."""
+        return self.op("Slice", x, self.const([-1], np.int64), self.const([INT64_MAX], np.int64),
+                       self.const([axis], np.int64))
+
+
+class DecoderEmitter:
+    """Walks DecoderWeights once per graph kind."""
+
+    def __init__(self, dec: DecoderWeights, kind: str, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        self.dec, self.kind, self.precision = dec, kind, precision
+        self.low = np.float16 if precision != "fp32" else np.float32
+        # the state dtype: fp32 except in the deliberately broken all-fp16 variant
+        self.state_dtype = np.float16 if precision == "fp16-all" else np.float32
+        self.g = GraphBuilder(self.low)
+        self.hkv = dec.num_kv_heads
+        self.groups = dec.num_heads // dec.num_kv_heads
+        self.d = dec.head_dim
+        self.k = dec.feature_dim
+
+    # -- dtype boundaries --------------------------------------------------------------------
+    def to_low(self, x):
+        return x if self.low == np.float32 else self.g.cast(x, self.low)
+
+    def to_fp32(self, x):
+        return x if self.low == np.float32 else self.g.cast(x, np.float32)
+
+    def to_state(self, x):
+        return x if self.state_dtype == self.low else self.g.cast(x, self.state_dtype)
+
+    # -- blocks --------------------------------------------------------------------------------
+    def norm(self, x: str, n: Norm, prefix: str) -> str:
+        """Norms run in fp32 in every plan (a known fp16 overflow source); returns compute dtype."""
+        g = self.g
+        x32 = self.to_fp32(x)
+        w = g.weight(prefix + ".weight", n.weight, fp32=True)
+        if n.kind == "layer":
+            b = g.weight(prefix + ".bias", n.bias if n.bias is not None else np.zeros_like(n.weight), fp32=True)
+            y = g.op("LayerNormalization", x32, w, b, axis=-1, epsilon=n.eps)
+        else:
+            ms = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+            y = g.op("Mul", g.op("Div", x32, g.op("Sqrt", g.op("Add", ms, g.const(n.eps, np.float32)))), w)
+        return self.to_low(y)
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        y = self.g.op("MatMul", x, self.g.weight(name + ".weight", w))
+        return y if b is None else self.g.op("Add", y, self.g.weight(name + ".bias", b))
+
+    def act(self, x: str, kind: str) -> str:
+        g = self.g
+        c = lambda v: g.const(v, self.low)  # noqa: E731
+        if kind == "silu":
+            return g.op("Mul", x, g.op("Sigmoid", x))
+        if kind == "relu":
+            return g.op("Relu", x)
+        if kind in ("gelu", "gelu_python"):
+            erf = g.op("Erf", g.op("Mul", x, c(1 / np.sqrt(2.0))))
+            return g.op("Mul", g.op("Mul", x, c(0.5)), g.op("Add", erf, c(1.0)))
+        if kind in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            inner = g.op("Mul", c(np.sqrt(2.0 / np.pi)),
+                         g.op("Add", x, g.op("Mul", c(0.044715), g.op("Mul", x, g.op("Mul", x, x)))))
+            return g.op("Mul", g.op("Mul", x, c(0.5)), g.op("Add", g.op("Tanh", inner), c(1.0)))
+        raise ValueError(f"activation {kind!r} is not supported by the ONNX exporter")
+
+    def feature_map(self, x: str, fm: FeatureMapWeights, query: bool, prefix: str) -> str:
+        """x [B, T, H_kv, G, d] -> phi [B, T, H_kv, G, K]."""
+        g = self.g
+        if fm.kind == "t2r":
+            w = g.weight(prefix + (".q_weight" if query else ".k_weight"), fm.q_weight if query else fm.k_weight)
+            b = g.weight(prefix + ".bias", fm.bias)
+            return g.op("Relu", g.op("Add", g.op("MatMul", x, w), b))
+        if query:
+            x = g.op("Mul", x, g.const(fm.q_scale, self.low))
+        if fm.kind == "elu":
+            return g.op("Add", g.op("Elu", x, alpha=1.0), g.const(1.0, self.low))
+        # rfa: random Fourier features of the unit-normalised vector
+        x32 = self.to_fp32(x)
+        norm = g.op("Sqrt", g.op("ReduceSum", g.op("Mul", x32, x32), g.const([-1], np.int64), keepdims=1))
+        xn = self.to_low(g.op("Div", x32, g.op("Max", norm, g.const(1e-6, np.float32))))
+        proj = g.op("MatMul", xn, g.weight(prefix + ".omega", fm.q_weight))
+        scale = g.const(1.0 / np.sqrt(fm.q_weight.shape[-1]), self.low)
+        return g.op("Mul", g.op("Concat", g.op("Sin", proj), g.op("Cos", proj), axis=-1), scale)
+
+    def attention_core_step(self, phi_q, phi_k, v, i: int):
+        """One token: S += phi(k) v^T, z += phi(k); out = phi(q) S / max(phi(q) z, eps)."""
+        g, hkv, k, d = self.g, self.hkv, self.k, self.d
+        s_in, z_in = contract.past_name(i, "s"), contract.past_name(i, "z")
+        pk = self.to_state(g.reshape(phi_k, [-1, hkv, k, 1]))
+        vv = self.to_state(g.reshape(v, [-1, hkv, 1, d]))
+        s_out = g.op("Add", s_in, g.op("Mul", pk, vv), outputs=[contract.present_name(i, "s")])
+        z_out = g.op("Add", z_in, g.reshape(pk, [-1, hkv, k]), outputs=[contract.present_name(i, "z")])
+        pq = self.to_state(g.reshape(phi_q, [-1, hkv, self.groups, k]))
+        num = g.op("MatMul", pq, s_out)                                   # [B, H_kv, G, d]
+        den = g.op("MatMul", pq, g.unsqueeze(z_out, [-1]))                # [B, H_kv, G, 1]
+        out = g.op("Div", num, g.op("Max", den, g.const(self.dec.eps, self.state_dtype)))
+        return g.reshape(self.to_low(out), [-1, 1, self.dec.num_heads * d])
+
+    def attention_core_prefill(self, phi_q, phi_k, v, i: int):
+        """T tokens: running sums by CumSum over T (memory linear in T), last ones are the new state."""
+        g, hkv, k, d = self.g, self.hkv, self.k, self.d
+        s_in, z_in = contract.past_name(i, "s"), contract.past_name(i, "z")
+        pk = self.to_state(g.reshape(phi_k, [0, 0, hkv, k, 1]))
+        vv = self.to_state(v)                                             # [B, T, H_kv, 1, d]
+        axis = g.const(1, np.int64)
+        s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(s_in, [1]))
+        z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(z_in, [1]))
+        g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64),
+             outputs=[contract.present_name(i, "s")])
+        g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64),
+             outputs=[contract.present_name(i, "z")])
+        pq = self.to_state(phi_q)                                         # [B, T, H_kv, G, K]
+        num = g.op("MatMul", pq, s_all)                                   # [B, T, H_kv, G, d]
+        den = g.op("MatMul", pq, g.unsqueeze(z_all, [-1]))                # [B, T, H_kv, G, 1]
+        out = g.op("Div", num, g.op("Max", den, g.const(self.dec.eps, self.state_dtype)))
+        return g.reshape(self.to_low(out), [0, 0, self.dec.num_heads * d])
+
+    def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
+        g, dec = self.g, self.dec
+        p = f"layers.{i}.attn"
+        qkv = self.linear(x, layer.qkv_weight, layer.qkv_bias, p + ".qkv")
+        hd, kvd = dec.num_heads * self.d, self.hkv * self.d
+        sizes = [hd, hd, kvd, kvd, kvd] if rope else [hd, kvd, kvd]
+        parts = g.op("Split", qkv, g.const(sizes, np.int64), axis=-1, outputs=len(sizes))
+        if rope:
+            cos, sin = rope
+            q, qr, k, kr, v = parts
+            q = g.op("Add", g.op("Mul", g.reshape(q, [0, 0, dec.num_heads, self.d]), cos),
+                     g.op("Mul", g.reshape(qr, [0, 0, dec.num_heads, self.d]), sin))
+            k = g.op("Add", g.op("Mul", g.reshape(k, [0, 0, self.hkv, self.d]), cos),
+                     g.op("Mul", g.reshape(kr, [0, 0, self.hkv, self.d]), sin))
+        else:
+            q, k, v = parts
+        q5 = g.reshape(q, [0, 0, self.hkv, self.groups, self.d])
+        k5 = g.reshape(k, [0, 0, self.hkv, 1, self.d])
+        v5 = g.reshape(v, [0, 0, self.hkv, 1, self.d])
+        phi_q = self.feature_map(q5, layer.feature_map, True, f"layers.{i}.phi")
+        phi_k = self.feature_map(k5, layer.feature_map, False, f"layers.{i}.phi")
+        core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
+        out = core(phi_q, phi_k, v5, i)
+        return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
+
+    def mlp(self, x: str, layer: LayerWeights, i: int) -> str:
+        g = self.g
+        p = f"layers.{i}.mlp"
+        h = self.linear(x, layer.mlp_in, layer.mlp_in_bias, p + ".in")
+        if layer.mlp_kind == "gated":
+            inter = layer.mlp_out.shape[0]
+            gate, up = g.op("Split", h, g.const([inter, inter], np.int64), axis=-1, outputs=2)
+            h = g.op("Mul", self.act(gate, layer.act), up)
+        else:
+            h = self.act(h, layer.act)
+        return self.linear(h, layer.mlp_out, layer.mlp_out_bias, p + ".out")
+
+    def rope_tables(self):
+        """cos/sin [B, T, 1, d] from position_ids; zero frequencies leave pass-through dims alone."""
+        g = self.g
+        pos = g.unsqueeze(g.cast("position_ids", np.float32), [-1])                # [B, T, 1]
+        angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
+        cos, sin = g.op("Cos", angle), g.op("Sin", angle)
+        if self.dec.rope_scale != 1.0:
+            scale = g.const(self.dec.rope_scale, np.float32)
+            cos, sin = g.op("Mul", cos, scale), g.op("Mul", sin, scale)
+        return g.unsqueeze(self.to_low(cos), [2]), g.unsqueeze(self.to_low(sin), [2])
+
+    def build(self) -> onnx.ModelProto:
+        g, dec = self.g, self.dec
+        x = g.op("Gather", g.weight("embed", dec.embed), "input_ids", axis=0)    # [B, T, D]
+        if dec.pos_embed is not None:
+            x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
+        rope = self.rope_tables() if dec.rope else None
+        for i, layer in enumerate(dec.layers):
+            h = self.norm(x, layer.norm1, f"layers.{i}.norm1")
+            attn = self.attention(h, layer, i, rope)
+            if layer.parallel_residual:
+                mlp = self.mlp(self.norm(x, layer.norm2, f"layers.{i}.norm2"), layer, i)
+                x = g.op("Add", g.op("Add", x, attn), mlp)
+            else:
+                x = g.op("Add", x, attn)
+                x = g.op("Add", x, self.mlp(self.norm(x, layer.norm2, f"layers.{i}.norm2"), layer, i))
+        if self.kind == contract.PREFILL:
+            x = g.slice_last(x, 1)                                                  # [B, 1, D]
+        x = self.norm(x, dec.final_norm, "final_norm")
+        logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
+        g.op("Reshape", self.to_fp32(logits), g.const([-1, dec.vocab_size], np.int64), outputs=["logits"])
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        shape = state_shape(self.dec)
+        state_type = helper.np_dtype_to_tensor_dtype(np.dtype(self.state_dtype))
+
+        def value_info(spec):
+            dtype = TensorProto.INT64 if spec.dtype == "int64" else (
+                state_type if spec.name.startswith(("past_state", "present_state")) else TensorProto.FLOAT)
+            return helper.make_tensor_value_info(spec.name, dtype, list(spec.shape))
+
+        graph = helper.make_graph(self.g.nodes, f"t2r_{self.kind}",
+                                  [value_info(s) for s in contract.graph_inputs(shape, self.kind)],
+                                  [value_info(s) for s in contract.graph_outputs(shape, self.kind)],
+                                  initializer=self.g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.OPSET)],
+                                  producer_name="t2r-export")
+        model.ir_version = 8  # readable by ONNX Runtime ≥ 1.14 and TensorRT 10's parser
+        return model
+
+
+def state_shape(dec: DecoderWeights) -> contract.StateShape:
+    return contract.StateShape(len(dec.layers), dec.num_kv_heads, dec.feature_dim, dec.head_dim, dec.vocab_size)
+
+
+def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32") -> onnx.ModelProto:
+    if kind not in contract.GRAPH_KINDS:
+        raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
+    return DecoderEmitter(dec, kind, precision).build()
