@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import swap_cmd
+from . import export_cmd, swap_cmd
 
 app = typer.Typer(
     name="t2r-export",
@@ -27,6 +27,9 @@ def _root() -> None:
 
 app.command("swap", help="Swap every softmax attention of a HF causal LM for T2R linear attention.")(swap_cmd.swap)
 
+app.command("onnx", help="Export step + prefill ONNX graphs with explicit fp32 state as a verified bundle.")(
+    export_cmd.onnx_export)
+
 try:
     from . import pretrain_cmd
 
@@ -37,6 +40,12 @@ except ImportError:  # written in a parallel branch; absent until it lands
 
 
 def main() -> None:
+    import os
+
+    # HF's per-file progress bars drown the one-line messages a user needs to see
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     app()
 
 

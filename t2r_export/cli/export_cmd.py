@@ -1,0 +1,54 @@
+"""`t2r-export onnx [MODEL] -o graphs/NAME`: step + prefill graphs, tokenizer, runtime.json; verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import check_writable_parent, console, fail
+
+
+def onnx_export(
+    model: Optional[Path] = typer.Argument(None, help="T2R model directory (default: the bundled T2R teacher)."),
+    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Bundle directory to write."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | fp16-all (overflow demo)."),
+    verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
+    chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
+) -> None:
+    from ..export.bundle import export_bundle
+    from ..export.graph import PRECISIONS
+    from ..teacher import bundled_model_dir
+    from ..tolerances import ToleranceError
+
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if chained_steps < 1:
+        fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
+    check_writable_parent(out, "bundle directory")
+    try:
+        model = model or bundled_model_dir("t2r")
+        with console.status(f"exporting {model} → {out}"):
+            result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
+    except ToleranceError as err:
+        fail(f"verification failed, no bundle written: {err}", code=1)
+    except ValueError as err:
+        fail(str(err))
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    from rich.table import Table
+
+    rt = result.runtime
+    console.print(f"[bold green]bundle[/] {result.out}: {rt['architecture']}, {rt['num_layers']} layers, "
+                  f"{rt['num_kv_heads']} KV heads × k={rt['feature_dim']} × d={rt['head_dim']}, "
+                  f"state {rt['state_bytes_per_sequence']:,} bytes/sequence, precision {rt['precision']}")
+    if result.report is not None:
+        table = Table(title="verification: ONNX Runtime vs torch (max |diff| per output)")
+        for col in ("check", "output", "max |diff|"):
+            table.add_column(col)
+        for check, name, err in result.report.checks:
+            table.add_row(check, name, f"{err:.2e}")
+        console.print(table)

@@ -1,0 +1,161 @@
+"""Write a bundle: step.onnx + prefill.onnx + tokenizer + runtime.json, verified, atomically.
+
+    bundle/
+      step.onnx        one token per row, explicit fp32 state in and out
+      prefill.onnx     T tokens per row, same state tensors
+      tokenizer.json   (+ tokenizer_config.json ...)
+      runtime.json     everything a runtime needs, and the versions/hash that made it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..atomic import atomic_dir
+from ..models import is_t2r_model, load_t2r_model
+from . import contract
+from .graph import build_graph, state_shape
+from .weights import extract_decoder
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "t2r-export-bundle"
+BUNDLE_FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# protobuf cannot hold more than 2 GB: bigger models keep their weights in one side file
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    runtime: dict
+    report: object | None
+
+
+def checkpoint_sha256(model_dir: Path | None, model) -> str:
+    """sha256 of the safetensors files (sorted), or of the in-memory weights when there is no dir."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir else []
+    if files:
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    else:
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tool_versions() -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"t2r_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _save_graph(model_proto: onnx.ModelProto, path: Path) -> None:
+    if model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model_proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _copy_tokenizer(model_dir: Path | None, tokenizer, dst: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
+    elif model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, dst / name)
+    else:
+        raise ValueError(f"no tokenizer.json beside the model ({model_dir}); a bundle needs a fast tokenizer")
+
+
+def runtime_config(model, dec, precision: str, sha: str) -> dict:
+    cfg = model.config
+    shape = state_shape(dec)
+    max_position = None if dec.rope else int(dec.pos_embed.shape[0])
+    graphs = {}
+    for kind in contract.GRAPH_KINDS:
+        graphs[kind] = {
+            "file": f"{kind}.onnx",
+            "inputs": [s.name for s in contract.graph_inputs(shape, kind)],
+            "outputs": [s.name for s in contract.graph_outputs(shape, kind)],
+        }
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "architecture": dec.architecture,
+        "num_layers": len(dec.layers),
+        "hidden_size": int(dec.embed.shape[1]),
+        "num_heads": dec.num_heads,
+        "num_kv_heads": dec.num_kv_heads,
+        "head_dim": dec.head_dim,
+        "feature_map": dec.layers[0].feature_map.kind,
+        "feature_dim": dec.feature_dim,
+        "vocab_size": dec.vocab_size,
+        "max_position": max_position,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "state_dtype": "float32",
+        "precision": precision,
+        "state_bytes_per_sequence": contract.state_nbytes(shape),
+        "opset": contract.OPSET,
+        "graphs": graphs,
+        "tools": _tool_versions(),
+        "source_checkpoint_sha256": sha,
+        "t2r": dict(cfg.t2r),
+    }
+
+
+def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
+                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True) -> ExportResult:
+    """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
+
+    The bundle is assembled in a temporary sibling directory and renamed into place only after
+    every check passed; on failure nothing is left at ``out``.
+    """
+    from .verify import verify_bundle_graphs
+
+    model_dir = None
+    if isinstance(model_or_dir, (str, Path)):
+        model_dir = Path(model_or_dir)
+        model = load_t2r_model(model_dir)
+    else:
+        model = model_or_dir
+        if not is_t2r_model(model):
+            raise ValueError("expected a T2R model (run swap_attention first)")
+    model.eval()
+    dec = extract_decoder(model)
+    runtime = runtime_config(model, dec, precision, checkpoint_sha256(model_dir, model))
+    report = None
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        for kind in contract.GRAPH_KINDS:
+            _save_graph(build_graph(dec, kind, precision), tmp / f"{kind}.onnx")
+        _copy_tokenizer(model_dir, tokenizer, tmp)
+        if verify and precision == "fp32":
+            report = verify_bundle_graphs(model, tmp / "step.onnx", tmp / "prefill.onnx", len(dec.layers),
+                                          dec.vocab_size, chained_steps=chained_steps)
+            runtime["verification"] = {check: float(err) for check, err in report.worst().items()}
+        (tmp / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+    logger.info("wrote bundle %s", out)
+    return ExportResult(Path(out), runtime, report)
