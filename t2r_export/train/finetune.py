@@ -1,0 +1,657 @@
+"""Finetune a swapped T2R model: optional attention transfer, then next-token training.
+
+One explicit file: setup (model, tokenizer, swap, data) / train (one loop, two stages) /
+save_checkpoint / load_checkpoint / save the final model. The same code runs on one CPU,
+under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``accelerate launch``::
+
+    python -m t2r_export.train.finetune --out runs/t2r --steps 500
+    torchrun --nproc_per_node 2 -m t2r_export.train.finetune --out runs/t2r --batch-size 4
+
+Stages (DESIGN §3):
+1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
+   linear-attention output is pulled towards its softmax output (MSE, LoLCATs stage 1).
+2. ``finetune`` (``steps``): next-token loss on ``all`` parameters, the ``attention`` modules
+   only, or ``lora`` adapters on the attention projections (merged before saving).
+
+A global batch is ``batch_size × world_size × grad_accum`` blocks; every rank takes a disjoint slice
+of it, so N processes and one process with the same global batch follow the same loss trajectory.
+Checkpoints (``out/checkpoint``) restore model, optimizer, scheduler, RNG and data position, so a
+resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+
+import t2r_export
+from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
+from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
+from t2r_export.models.attention import FEATURE_MAP_ATTR
+from t2r_export.models.swap import attention_modules
+from t2r_export.train.evaluate import perplexity
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+TRAIN_MODES = ("all", "attention", "lora")
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+ADAPTER_DIR = "adapter"
+RECORD_FILE = "finetune.json"
+# the settings a checkpoint must share with the run resuming it, or the trajectory would change
+# (the global batch must match too; how it splits over ranks and micro-steps may change)
+RESUME_KEYS = ("steps", "attention_transfer_steps", "train", "lr", "attention_transfer_lr", "block_size", "seed",
+               "warmup_fraction", "min_lr_ratio", "weight_decay", "lora_r", "lora_alpha", "data", "dataset")
+
+
+def bundled_teacher() -> Path:
+    return Path(t2r_export.__file__).parent / "teacher" / "softmax"
+
+
+@dataclass
+class FinetuneConfig:
+    # None = the bundled softmax teacher (DESIGN §7), so a bare run works offline
+    model: Path | None = None
+    # outside the package by default, so a casual run never overwrites anything bundled
+    out_dir: Path = Path("runs/t2r")
+    # None = the stdlib corpus (train/valid splits); else local .txt/.py/.md/.jsonl files or dirs
+    data: list[Path] | None = None
+    # a Hugging Face `datasets` name ("name" or "name:config", column "text"); needs the package and a hub
+    dataset: str | None = None
+    # next-token steps: enough to recover most of the swap's loss on the bundled teacher in minutes on CPU
+    steps: int = 500
+    # 0 = skip; a few hundred steps give phi a softmax-like start before next-token training (LoLCATs)
+    attention_transfer_steps: int = 0
+    # "all" recovers the most; "attention" and "lora" touch fewer weights (cheaper, less forgetting)
+    train: str = "all"
+    # a quarter of the teacher's pretraining lr: the weights start trained, only attention changed
+    lr: float = 5e-4
+    # only phi trains in transfer, from a random start, against a smooth MSE target: a high lr is safe
+    attention_transfer_lr: float = 1e-2
+    # ~5% of the run: Adam's second moments settle before the full lr hits
+    warmup_fraction: float = 0.05
+    # cosine decays to lr/10, the usual floor
+    min_lr_ratio: float = 0.1
+    # no decay by default: finetuning for few steps, decaying towards zero would only fight the teacher
+    weight_decay: float = 0.0
+    # beta2 0.95 rather than 0.999: adapts faster, steadier at high lr (GPT-3, Llama)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # clipping guards against the loss spikes of a freshly swapped attention
+    grad_clip: float = 1.0
+    # blocks per rank per micro-step; the global batch is batch_size x world_size x grad_accum
+    batch_size: int = 8
+    # the teacher's training context: the positions it knows
+    block_size: int = 256
+    # raise to grow the global batch without more memory
+    grad_accum: int = 1
+    # T2R swap settings (DESIGN §2); ignored when the model is already a T2R model
+    feature_map: str = "t2r"
+    feature_dim: int = 32
+    init: str = "default"
+    # seeds the swap, the data order and the LoRA init: any fixed value makes runs repeatable
+    seed: int = 0
+    # LoRA rank 8 / alpha 16 on q, k, v, o: the common peft starting point (LoLCATs uses the same)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # checkpoint often enough to lose little on a crash, rarely enough not to slow the run (0 = never)
+    save_every: int = 200
+    # validation perplexity every this many steps (0 = only at the end)
+    eval_every: int = 200
+    # a fixed, capped slice of the valid stream: comparable across evals, a few seconds on CPU
+    eval_max_tokens: int = 32768
+    eval_batch_size: int = 8
+    log_every: int = 10
+    # continue from out_dir/checkpoint with the same data order
+    resume: bool = False
+    # None = torch's default thread count
+    num_threads: int | None = None
+    # None = every stdlib file of a split; a small number makes test runs take seconds
+    max_files: int | None = None
+    # None = $T2R_EXPORT_CACHE or ~/.cache/t2r_export
+    cache_dir: Path | None = None
+    trust_remote_code: bool = False
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """One clear ``ValueError`` line for settings that cannot work."""
+    if cfg.steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {cfg.steps}")
+    if cfg.attention_transfer_steps < 0:
+        raise ValueError(f"attention transfer steps must be >= 0, got {cfg.attention_transfer_steps}")
+    if cfg.train not in TRAIN_MODES:
+        raise ValueError(f"unknown train mode {cfg.train!r}; expected one of {', '.join(TRAIN_MODES)}")
+    for name in ("batch_size", "block_size", "grad_accum", "eval_batch_size", "log_every", "lora_r"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("save_every", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name.replace('_', ' ')} must be >= 0 (0 = never), got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.attention_transfer_lr <= 0:
+        raise ValueError(f"learning rates must be > 0, got lr={cfg.lr}, attention transfer lr={cfg.attention_transfer_lr}")
+    if not 0 <= cfg.warmup_fraction < 1 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"expected 0 <= warmup fraction < 1 and 0 <= min lr ratio <= 1, got "
+                         f"{cfg.warmup_fraction}, {cfg.min_lr_ratio}")
+    if cfg.data and cfg.dataset:
+        raise ValueError("pass either local data files or a datasets name, not both")
+    if cfg.eval_max_tokens < 2:
+        raise ValueError(f"eval max tokens must be at least 2, got {cfg.eval_max_tokens}")
+    check_output_dir(Path(cfg.out_dir))
+    checkpoint = Path(cfg.out_dir) / CHECKPOINT_DIR
+    if cfg.resume and not (checkpoint / STATE_FILE).is_file():
+        raise ValueError(f"nothing to resume: no checkpoint at {checkpoint}; run without --resume to start")
+    if not cfg.resume and checkpoint.exists():
+        raise ValueError(f"{checkpoint} holds an unfinished run; pass --resume to continue it or choose another --out")
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {out} is an existing file; choose another path")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output directory {out} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK):
+        raise ValueError(f"output directory {out} is not writable (no write permission on {probe})")
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Rank, world size and device from torchrun's / accelerate's environment variables."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+    rank = torch_dist.get_rank() if world_size > 1 else 0
+    return Distributed(rank, world_size, device)
+
+
+def global_mean(value: torch.Tensor, dist: Distributed) -> float:
+    """The mean of a scalar over all ranks (every rank gets the same float)."""
+    value = value.detach().float().clone()
+    if dist.world_size > 1:
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        value /= dist.world_size
+    return value.item()
+
+
+def wrap_ddp(model, dist: Distributed):
+    if dist.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
+    """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
+    if not is_t2r_model(model):
+        swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
+                                        init=cfg.init, seed=cfg.seed))
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and cfg.block_size > positions:
+        raise ValueError(f"block size {cfg.block_size} exceeds the model's {positions} positions; lower --block-size")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model only "
+                         f"{model.get_input_embeddings().num_embeddings} embeddings")
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _hub_dataset_documents(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset {name!r} needs the `datasets` package (pip install datasets); "
+                         "or pass local files with --data") from None
+    repo, _, subset = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, subset or None, split="train")
+    # datasets raises many types (connection, file-not-found, config errors); all mean "cannot load"
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot load dataset {name!r} ({str(err).splitlines()[0]}); offline? "
+                         "pass local files with --data") from None
+    if "text" not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return [text for text in ds["text"] if text]
+
+
+def load_token_streams(cfg: FinetuneConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) token streams: stdlib splits, or user documents with the last 5% held out."""
+    if not cfg.data and not cfg.dataset:
+        train = stdlib_token_stream(tokenizer, "train", cfg.cache_dir, cfg.max_files)
+        valid = stdlib_token_stream(tokenizer, "valid", cfg.cache_dir, cfg.max_files)
+    else:
+        docs = read_text_files(cfg.data) if cfg.data else _hub_dataset_documents(cfg.dataset)
+        stream = tokenize_documents(tokenizer, docs)
+        held_out = max(2, len(stream) // 20)
+        train, valid = stream[:-held_out], stream[-held_out:]
+    needed = cfg.batch_size * cfg.block_size + 1
+    if len(train) < needed:
+        raise ValueError(f"the training corpus has {len(train)} tokens, too few for one batch of "
+                         f"{cfg.batch_size} blocks of {cfg.block_size}: expected at least {needed}")
+    return train, valid
+
+
+def feature_map_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if FEATURE_MAP_ATTR in name]
+
+
+def lora_target_modules(model) -> list[str]:
+    """Full names of the linear layers inside each attention module (q/k/v/o, or fused qkv)."""
+    attn_ids = {id(m) for m in attention_modules(model)}
+    targets = []
+    for name, module in model.named_modules():
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if parent and id(model.get_submodule(parent)) in attn_ids and _is_linear(module):
+            targets.append(name)
+    if not targets:
+        raise ValueError(f"found no linear projections inside the attention modules of {type(model).__name__}")
+    return targets
+
+
+def _is_linear(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def prepare_trainable(model, mode: str, cfg: FinetuneConfig, adapter_dir: Path | None = None):
+    """Set ``requires_grad`` for a stage ("transfer" or a train mode); returns the model to train."""
+    model.requires_grad_(False)
+    if mode == "transfer":
+        params = feature_map_parameters(model)
+        if not params:
+            raise ValueError(f"feature map {cfg.feature_map!r} has no parameters to train; "
+                             "attention transfer needs the learned 't2r' map")
+        for p in params:
+            p.requires_grad_(True)
+    elif mode == "all":
+        model.requires_grad_(True)
+    elif mode == "attention":
+        for attn in attention_modules(model):
+            attn.requires_grad_(True)
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=lora_target_modules(model), bias="none")
+        if adapter_dir is None:
+            model = get_peft_model(model, lora)
+        else:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        # phi is new: it always trains, beside the adapters
+        for p in feature_map_parameters(model):
+            p.requires_grad_(True)
+    return model
+
+
+def build_optimizer(model, lr: float, cfg: FinetuneConfig, steps: int, warmup: bool = True):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    warmup_steps = math.ceil(cfg.warmup_fraction * steps) if warmup else 0
+
+    def factor(step: int) -> float:
+        # linear warmup, then cosine to min_lr_ratio at the last step
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    pack = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")  # noqa: E731
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": pack(torch.get_rng_state()),
+        "cuda": [pack(t) for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    unpack = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(unpack(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([unpack(s) for s in state["cuda"]])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """A plain HF model directory; a LoRA model writes its unmerged base plus ``adapter/``."""
+    if hasattr(model, "peft_config"):
+        base = model.get_base_model()
+        # the base weights without the adapters, under their original names: loadable as is
+        clean = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
+        base.save_pretrained(directory, state_dict=clean, safe_serialization=True)
+        model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` onto ``target`` with renames only (a directory cannot be renamed onto a full one)."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
+    replace_dir(tmp, out_dir / CHECKPOINT_DIR)
+    logger.info("checkpoint: %s step %d -> %s", state["stage"], state["step"], out_dir / CHECKPOINT_DIR)
+
+
+def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
+    state = json.loads((out_dir / CHECKPOINT_DIR / STATE_FILE).read_text())
+    saved = state["config"]
+    changed = [k for k in RESUME_KEYS if saved.get(k) != _config_record(cfg).get(k)]
+    if changed:
+        raise ValueError(f"cannot resume with changed settings ({', '.join(changed)}); the checkpoint has "
+                         + ", ".join(f"{k}={saved.get(k)}" for k in changed))
+    if global_batch != state["global_batch"]:
+        raise ValueError(f"cannot resume: the checkpoint's global batch is {state['global_batch']} blocks, this "
+                         f"run's is {global_batch} (batch size x processes x grad accum); keep the product equal")
+    return state
+
+
+def load_optimizer_state(optimizer, scheduler, checkpoint: Path) -> None:
+    saved = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch[:, :-1]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def attention_transfer_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of MSE(linear attention output, softmax attention output)."""
+    losses: list[torch.Tensor] = []
+    # logits are not needed: keep only the last position's
+    model(batch[:, :-1], t2r_transfer=losses, logits_to_keep=1)
+    return torch.stack(losses).mean()
+
+
+def micro_batches(batch: torch.Tensor, dist: Distributed, grad_accum: int):
+    """This rank's slices of a global batch ``[G, L+1]``: micro-step a takes rows ``(a*world + rank)*b ...``."""
+    per_rank = batch.shape[0] // (grad_accum * dist.world_size)
+    for a in range(grad_accum):
+        start = (a * dist.world_size + dist.rank) * per_rank
+        yield a, batch[start : start + per_rank].to(dist.device)
+
+
+def _notify(progress: Progress | None, dist: Distributed, event: dict) -> None:
+    if progress is not None and dist.is_main:
+        progress(event)
+
+
+def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneConfig, dist: Distributed,
+              progress: Progress | None, checkpoint: Path | None) -> None:
+    """Train one stage from ``state["step"]`` to its end; updates ``state`` in place."""
+    steps = cfg.attention_transfer_steps if stage == "transfer" else cfg.steps
+    mode = "transfer" if stage == "transfer" else cfg.train
+    adapter = checkpoint / ADAPTER_DIR if checkpoint is not None and (checkpoint / ADAPTER_DIR).is_dir() else None
+    model = prepare_trainable(model, mode, cfg, adapter)
+    lr = cfg.attention_transfer_lr if stage == "transfer" else cfg.lr
+    optimizer, scheduler = build_optimizer(model, lr, cfg, steps, warmup=stage != "transfer")
+    if checkpoint is not None:
+        load_optimizer_state(optimizer, scheduler, checkpoint)
+        set_rng_state(state["rng"])
+    loss_fn = attention_transfer_loss if stage == "transfer" else next_token_loss
+    ddp_model = wrap_ddp(model, dist)
+    ddp_model.train()
+    global_batch = state["global_batch"]
+    seed = cfg.seed + (10_000 if stage == "transfer" else 0)
+    batches = iter_blocks(streams[0], cfg.block_size, global_batch, seed=seed, start_step=state["step"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens_per_step = global_batch * cfg.block_size
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(state["step"], steps):
+        batch = next(batches)
+        step_loss = torch.zeros((), device=dist.device)
+        for a, micro in micro_batches(batch, dist, cfg.grad_accum):
+            # only the last micro-step syncs gradients across ranks
+            sync = a == cfg.grad_accum - 1 or dist.world_size == 1
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
+                loss = loss_fn(ddp_model, micro) / cfg.grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        current_lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = global_mean(step_loss, dist)
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"{stage} loss became {loss_value} at step {step + 1}: lower the learning rate")
+        state["losses"][stage].append(loss_value)
+        state["tokens"][stage] += tokens_per_step
+        state["step"] = step + 1
+        window_steps += 1
+        tokens_per_s = window_steps * tokens_per_step / max(time.perf_counter() - window_start, 1e-9)
+        _notify(progress, dist, {"phase": stage, "step": step + 1, "steps": steps, "loss": loss_value,
+                                 "lr": current_lr, "tokens_per_s": tokens_per_s})
+        if dist.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+            logger.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s", stage, step + 1, steps, loss_value,
+                        current_lr, tokens_per_s)
+            window_start, window_steps = time.perf_counter(), 0
+        if stage == "finetune" and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            validate(model, streams[1], state, cfg, dist, progress)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            if dist.is_main:
+                save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(cfg.out_dir))
+            if dist.world_size > 1:
+                torch_dist.barrier()
+    return model
+
+
+def validate(model, valid: np.ndarray, state: dict, cfg: FinetuneConfig, dist: Distributed,
+             progress: Progress | None) -> dict | None:
+    """Perplexity of the first ``eval_max_tokens`` valid tokens, on rank 0 only."""
+    if not dist.is_main:
+        return None
+    relay = None if progress is None else (lambda event: progress({**event, "step": state["step"]}))
+    score = perplexity(model, valid, cfg.block_size, cfg.eval_batch_size, cfg.eval_max_tokens, relay)
+    state["valid"].append({"step": state["step"], "loss": score["loss"], "perplexity": score["perplexity"]})
+    logger.info("valid at step %d: loss %.4f  perplexity %.3f", state["step"], score["loss"], score["perplexity"])
+    return score
+
+
+# --- the recipe -------------------------------------------------------------------------------
+
+def _config_record(cfg: FinetuneConfig) -> dict:
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str | None = None) -> dict:
+    """Swap (if needed), train and save a T2R model to ``cfg.out_dir``; returns the run's record.
+
+    ``progress`` (rank 0 only) receives dicts with a ``phase`` key: ``setup``, ``transfer`` and
+    ``finetune`` (step, steps, loss, lr, tokens_per_s), ``eval`` (tokens, total) and ``save``.
+    Bad input raises ``ValueError`` before anything is written.
+    """
+    start = time.perf_counter()
+    check_config(cfg)
+    dist = init_distributed()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    checkpoint = out_dir / CHECKPOINT_DIR if cfg.resume else None
+    global_batch = cfg.batch_size * dist.world_size * cfg.grad_accum
+    _notify(progress, dist, {"phase": "setup"})
+
+    source = Path(cfg.model) if cfg.model is not None else bundled_teacher()
+    if cfg.model is None and not source.is_dir():
+        raise ValueError(f"the bundled teacher is missing at {source}; pass a model directory")
+    state = {"stage": "transfer" if cfg.attention_transfer_steps else "finetune", "step": 0,
+             "world_size": dist.world_size, "global_batch": global_batch, "config": _config_record(cfg),
+             "tokens": {"transfer": 0, "finetune": 0}, "losses": {"transfer": [], "finetune": []}, "valid": []}
+    if checkpoint is not None:
+        state = read_checkpoint_state(out_dir, cfg, global_batch)
+        state["world_size"] = dist.world_size
+    model, tokenizer = load_model_and_tokenizer(checkpoint or source, cfg)
+    streams = load_token_streams(cfg, tokenizer)
+    model.to(dist.device)
+    if dist.is_main:
+        logger.info("finetuning %s: %d parameters, train %d tokens, world %d, global batch %d x %d",
+                    source, sum(p.numel() for p in model.parameters()), len(streams[0]), dist.world_size,
+                    global_batch, cfg.block_size)
+
+    if state["stage"] == "transfer":
+        model = run_stage("transfer", model, tokenizer, streams, state, cfg, dist, progress, checkpoint)
+        model.requires_grad_(False)
+        state.update(stage="finetune", step=0)
+        # the finetune stage starts fresh: its optimizer and adapters are not in the transfer checkpoint
+        checkpoint = None
+    model = run_stage("finetune", model, tokenizer, streams, state, cfg, dist, progress, checkpoint)
+
+    final = validate(model, streams[1], state, cfg, dist, progress)
+    record = {}
+    if dist.is_main:
+        _notify(progress, dist, {"phase": "save"})
+        if hasattr(model, "peft_config"):
+            model = model.merge_and_unload()
+        record = {
+            "command": command if command is not None else shlex.join(sys.argv),
+            "source_model": str(source),
+            "config": _config_record(cfg),
+            "world_size": dist.world_size,
+            "global_batch": global_batch,
+            "tokens_seen": state["tokens"],
+            "losses": state["losses"],
+            "valid": state["valid"],
+            "final_valid_loss": final["loss"],
+            "final_valid_perplexity": final["perplexity"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            "torch_version": torch.__version__,
+        }
+        save_final(model, tokenizer, record, out_dir)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    return record
+
+
+def save_final(model, tokenizer, record: dict, out_dir: Path) -> None:
+    """The finished model replaces ``out_dir`` in one rename; the checkpoint, no longer needed, goes."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+    logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
+
+
+def parse_args(argv: list[str]) -> FinetuneConfig:
+    """Every FinetuneConfig field as a ``--dash-case`` option (``--out`` for ``out_dir``)."""
+    parser = argparse.ArgumentParser(prog="python -m t2r_export.train.finetune", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true")
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, type=Path, nargs="+", default=None)
+        else:
+            base = kind.split(" |")[0]
+            convert = {"int": int, "float": float, "str": str, "Path": Path}[base]
+            parser.add_argument(flag, dest=f.name, type=convert, default=f.default, help=f"default: {f.default}")
+    return FinetuneConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    command = shlex.join(["python", "-m", "t2r_export.train.finetune", *argv])
+    try:
+        finetune(parse_args(argv), command=command)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
