@@ -1,0 +1,311 @@
+"""ONNX Runtime backend: runs a bundle's prefill and step graphs with a state that never moves.
+
+With IO binding (the default) two full state sets are allocated once per batch size on the
+session's device. Step t reads set A as ``past_state.*`` and writes set B as ``present_state.*``;
+step t+1 the reverse. Both parities get their own ``IOBinding``, bound once, so a decode step binds
+nothing, allocates nothing and copies no state (DESIGN §6, §9). ``input_ids``/``position_ids`` are
+small preallocated host buffers and ``logits`` lands in a preallocated host buffer.
+
+``io_binding=False`` runs the plain ``session.run`` path (numpy state fed and returned each step):
+slower, kept as the reference the fast path is tested and benchmarked against.
+
+    with OrtDecoder(load_bundle("bundle/"), provider="cpu") as dec:
+        dec.reset(batch=1)
+        logits = dec.prefill_row(0, ids[None], np.arange(len(ids))[None])
+        logits = dec.step(next_ids[:, None], positions[:, None])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..export import contract
+from .bundle import Bundle, BundleError, load_bundle, session_io
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+# where the state tensors live for each provider
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class ProviderError(ValueError):
+    """The requested execution provider is unknown or missing from this onnxruntime build."""
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """ORT execution-provider names for ``cpu`` | ``cuda`` | ``tensorrt``, fallbacks after the first."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[provider]
+    if wanted[0] not in available:
+        raise ProviderError(f"provider {provider!r} needs onnxruntime's {wanted[0]}, which this onnxruntime "
+                            f"build lacks (it has {', '.join(available)}); install onnxruntime-gpu or "
+                            "the Jetson onnxruntime wheel")
+    return [name for name in wanted if name in available]
+
+
+def session_options(threads: int = 0, optimization: str = "all"):
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = onnxruntime's default), got {threads}")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"unknown graph optimization level {optimization!r}; expected one of "
+                         f"{', '.join(OPTIMIZATION_LEVELS)}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = levels[optimization]
+    return options
+
+
+class _StateSet:
+    """One full set of state tensors for one batch size, as OrtValues on ``device``."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: str):
+        import onnxruntime as ort
+
+        self.device = device
+        self.shapes = shapes
+        self.values = {}
+        # on the CPU the OrtValues wrap these arrays (no copy), so zeroing is a numpy fill
+        self.host: dict[str, np.ndarray] = {}
+        for name, shape in shapes.items():
+            array = np.zeros(shape, dtype=np.float32)
+            if device == "cpu":
+                self.host[name] = array
+                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+            else:
+                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+
+    def zero(self) -> None:
+        for name, value in self.values.items():
+            if self.device == "cpu":
+                self.host[name].fill(0)
+            else:
+                value.update_inplace(np.zeros(self.shapes[name], dtype=np.float32))
+
+    def bind(self, binding, name: str, bound_as: str, as_input: bool, row: int | None = None) -> None:
+        """Bind tensor ``name`` (or one batch row of it, in place) as graph tensor ``bound_as``."""
+        shape = self.shapes[name]
+        ptr = self.values[name].data_ptr()
+        if row is not None:
+            ptr += row * int(np.prod(shape[1:])) * 4
+            shape = (1, *shape[1:])
+        bind = binding.bind_input if as_input else binding.bind_output
+        bind(bound_as, self.device, 0, np.float32, list(shape), ptr)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.host[name].copy() if self.device == "cpu" else self.values[name].numpy()
+
+
+class OrtDecoder:
+    """A bundle's prefill and step graphs on ONNX Runtime, with the recurrent state kept inside.
+
+    Call :meth:`reset` with the batch size first. Logits returned by the IO-binding path are a
+    read-only view of a buffer the next call overwrites; copy them to keep them.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
+                 optimization: str = "all", io_binding: bool = True):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.config = self.bundle.config
+        self.provider = provider
+        self.io_binding = io_binding
+        providers = resolve_providers(provider)
+        options = session_options(threads, optimization)
+        self._device = _DEVICES[provider]
+        self._pairs = contract.state_pairs(self.config.num_layers)
+        self._sessions = {kind: self._open(kind, options, providers) for kind in contract.GRAPH_KINDS}
+        self._batch = 0
+        self._parity = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> "OrtDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sessions = {}
+        self._batch = 0
+        for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_ids", "_pos"):
+            self.__dict__.pop(attr, None)
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    def state_nbytes(self) -> int:
+        """Bytes of one decode state at the current batch size (IO binding keeps two sets resident)."""
+        return contract.state_nbytes(self.config.state_shape, self._batch)
+
+    def reset(self, batch: int) -> None:
+        """Zero the state for ``batch`` rows; buffers are reallocated only when the batch size changes."""
+        if not self._sessions:
+            raise RuntimeError("this OrtDecoder is closed")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if batch != self._batch:
+            self._allocate(batch)
+        elif self.io_binding:
+            self._sets[0].zero()
+        else:
+            for array in self._state.values():
+                array.fill(0)
+        self._parity = 0
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One token per row: ``input_ids``/``position_ids`` ``[B, 1]`` → logits ``[B, V]``."""
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=True)
+        if not self.io_binding:
+            return self._run_plain(contract.STEP, input_ids, position_ids)
+        np.copyto(self._ids, input_ids)
+        np.copyto(self._pos, position_ids)
+        self._sessions[contract.STEP].run_with_iobinding(self._step_bindings[self._parity])
+        self._parity ^= 1
+        return self._logits_view
+
+    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """All rows continue from their current state over ``[B, T]`` tokens → logits ``[B, V]``.
+
+        Rows share T, so use it for equal-length rows; :meth:`prefill_row` starts one row afresh.
+        """
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False)
+        if not self.io_binding:
+            return self._run_plain(contract.PREFILL, input_ids, position_ids)
+        binding = self._prefill_binding(input_ids, position_ids)
+        current, other = self._sets[self._parity], self._sets[self._parity ^ 1]
+        for past, present in self._pairs:
+            current.bind(binding, past, past, as_input=True)
+            other.bind(binding, past, present, as_input=False)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+        self._sessions[contract.PREFILL].run_with_iobinding(binding)
+        self._parity ^= 1
+        return self._logits_view
+
+    def prefill_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Start row ``row`` afresh (zero state) with one prompt ``[1, T]`` → that row's logits ``[1, V]``.
+
+        The prefill graph writes its state straight into that row of the current state set, so
+        rows prefilled one by one (different lengths, no padding in the state) are already the
+        batch state the step graph continues from: nothing is gathered or copied.
+        """
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=1)
+        if not 0 <= row < self._batch:
+            raise ValueError(f"row {row} is outside the batch of {self._batch}")
+        if not self.io_binding:
+            zero = {past: np.zeros((1, *a.shape[1:]), np.float32) for past, a in self._state.items()}
+            logits = self._run_plain(contract.PREFILL, input_ids, position_ids, state=zero, into_row=row)
+            return logits
+        binding = self._prefill_binding(input_ids, position_ids)
+        current = self._sets[self._parity]
+        for past, present in self._pairs:
+            self._zero_row.bind(binding, past, past, as_input=True)
+            current.bind(binding, past, present, as_input=False, row=row)
+        vocab = self._logits.shape[1]
+        binding.bind_output("logits", "cpu", 0, np.float32, [1, vocab], self._logits.ctypes.data + row * vocab * 4)
+        self._sessions[contract.PREFILL].run_with_iobinding(binding)
+        return self._logits_view[row:row + 1]
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        """Copies of the current state on the host, keyed by ``past_state.*`` name (for checks and debugging)."""
+        if self.io_binding:
+            current = self._sets[self._parity]
+            return {past: current.read(past) for past, _ in self._pairs}
+        return {name: array.copy() for name, array in self._state.items()}
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _open(self, kind: str, options, providers: list[str]):
+        import onnxruntime as ort
+
+        path = self.bundle.graph_path(kind)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, NoSuchFile, ...
+            text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+            raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
+        inputs, outputs = session_io(session)
+        self.bundle.check_graph_io(kind, inputs, outputs)
+        return session
+
+    def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        specs = contract.graph_inputs(self.config.state_shape, contract.STEP)
+        return {s.name: (batch, *s.shape[1:]) for s in specs if s.name.startswith("past_state.")}
+
+    def _allocate(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        self._batch = batch
+        shapes = self._state_shapes(batch)
+        if not self.io_binding:
+            self._state = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+            return
+        self._sets = (_StateSet(shapes, self._device), _StateSet(shapes, self._device))
+        self._zero_row = _StateSet(self._state_shapes(1), self._device)
+        self._ids = np.zeros((batch, 1), np.int64)
+        self._pos = np.zeros((batch, 1), np.int64)
+        self._logits = np.zeros((batch, self.config.vocab_size), np.float32)
+        self._logits_view = self._logits.view()
+        self._logits_view.flags.writeable = False
+        ids, pos, logits = (ort.OrtValue.ortvalue_from_numpy(a) for a in (self._ids, self._pos, self._logits))
+        self._step_bindings = []
+        for parity in (0, 1):
+            binding = self._sessions[contract.STEP].io_binding()
+            binding.bind_ortvalue_input("input_ids", ids)
+            binding.bind_ortvalue_input("position_ids", pos)
+            binding.bind_ortvalue_output("logits", logits)
+            for past, present in self._pairs:
+                binding.bind_ortvalue_input(past, self._sets[parity].values[past])
+                binding.bind_ortvalue_output(present, self._sets[parity ^ 1].values[past])
+            self._step_bindings.append(binding)
+
+    def _prefill_binding(self, input_ids: np.ndarray, position_ids: np.ndarray):
+        binding = self._sessions[contract.PREFILL].io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position_ids", position_ids)
+        return binding
+
+    def _run_plain(self, kind: str, input_ids, position_ids, state=None, into_row: int | None = None):
+        session = self._sessions[kind]
+        feed = {"input_ids": input_ids, "position_ids": position_ids, **(state or self._state)}
+        names = [o.name for o in session.get_outputs()]
+        results = dict(zip(names, session.run(None, feed)))
+        for past, present in self._pairs:
+            if into_row is None:
+                self._state[past] = results[present]
+            else:
+                self._state[past][into_row] = results[present][0]
+        return results["logits"]
+
+    def _check_ids(self, input_ids, position_ids, step: bool, rows: int | None = None):
+        if self._batch == 0:
+            raise RuntimeError("call reset(batch) before running the decoder")
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+        rows = self._batch if rows is None else rows
+        if input_ids.ndim != 2 or input_ids.shape[0] != rows or input_ids.shape[1] < 1 \
+                or (step and input_ids.shape[1] != 1):
+            want = f"[{rows}, 1]" if step else f"[{rows}, T>=1]"
+            raise ValueError(f"input_ids must have shape {want}, got {list(input_ids.shape)}")
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {list(position_ids.shape)} differs from input_ids "
+                             f"{list(input_ids.shape)}")
+        return input_ids, position_ids
