@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
@@ -32,7 +34,7 @@ def make_tiny_model(arch: str, seed: int = 0):
     """A tiny random softmax model of ``arch``, in eval mode; norms/biases perturbed so they matter."""
     cls, cfg = TINY_CONFIGS[arch]
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    model = cls(copy.deepcopy(cfg)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

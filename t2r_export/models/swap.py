@@ -97,12 +97,13 @@ def swap_attention(model: PreTrainedModel, cfg: T2RConfig | None = None) -> PreT
     All pretrained weights are kept bit-identical; only the feature maps are added.
     """
     cfg = cfg or T2RConfig()
-    if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings") \
-            or model.get_output_embeddings() is None:
+    if not isinstance(model, PreTrainedModel):
         raise ValueError(f"expected a Hugging Face causal LM (a *ForCausalLM model), got {type(model).__name__}")
     if is_t2r_model(model):
         raise ValueError("model is already a T2R model; swap takes a softmax-attention model")
     adapter = get_adapter(model.config.model_type)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"expected a Hugging Face causal LM (a *ForCausalLM model), got {type(model).__name__}")
     if type(model).__name__ != adapter.model_class:
         raise ValueError(f"expected a {adapter.model_class} for model_type {adapter.model_type!r}, "
                          f"got {type(model).__name__}")
@@ -149,6 +150,10 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torc
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot read the model config in {path}: {str(err).splitlines()[0]}") from None
     get_adapter(config.model_type)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ValueError(f"{path} holds a {', '.join(archs)}, not a causal LM (expected a *ForCausalLM "
+                         "or *LMHeadModel checkpoint)")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"{path} has no *.safetensors weights; only safetensors are loaded "
                          "(convert .bin checkpoints with safetensors first)")
