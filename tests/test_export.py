@@ -1,0 +1,141 @@
+"""`t2r-export onnx`: the graph contract, plain-op allowlist, verification against torch, the bundle."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model
+from t2r_export.cli import app
+from t2r_export.export import contract
+from t2r_export.export.bundle import export_bundle
+from t2r_export.export.graph import build_graph, state_shape
+from t2r_export.export.verify import VerificationReport, ort_session, verify_chained, verify_step_batches
+from t2r_export.export.weights import extract_decoder
+from t2r_export.models import ADAPTERS, T2RConfig, swap_attention
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+# what TensorRT's ONNX parser and every ONNX runtime handle; no contrib ops
+ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "LayerNormalization",
+               "MatMul", "Max", "Mul", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin", "Slice",
+               "Split", "Sqrt", "Tanh", "Unsqueeze"}
+
+
+def test_graphs_readme_is_generated_from_the_contract():
+    committed = (REPO / "graphs" / "README.md").read_text()
+    assert committed == contract.render_markdown() + "\n", \
+        "graphs/README.md is stale: run `python -m t2r_export.export.contract`"
+
+
+def _swapped(arch, feature_map="t2r"):
+    return swap_attention(make_tiny_model(arch), T2RConfig(feature_map=feature_map, feature_dim=16)).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+@pytest.mark.parametrize("feature_map", ["t2r", "elu", "rfa"])
+def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
+    dec = extract_decoder(_swapped(arch, feature_map))
+    shape = state_shape(dec)
+    for kind in contract.GRAPH_KINDS:
+        graph = build_graph(dec, kind)
+        onnx.checker.check_model(graph, full_check=True)
+        assert graph.opset_import[0].version >= 17
+        ops = {node.op_type for node in graph.graph.node}
+        assert ops <= ALLOWED_OPS, f"{kind}: ops outside the allowlist: {ops - ALLOWED_OPS}"
+        assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
+        for specs, values in ((contract.graph_inputs(shape, kind), graph.graph.input),
+                              (contract.graph_outputs(shape, kind), graph.graph.output)):
+            assert [s.name for s in specs] == [v.name for v in values]
+            for spec, value in zip(specs, values):
+                dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+                assert dims == list(spec.shape), spec.name
+                assert value.type.tensor_type.elem_type == (onnx.TensorProto.INT64 if spec.dtype == "int64"
+                                                            else onnx.TensorProto.FLOAT)
+
+
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_onnx_runtime_matches_torch_for_every_architecture(arch, tmp_path):
+    model = _swapped(arch)
+    dec = extract_decoder(model)
+    paths = {}
+    for kind in contract.GRAPH_KINDS:
+        paths[kind] = tmp_path / f"{kind}.onnx"
+        onnx.save(build_graph(dec, kind), paths[kind])
+    report = VerificationReport()
+    step, pre = ort_session(str(paths["step"])), ort_session(str(paths["prefill"]))
+    verify_step_batches(model, step, len(dec.layers), dec.vocab_size, report, batches=(1, 3))
+    verify_chained(model, step, pre, len(dec.layers), dec.vocab_size, report, steps=24)
+    checks = {c for c, _, _ in report.checks}
+    assert {"step batch 1", "step batch 3", "24 chained steps", "prefill 8 + 23 steps"} <= checks
+    assert max(err for _, _, err in report.checks) < 1e-4
+
+
+def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path):
+    out = tmp_path / "bundle"
+    result = export_bundle(tiny_t2r_dir, out)
+    assert {"prefill.onnx", "runtime.json", "step.onnx", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    rt = json.loads((out / "runtime.json").read_text())
+    for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "head_dim", "vocab_size",
+                "bos_token_id", "eos_token_id", "max_position", "state_dtype", "graphs", "opset", "tools",
+                "source_checkpoint_sha256"):
+        assert key in rt, key
+    assert rt["state_dtype"] == "float32" and rt["max_position"] is None and rt["opset"] >= 17
+    assert rt["graphs"]["step"]["inputs"][:3] == ["input_ids", "position_ids", "past_state.0.s"]
+    assert "256 chained steps" in rt["verification"] and rt["verification"]["256 chained steps"] <= 1e-4
+    assert len(rt["source_checkpoint_sha256"]) == 64
+    assert result.report is not None
+    assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_gpt2_bundle_records_its_maximum_position(tmp_path, tiny_tokenizer):
+    model = _swapped("gpt2")
+    result = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, chained_steps=16)
+    assert result.runtime["max_position"] == 128
+
+
+def test_cli_onnx_exports_and_prints_verification(tiny_t2r_dir, tmp_path):
+    out = tmp_path / "graphs" / "tiny"
+    result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--chained-steps", "32"])
+    assert result.exit_code == 0, result.output
+    assert "32 chained steps" in result.output and "present_state.1.z" in result.output
+    assert (out / "step.onnx").is_file()
+
+
+def test_failed_verification_exits_non_zero_and_writes_no_bundle(tiny_t2r_dir, tmp_path, monkeypatch):
+    import t2r_export.export.bundle as bundle
+
+    real = bundle.extract_decoder
+
+    def broken(model):
+        dec = real(model)
+        dec.layers[0].o_weight = dec.layers[0].o_weight * 1.01
+        return dec
+
+    monkeypatch.setattr(bundle, "extract_decoder", broken)
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--chained-steps", "8"])
+    assert result.exit_code == 1
+    assert "verification failed" in result.output and "max |diff|" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".bundle.*"))
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d, t: [str(t / "missing")], "model directory not found"),
+    (lambda d, t: [str(d), "--precision", "int3"], "unknown precision"),
+    (lambda d, t: [str(d), "--chained-steps", "0"], "--chained-steps must be"),
+])
+def test_cli_onnx_bad_input(tiny_t2r_dir, tmp_path, make_args, message):
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["onnx", *make_args(tiny_t2r_dir, tmp_path), "-o", str(out)])
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
+def test_cli_onnx_refuses_a_softmax_model(tmp_path, tiny_tokenizer):
+    make_tiny_model("llama").save_pretrained(tmp_path / "softmax")
+    result = runner.invoke(app, ["onnx", str(tmp_path / "softmax"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "softmax model, not a T2R model" in result.output
