@@ -1,0 +1,226 @@
+"""The finetune recipe on a tiny random Llama: pinned losses, exact resume, attention transfer,
+two processes == one, LoRA merged into a plain T2R model, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from t2r_export.models import load_t2r_model, swap_attention
+from t2r_export.train.finetune import CHECKPOINT_DIR, FinetuneConfig, finetune, lora_target_modules
+
+# recorded once from the 2-step run below (torch 2.13 CPU, 1 thread); a change means the recipe changed
+PINNED_LOSSES = [5.660899639129639, 5.634855270385742]
+
+
+def tiny_text() -> str:
+    """~40 KB of code-like text, generated (not read from the stdlib, which varies by Python version)."""
+    return "".join(f"def f{i}(x, y):\n    return x * {i % 13} + y - {i % 7}\n\n" for i in range(600))
+
+
+def make_tiny_files(root: Path, seed: int = 0, vocab_size: int = 300) -> tuple[Path, Path]:
+    """(softmax model dir with tokenizer, data.txt): a tiny random Llama with GQA, hidden 32, 2 layers."""
+    from t2r_export.data.tokenizer import train_bpe_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    text = tiny_text()
+    data = root / "data.txt"
+    data.write_text(text)
+    tokenizer = train_bpe_tokenizer([text], vocab_size=vocab_size)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a fixed thread count makes CPU reductions, hence losses, bit-reproducible
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(tiny, out: Path, **overrides) -> FinetuneConfig:
+    model_dir, data = tiny
+    settings = dict(model=model_dir, data=[data], out_dir=out, steps=2, batch_size=4, block_size=32, feature_dim=8,
+                    eval_max_tokens=512, save_every=0, eval_every=0, log_every=1)
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def test_two_step_run_has_pinned_losses_and_saves_a_t2r_model(tiny, tmp_path):
+    out = tmp_path / "out"
+    record = finetune(config(tiny, out))
+    assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    assert record["tokens_seen"] == {"transfer": 0, "finetune": 2 * 4 * 32}
+    model = load_t2r_model(out)
+    assert model.config.t2r["feature_dim"] == 8
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["final_valid_perplexity"] == pytest.approx(record["final_valid_perplexity"])
+    assert saved["config"]["steps"] == 2 and "command" in saved and saved["wall_time_s"] >= 0
+    assert (out / "tokenizer.json").is_file() and not (out / CHECKPOINT_DIR).exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("train, transfer_steps, crash_stage", [
+    ("all", 0, "finetune"),
+    ("lora", 0, "finetune"),
+    ("attention", 5, "transfer"),
+])
+def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer_steps, crash_stage):
+    settings = dict(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=2, train=train,
+                    attention_transfer_steps=transfer_steps)
+    full = finetune(config(tiny, tmp_path / "full", **settings))
+
+    def crash_after_the_checkpoint(event):
+        if event.get("phase") == crash_stage and event["step"] == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(config(tiny, tmp_path / "cut", **settings), progress=crash_after_the_checkpoint)
+    state = json.loads((tmp_path / "cut" / CHECKPOINT_DIR / "trainer_state.json").read_text())
+    assert (state["stage"], state["step"]) == (crash_stage, 3)
+    resumed = finetune(config(tiny, tmp_path / "cut", resume=True, **settings))
+    for stage in ("transfer", "finetune"):
+        assert resumed["losses"][stage] == pytest.approx(full["losses"][stage], abs=1e-6, rel=0)
+    assert [v["perplexity"] for v in resumed["valid"]] == pytest.approx([v["perplexity"] for v in full["valid"]])
+    assert resumed["tokens_seen"] == full["tokens_seen"]
+    a, b = load_t2r_model(tmp_path / "full"), load_t2r_model(tmp_path / "cut")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_attention_transfer_loss_decreases(tiny, tmp_path):
+    record = finetune(config(tiny, tmp_path / "out", attention_transfer_steps=20, steps=1, batch_size=2))
+    losses = record["losses"]["transfer"]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from pathlib import Path\n"
+        "from t2r_export.train.finetune import FinetuneConfig, finetune\n"
+        "torch.set_num_threads(1)\n"
+        "cfg = FinetuneConfig(**json.loads(sys.argv[1]))\n"
+        "record = finetune(cfg)\n"
+        "if record:\n"
+        "    Path(sys.argv[2]).write_text(json.dumps(record['losses']))\n"
+    )
+    model_dir, data = tiny
+    settings = dict(model=str(model_dir), data=[str(data)], out_dir=str(tmp_path / "ddp"), steps=3,
+                    attention_transfer_steps=2, batch_size=2, grad_accum=2, block_size=32, feature_dim=8,
+                    eval_max_tokens=256, save_every=0, eval_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), json.dumps(settings), str(tmp_path / "losses.json")]
+    # one rank per core: about 20 s, most of it importing torch twice
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "losses.json").read_text())
+
+    # one process, the same global batch of 2 x 2 x 2 = 8 blocks
+    one = finetune(config(tiny, tmp_path / "one", steps=3, attention_transfer_steps=2, batch_size=8,
+                          eval_max_tokens=256))["losses"]
+    for stage in ("transfer", "finetune"):
+        assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
+    assert load_t2r_model(tmp_path / "ddp").config.t2r["feature_dim"] == 8
+
+
+def test_lora_saves_a_plain_loadable_t2r_model(tiny, tmp_path):
+    out = tmp_path / "out"
+    record = finetune(config(tiny, out, train="lora", steps=3, lr=1e-2, lora_r=4))
+    files = {p.name for p in out.iterdir()}
+    assert "adapter" not in files and "adapter_config.json" not in files
+    model = load_t2r_model(out)
+    assert not any("lora" in name for name in model.state_dict())
+    # LoRA was merged: q_proj moved away from the source model's weights, the MLP did not
+    source = LlamaForCausalLM.from_pretrained(tiny[0])
+    layer, base = model.model.layers[0], source.model.layers[0]
+    assert not torch.equal(layer.self_attn.q_proj.weight, base.self_attn.q_proj.weight)
+    assert torch.equal(layer.mlp.up_proj.weight, base.mlp.up_proj.weight)
+    ids = torch.arange(40).unsqueeze(0)
+    assert torch.isfinite(model(ids).logits).all()
+    assert len(record["losses"]["finetune"]) == 3
+
+
+def test_attention_mode_trains_only_attention(tiny, tmp_path):
+    finetune(config(tiny, tmp_path / "out", train="attention", lr=1e-2))
+    model, source = load_t2r_model(tmp_path / "out"), LlamaForCausalLM.from_pretrained(tiny[0])
+    assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, source.model.layers[1].self_attn.o_proj.weight)
+    assert torch.equal(model.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, source.model.layers[1].mlp.down_proj.weight)
+
+
+def test_lora_targets_only_attention_projections_per_architecture():
+    llama = swap_attention(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=64)))
+    assert lora_target_modules(llama) == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    gpt2 = swap_attention(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)))
+    # the MLP's c_proj shares the name; only the attention's is a target
+    assert lora_target_modules(gpt2) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(attention_transfer_steps=-1), "attention transfer steps must be >= 0"),
+    (dict(train="everything"), "unknown train mode"),
+    (dict(resume=True), "nothing to resume"),
+    (dict(data=[Path("/nonexistent/corpus.txt")]), "does not exist"),
+    (dict(block_size=4096), "exceeds the model's 128 positions"),
+    (dict(batch_size=10_000), "too few for one batch"),
+    (dict(feature_map="elu", attention_transfer_steps=2), "has no parameters to train"),
+])
+def test_bad_input_raises_one_clear_line_and_writes_nothing(tiny, tmp_path, overrides, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message) as err:
+        finetune(config(tiny, out, **overrides))
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_an_unfinished_run_is_not_silently_overwritten(tiny, tmp_path):
+    (tmp_path / "out" / CHECKPOINT_DIR).mkdir(parents=True)
+    with pytest.raises(ValueError, match="pass --resume"):
+        finetune(config(tiny, tmp_path / "out"))
+
+
+def test_resume_refuses_a_different_global_batch(tiny, tmp_path):
+    settings = dict(steps=4, save_every=2)
+
+    def stop(event):
+        if event.get("phase") == "finetune" and event["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(config(tiny, tmp_path / "out", **settings), progress=stop)
+    with pytest.raises(ValueError, match="global batch"):
+        finetune(config(tiny, tmp_path / "out", resume=True, batch_size=2, **settings))
+    # the same global batch split differently (2 blocks x 2 micro-steps) resumes
+    record = finetune(config(tiny, tmp_path / "out", resume=True, batch_size=2, grad_accum=2, **settings))
+    assert len(record["losses"]["finetune"]) == 4
