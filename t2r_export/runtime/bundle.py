@@ -82,6 +82,7 @@ class RuntimeConfig:
     state_dtype: str = STATE_DTYPE
     tools: dict = field(default_factory=dict)
     source_checkpoint_sha256: str | None = None
+    state_bytes_per_sequence: int | None = None     # optional; checked once the graph confirmed the shape fields
 
     @property
     def state_shape(self) -> contract.StateShape:
@@ -240,10 +241,12 @@ def parse_runtime_config(raw: Any) -> RuntimeConfig:
     if not isinstance(tools, dict):
         raise _field_error("tools", tools, "expected an object of tool versions")
     state_bytes = raw.get("state_bytes_per_sequence")
+    if state_bytes is not None:
+        state_bytes = _int(raw, "state_bytes_per_sequence", 1)
     sha = raw.get("source_checkpoint_sha256")
     if sha is not None and not isinstance(sha, str):
         raise _field_error("source_checkpoint_sha256", sha, "expected a hex string")
-    config = RuntimeConfig(
+    return RuntimeConfig(
         architecture=raw["architecture"], num_layers=_int(raw, "num_layers", 1), num_heads=num_heads,
         num_kv_heads=num_kv_heads, head_dim=_int(raw, "head_dim", 1), feature_dim=_int(raw, "feature_dim", 1),
         vocab_size=vocab_size, max_position=max_position,
@@ -251,11 +254,8 @@ def parse_runtime_config(raw: Any) -> RuntimeConfig:
         eos_token_ids=eos_ids,
         pad_token_id=_check_token("pad_token_id", raw["pad_token_id"], vocab_size, nullable=True),
         precision=raw["precision"], opset=_int(raw, "opset", 1), graphs=_parse_graphs(raw["graphs"]),
-        format_version=version, state_dtype=raw["state_dtype"], tools=tools, source_checkpoint_sha256=sha)
-    if state_bytes is not None and state_bytes != contract.state_nbytes(config.state_shape):
-        raise _field_error("state_bytes_per_sequence", state_bytes, "the state shape fields give "
-                           f"{contract.state_nbytes(config.state_shape)} bytes")
-    return config
+        format_version=version, state_dtype=raw["state_dtype"], tools=tools, source_checkpoint_sha256=sha,
+        state_bytes_per_sequence=state_bytes)
 
 
 def _parse_graphs(graphs: Any) -> dict[str, GraphEntry]:
@@ -287,10 +287,11 @@ def _check_graph_io(config: RuntimeConfig, kind: str, inputs: list[TensorInfo], 
         raise _field_error("num_layers", config.num_layers,
                            f"{entry.file} has state inputs for {graph_layers} layers")
     for direction, listed, real in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
-        real_names = [t.name for t in real]
-        if set(listed) != set(real_names):
-            raise _field_error(f"graphs.{kind}.{direction}", list(listed),
-                               f"{entry.file} has {direction} {real_names}")
+        real_names = {t.name for t in real}
+        if set(listed) != real_names:
+            raise BundleError(f"runtime.json field 'graphs.{kind}.{direction}' does not match {entry.file}: it lists "
+                              f"{sorted(set(listed) - real_names)} that the graph lacks and omits "
+                              f"{sorted(real_names - set(listed))} that the graph has")
     shape = config.state_shape
     for direction, specs, real in (("input", contract.graph_inputs(shape, kind), inputs),
                                    ("output", contract.graph_outputs(shape, kind), outputs)):
@@ -302,6 +303,10 @@ def _check_graph_io(config: RuntimeConfig, kind: str, inputs: list[TensorInfo], 
                               f"unexpected {direction}s {extra}")
         for spec in specs:
             _check_tensor(config, entry.file, direction, spec, by_name[spec.name])
+    expected_bytes = contract.state_nbytes(shape)
+    if config.state_bytes_per_sequence is not None and config.state_bytes_per_sequence != expected_bytes:
+        raise _field_error("state_bytes_per_sequence", config.state_bytes_per_sequence,
+                           f"{entry.file}'s state tensors hold {expected_bytes} bytes per sequence")
 
 
 def _check_tensor(config: RuntimeConfig, file: str, direction: str, spec: contract.TensorSpec,

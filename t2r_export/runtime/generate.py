@@ -87,7 +87,7 @@ def generate(decoder: Decoder, tokenizer, prompts: Sequence[str] | str, max_new_
     prompt_ids = []
     for index, prompt in enumerate(prompts):
         if not prompt:
-            raise GenerationError(f"prompt {index} is empty; give at least one character of text")
+            raise GenerationError(f"{_which(index, len(prompts))} is empty; give at least one character of text")
         ids = tokenizer.encode(prompt, add_special_tokens=True).ids
         bos = decoder.config.bos_token_id
         if add_bos and bos is not None and (not ids or ids[0] != bos):
@@ -166,17 +166,21 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], config: RuntimeConfig, ma
         raise GenerationError("no prompts given")
     for index, ids in enumerate(prompt_ids):
         if len(ids) == 0:
-            raise GenerationError(f"prompt {index} encodes to no tokens; give a non-empty prompt")
+            raise GenerationError(f"{_which(index, len(prompt_ids))} encodes to no tokens; give a non-empty prompt")
         bad = [(pos, int(t)) for pos, t in enumerate(ids) if not 0 <= int(t) < config.vocab_size]
         if bad:
             pos, token = bad[0]
-            raise GenerationError(f"prompt {index} has token id {token} at position {pos}, outside the model's "
+            raise GenerationError(f"{_which(index, len(prompt_ids))} has token id {token} at position {pos}, outside the model's "
                                   f"vocabulary [0, {config.vocab_size}); the tokenizer does not match the model")
         needed = len(ids) + max_new_tokens
         if config.max_position is not None and needed > config.max_position:
-            raise GenerationError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+            raise GenerationError(f"{_which(index, len(prompt_ids))} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
                                   f"needs {needed} positions, beyond the model's max_position {config.max_position}; "
                                   "shorten the prompt or lower max_new_tokens")
+
+
+def _which(index: int, count: int) -> str:
+    return "the prompt" if count == 1 else f"prompt {index}"
 
 
 def _check_finite(logits: np.ndarray, rows: np.ndarray, step: int) -> None:

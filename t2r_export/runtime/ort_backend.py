@@ -143,7 +143,7 @@ class OrtDecoder:
     def close(self) -> None:
         self._sessions = {}
         self._batch = 0
-        for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_ids", "_pos"):
+        for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_logits_view", "_ids", "_pos"):
             self.__dict__.pop(attr, None)
 
     @property

@@ -1,0 +1,78 @@
+"""`t2r-export generate BUNDLE --prompt TEXT`: decode with the torch-free runtime (ONNX Runtime).
+
+Imports nothing heavy at module level and never torch: this command works on a runtime-only
+install (a Jetson with `pip install t2r-export`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from .common import err_console, fail
+
+
+def generate(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `t2r-export onnx`."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens; 0 = off."),
+    top_p: float = typer.Option(1.0, help="Keep the smallest set with this probability mass; 1 = off."),
+    seed: int = typer.Option(0, help="Sampling seed (prompt i uses seed + i)."),
+    provider: str = typer.Option("cpu", help="cpu | cuda | tensorrt (ONNX Runtime execution provider)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads; 0 = its default."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop a row when its text contains this; repeatable."),
+) -> None:
+    from ..runtime import NonFiniteLogitsError, OrtDecoder, SamplingParams, load_bundle
+    from ..runtime import generate as run_generation
+
+    for index, text in enumerate(prompt):
+        if not text:
+            which = "the prompt" if len(prompt) == 1 else f"prompt {index}"
+            fail(f"{which} is empty; give at least one character of text")
+    try:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        loaded = load_bundle(bundle)
+        tokenizer = loaded.load_tokenizer()
+        add_bos = loaded.tokenizer_config().get("add_bos_token") is True
+        decoder = OrtDecoder(loaded, provider=provider, threads=threads)
+    except ValueError as err:
+        fail(str(err))
+    # one prompt streams live; rows of a batch decode interleaved, so they print whole, in order
+    live = len(prompt) == 1
+
+    echoed = []
+
+    def on_text(row: int, delta: str) -> None:
+        # the prompt is echoed with the first text, so a rejected prompt prints nothing
+        if not echoed:
+            echoed.append(sys.stdout.write(prompt[0]))
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    with decoder:
+        try:
+            result = run_generation(decoder, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop_strings=stop or [], stream_callback=on_text if live else None,
+                                    add_bos=add_bos)
+        except NonFiniteLogitsError as err:
+            sys.stdout.write("\n")
+            fail(str(err), code=1)
+        except ValueError as err:
+            fail(str(err))
+    if live:
+        sys.stdout.write(("" if echoed else prompt[0]) + "\n")
+    else:
+        for index, row in enumerate(result.rows):
+            err_console.rule(f"prompt {index + 1}: {prompt[index][:40]!r}", style="dim")
+            sys.stdout.write(prompt[index] + row.text + "\n")
+    sys.stdout.flush()
+    timing = result.timing
+    reasons = ", ".join(sorted({row.finish_reason for row in result.rows}))
+    err_console.print(f"[dim]{timing.decode_tokens} tokens in {timing.decode_s:.3f} s "
+                      f"([bold]{timing.tokens_per_s:.1f} tokens/s[/bold], batch {len(prompt)}, {provider}), "
+                      f"prefill {timing.prefill_s * 1000:.1f} ms, finished: {reasons}[/dim]", highlight=False,
+                      soft_wrap=True)
