@@ -224,3 +224,9 @@ def test_resume_refuses_a_different_global_batch(tiny, tmp_path):
     # the same global batch split differently (2 blocks x 2 micro-steps) resumes
     record = finetune(config(tiny, tmp_path / "out", resume=True, batch_size=2, grad_accum=2, **settings))
     assert len(record["losses"]["finetune"]) == 4
+
+
+def test_default_data_is_the_stdlib_corpus(tiny, tmp_path):
+    record = finetune(config(tiny, tmp_path / "out", data=None, max_files=30, cache_dir=tmp_path / "cache"))
+    assert record["config"]["data"] is None and len(record["losses"]["finetune"]) == 2
+    assert list((tmp_path / "cache").glob("stdlib-train-*.npy")) and list((tmp_path / "cache").glob("stdlib-valid-*.npy"))

@@ -156,6 +156,9 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"{cfg.warmup_fraction}, {cfg.min_lr_ratio}")
     if cfg.data and cfg.dataset:
         raise ValueError("pass either local data files or a datasets name, not both")
+    for path in cfg.data or []:
+        if not Path(path).exists():
+            raise ValueError(f"data path {path} does not exist: expected a file or directory of .txt/.py/.md/.jsonl")
     if cfg.eval_max_tokens < 2:
         raise ValueError(f"eval max tokens must be at least 2, got {cfg.eval_max_tokens}")
     check_output_dir(Path(cfg.out_dir))
@@ -507,13 +510,19 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
             logger.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s", stage, step + 1, steps, loss_value,
                         current_lr, tokens_per_s)
             window_start, window_steps = time.perf_counter(), 0
+        paused = False
         if stage == "finetune" and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
             validate(model, streams[1], state, cfg, dist, progress)
+            paused = True
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             if dist.is_main:
                 save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(cfg.out_dir))
             if dist.world_size > 1:
                 torch_dist.barrier()
+            paused = True
+        if paused:
+            # tokens/s measures training only
+            window_start, window_steps = time.perf_counter(), 0
     return model
 
 
