@@ -105,7 +105,9 @@ def generate_ids(decoder: Decoder, tokenizer, prompt_ids: Sequence[Sequence[int]
     stops = [s for s in (stop_strings or []) if s]
     batch = len(prompt_ids)
     sampler = Sampler(sampling or SamplingParams(), batch)
-    streams = [_RowStream(tokenizer, stops) for _ in range(batch)]
+    # without a callback or stop strings nothing needs text before the end: decode each row once
+    incremental = bool(stream_callback or stops)
+    streams = [_RowStream(tokenizer, stops, incremental) for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
 
     decoder.reset(batch)
@@ -198,9 +200,10 @@ class _RowStream:
     text-generation-inference: decode only a short window, not the whole row, per token).
     """
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+    def __init__(self, tokenizer, stop_strings: Sequence[str], incremental: bool = True):
         self.tokenizer = tokenizer
         self.stops = list(stop_strings)
+        self.incremental = incremental
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
@@ -211,6 +214,8 @@ class _RowStream:
     def push(self, token: int) -> str:
         """Add one token; return the text that can be released now."""
         self.ids.append(token)
+        if not self.incremental:
+            return ""
         piece = self._decode_pending()
         if piece and not piece.endswith("\ufffd"):
             self.text += piece
