@@ -110,12 +110,8 @@ def generate_ids(decoder: Decoder, tokenizer, prompt_ids: Sequence[Sequence[int]
     streams = [_RowStream(tokenizer, stops, incremental) for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
 
-    decoder.reset(batch)
-    logits = np.empty((batch, config.vocab_size), np.float32)
     start = time.perf_counter()
-    for row, ids in enumerate(prompt_ids):
-        row_ids = np.asarray(ids, np.int64)[None]
-        logits[row] = decoder.prefill_row(row, row_ids, np.arange(row_ids.shape[1], dtype=np.int64)[None])[0]
+    logits = prefill_rows(decoder, prompt_ids)
     prefill_s = time.perf_counter() - start
 
     def finish(row: int, reason: str, delta: str) -> None:
@@ -160,6 +156,16 @@ def generate_ids(decoder: Decoder, tokenizer, prompt_ids: Sequence[Sequence[int]
     return GenerationResult(rows_out, Timing(prefill_s, decode_s, produced, steps))
 
 
+def prefill_rows(decoder: Decoder, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """Reset ``decoder`` to one row per prompt and prefill each alone; the rows' next-token logits ``[B, V]``."""
+    decoder.reset(len(prompt_ids))
+    logits = np.empty((len(prompt_ids), decoder.config.vocab_size), np.float32)
+    for row, ids in enumerate(prompt_ids):
+        row_ids = np.asarray(ids, np.int64)[None]
+        logits[row] = decoder.prefill_row(row, row_ids, np.arange(row_ids.shape[1], dtype=np.int64)[None])[0]
+    return logits
+
+
 def check_prompts(prompt_ids: Sequence[Sequence[int]], config: RuntimeConfig, max_new_tokens: int) -> None:
     """Raise GenerationError for what the graphs cannot serve, before anything runs."""
     if max_new_tokens < 1:
@@ -167,16 +173,17 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], config: RuntimeConfig, ma
     if not prompt_ids:
         raise GenerationError("no prompts given")
     for index, ids in enumerate(prompt_ids):
+        which = _which(index, len(prompt_ids))
         if len(ids) == 0:
-            raise GenerationError(f"{_which(index, len(prompt_ids))} encodes to no tokens; give a non-empty prompt")
+            raise GenerationError(f"{which} encodes to no tokens; give a non-empty prompt")
         bad = [(pos, int(t)) for pos, t in enumerate(ids) if not 0 <= int(t) < config.vocab_size]
         if bad:
             pos, token = bad[0]
-            raise GenerationError(f"{_which(index, len(prompt_ids))} has token id {token} at position {pos}, outside the model's "
+            raise GenerationError(f"{which} has token id {token} at position {pos}, outside the model's "
                                   f"vocabulary [0, {config.vocab_size}); the tokenizer does not match the model")
         needed = len(ids) + max_new_tokens
         if config.max_position is not None and needed > config.max_position:
-            raise GenerationError(f"{_which(index, len(prompt_ids))} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+            raise GenerationError(f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
                                   f"needs {needed} positions, beyond the model's max_position {config.max_position}; "
                                   "shorten the prompt or lower max_new_tokens")
 
