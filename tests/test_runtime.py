@@ -492,3 +492,27 @@ def test_cli_bad_input_exits_2(bundle_dir, tmp_path, case):
     assert "error:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
     assert "Traceback" not in result.output
+
+
+# ---- a bundle from the real exporter -------------------------------------------------------------
+
+def test_runtime_runs_a_bundle_from_the_exporter(tmp_path, tiny_tokenizer):
+    torch = pytest.importorskip("torch")
+    from conftest import make_tiny_model
+    from t2r_export.export.bundle import export_bundle
+    from t2r_export.models import T2RConfig, swap_attention
+
+    model = swap_attention(make_tiny_model("llama"), T2RConfig()).eval()
+    bundle = inspect_bundle(export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, verify=False).out)
+    tokenizer = bundle.load_tokenizer()
+    prompts = ["def f(x):", "import os\nprint(os"]
+    with OrtDecoder(bundle) as dec:
+        batched = generate(dec, tokenizer, prompts, max_new_tokens=8)
+        alone = [generate(dec, tokenizer, prompt, max_new_tokens=8).rows[0] for prompt in prompts]
+    assert [r.token_ids for r in batched.rows] == [r.token_ids for r in alone]
+    for prompt, row in zip(prompts, batched.rows):
+        ids = tokenizer.encode(prompt).ids
+        with torch.no_grad():
+            for _ in row.token_ids:
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert ids[-len(row.token_ids):] == row.token_ids
