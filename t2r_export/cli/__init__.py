@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import export_cmd, swap_cmd
+from . import export_cmd, runtime_cmd, swap_cmd
 
 app = typer.Typer(
     name="t2r-export",
@@ -29,6 +29,9 @@ app.command("swap", help="Swap every softmax attention of a HF causal LM for T2R
 
 app.command("onnx", help="Export step + prefill ONNX graphs with explicit fp32 state as a verified bundle.")(
     export_cmd.onnx_export)
+
+app.command("generate", help="Generate text from a bundle with the torch-free runtime (ONNX Runtime).")(
+    runtime_cmd.generate)
 
 try:
     from . import pretrain_cmd

@@ -60,6 +60,10 @@ def t2r_attention_forward(module, query, key, value, attention_mask=None, scalin
     settings = feature_map.settings
     b, h, t, d = query.shape
     h_kv = key.shape[1]
+    if key.shape[2] != t:
+        # HF appended to a KV cache: T2R keeps a fixed-size state instead
+        raise ValueError("T2R attention got a KV cache; decode with t2r_export.models.decode_step (or call "
+                         "the model with use_cache=False)")
     if scaling is None:
         scaling = d ** -0.5
     # queries are scaled before phi, keys are not (T2R, DESIGN §2)

@@ -114,6 +114,8 @@ def swap_attention(model: PreTrainedModel, cfg: T2RConfig | None = None) -> PreT
     model.config.t2r = cfg.to_dict()
     # the recurrent state replaces the KV cache: HF must not build one
     model.config.use_cache = False
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = False
     model.__class__ = model_cls
     model.config._attn_implementation_internal = ATTN_IMPLEMENTATION
     logger.info("swapped %d attention layers of %s (%s), +%d parameters", len(attention_modules(model)),
