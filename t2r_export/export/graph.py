@@ -11,6 +11,8 @@ and one batched feature-map matmul per layer. Names and shapes of the graph I/O 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -26,6 +28,10 @@ class GraphBuilder:
     """A tiny helper over onnx.helper: unique names, initializers, nodes."""
 
     def __init__(self, compute_dtype=np.float32):
+        self.scope_name = ""
+        self.in_island = False
+        # names of the nodes that must run in fp32 whatever the plan (TensorRT precision constraints)
+        self.fp32_island: list[str] = []
         self.nodes: list = []
         self.initializers: list = []
         self.count = 0
@@ -57,12 +63,25 @@ class GraphBuilder:
             self._weights[name] = self.const(arr.astype(dtype), name=name)
         return self._weights[name]
 
+    @contextmanager
+    def scope(self, name: str, fp32_island: bool = False):
+        """Nodes made inside are named ``name/Op_n``; island nodes are recorded for precision constraints."""
+        saved = self.scope_name, self.in_island
+        self.scope_name, self.in_island = name, fp32_island or self.in_island
+        try:
+            yield
+        finally:
+            self.scope_name, self.in_island = saved
+
     def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, **attrs):
         if isinstance(outputs, int):
             names = [self._name(op_type.lower()) for _ in range(outputs)]
         else:
             names = outputs
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._name("n_" + op_type), **attrs))
+        node_name = self._name(f"{self.scope_name}/{op_type}" if self.scope_name else op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, **attrs))
+        if self.in_island:
+            self.fp32_island.append(node_name)
         return names[0] if len(names) == 1 else names
 
     def cast(self, x: str, dtype) -> str:
@@ -110,19 +129,22 @@ class DecoderEmitter:
     def norm(self, x: str, n: Norm, prefix: str) -> str:
         """Norms run in fp32 in every plan (a known fp16 overflow source); returns compute dtype."""
         g = self.g
-        x32 = self.to_fp32(x)
-        w = g.weight(prefix + ".weight", n.weight, fp32=True)
-        if n.kind == "layer":
-            b = g.weight(prefix + ".bias", n.bias if n.bias is not None else np.zeros_like(n.weight), fp32=True)
-            y = g.op("LayerNormalization", x32, w, b, axis=-1, epsilon=n.eps)
-        else:
-            ms = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
-            y = g.op("Mul", g.op("Div", x32, g.op("Sqrt", g.op("Add", ms, g.const(n.eps, np.float32)))), w)
-        return self.to_low(y)
+        with g.scope(prefix, fp32_island=True):
+            x32 = self.to_fp32(x)
+            w = g.weight(prefix + ".weight", n.weight, fp32=True)
+            if n.kind == "layer":
+                b = g.weight(prefix + ".bias", n.bias if n.bias is not None else np.zeros_like(n.weight), fp32=True)
+                y = g.op("LayerNormalization", x32, w, b, axis=-1, epsilon=n.eps)
+            else:
+                ms = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+                y = g.op("Mul", g.op("Div", x32, g.op("Sqrt", g.op("Add", ms, g.const(n.eps, np.float32)))), w)
+            return self.to_low(y)
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-        y = self.g.op("MatMul", x, self.g.weight(name + ".weight", w))
-        return y if b is None else self.g.op("Add", y, self.g.weight(name + ".bias", b))
+        """A weight matmul (the ops int8 quantizes), named after the weight."""
+        with self.g.scope(name):
+            y = self.g.op("MatMul", x, self.g.weight(name + ".weight", w))
+            return y if b is None else self.g.op("Add", y, self.g.weight(name + ".bias", b))
 
     def act(self, x: str, kind: str) -> str:
         g = self.g
@@ -211,10 +233,13 @@ class DecoderEmitter:
         q5 = g.reshape(q, [0, 0, self.hkv, self.groups, self.d])
         k5 = g.reshape(k, [0, 0, self.hkv, 1, self.d])
         v5 = g.reshape(v, [0, 0, self.hkv, 1, self.d])
-        phi_q = self.feature_map(q5, layer.feature_map, True, f"layers.{i}.phi")
-        phi_k = self.feature_map(k5, layer.feature_map, False, f"layers.{i}.phi")
+        with g.scope(f"layers.{i}.phi"):
+            phi_q = self.feature_map(q5, layer.feature_map, True, f"layers.{i}.phi")
+            phi_k = self.feature_map(k5, layer.feature_map, False, f"layers.{i}.phi")
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
-        out = core(phi_q, phi_k, v5, i)
+        # the running sums, phi(q)·z and the division stay fp32 in every plan (DESIGN §5)
+        with g.scope(f"layers.{i}.state", fp32_island=True):
+            out = core(phi_q, phi_k, v5, i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
 
     def mlp(self, x: str, layer: LayerWeights, i: int) -> str:
@@ -232,13 +257,15 @@ class DecoderEmitter:
     def rope_tables(self):
         """cos/sin [B, T, 1, d] from position_ids; zero frequencies leave pass-through dims alone."""
         g = self.g
-        pos = g.unsqueeze(g.cast("position_ids", np.float32), [-1])                # [B, T, 1]
-        angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
-        cos, sin = g.op("Cos", angle), g.op("Sin", angle)
-        if self.dec.rope_scale != 1.0:
-            scale = g.const(self.dec.rope_scale, np.float32)
-            cos, sin = g.op("Mul", cos, scale), g.op("Mul", sin, scale)
-        return g.unsqueeze(self.to_low(cos), [2]), g.unsqueeze(self.to_low(sin), [2])
+        # angles reach 1e4+ at long positions: fp16 would lose them, so the tables are made in fp32
+        with g.scope("rope", fp32_island=True):
+            pos = g.unsqueeze(g.cast("position_ids", np.float32), [-1])            # [B, T, 1]
+            angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
+            cos, sin = g.op("Cos", angle), g.op("Sin", angle)
+            if self.dec.rope_scale != 1.0:
+                scale = g.const(self.dec.rope_scale, np.float32)
+                cos, sin = g.op("Mul", cos, scale), g.op("Mul", sin, scale)
+            return g.unsqueeze(self.to_low(cos), [2]), g.unsqueeze(self.to_low(sin), [2])
 
     def build(self) -> onnx.ModelProto:
         g, dec = self.g, self.dec
@@ -259,7 +286,8 @@ class DecoderEmitter:
             x = g.slice_last(x, 1)                                                  # [B, 1, D]
         x = self.norm(x, dec.final_norm, "final_norm")
         logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
-        g.op("Reshape", self.to_fp32(logits), g.const([-1, dec.vocab_size], np.int64), outputs=["logits"])
+        with g.scope("logits", fp32_island=True):
+            g.op("Reshape", self.to_fp32(logits), g.const([-1, dec.vocab_size], np.int64), outputs=["logits"])
         return self._model()
 
     def _model(self) -> onnx.ModelProto:
@@ -278,6 +306,8 @@ class DecoderEmitter:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.OPSET)],
                                   producer_name="t2r-export")
         model.ir_version = 8  # readable by ONNX Runtime ≥ 1.14 and TensorRT 10's parser
+        helper.set_model_props(model, {"t2r.precision": self.precision,
+                                       "t2r.fp32_island": ",".join(self.g.fp32_island)})
         return model
 
 
