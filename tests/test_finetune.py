@@ -120,36 +120,60 @@ def test_attention_transfer_loss_decreases(tiny, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
+TWO_PROCESS_SCRIPT = """
+import json, shutil, sys, torch, torch.distributed as dist
+from pathlib import Path
+from t2r_export.train.finetune import FinetuneConfig, finetune
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+ddp_settings, fsdp_settings, resume_dir, losses_file = json.loads(sys.argv[1])
+
+def keep_checkpoint(event):
+    # rank 0 only, at the last step: copy the step-2 checkpoint before the finished run deletes it
+    if event.get("phase") == "finetune" and event["step"] == 3:
+        shutil.copytree(Path(fsdp_settings["out_dir"]) / "checkpoint", Path(resume_dir) / "checkpoint")
+
+ddp = finetune(FinetuneConfig(**ddp_settings))
+fsdp = finetune(FinetuneConfig(**fsdp_settings), progress=keep_checkpoint)
+resumed = finetune(FinetuneConfig(**dict(fsdp_settings, out_dir=resume_dir, resume=True)))
+if dist.get_rank() == 0:
+    Path(losses_file).write_text(json.dumps([r["losses"] for r in (ddp, fsdp, resumed)]))
+dist.destroy_process_group()
+"""
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+    # one torchrun launch for DDP, FSDP and an FSDP resume, in the group the script creates:
+    # importing torch in two processes is most of the ~25 s this test takes
     script = tmp_path / "run.py"
-    script.write_text(
-        "import json, sys, torch\n"
-        "from pathlib import Path\n"
-        "from t2r_export.train.finetune import FinetuneConfig, finetune\n"
-        "torch.set_num_threads(1)\n"
-        "cfg = FinetuneConfig(**json.loads(sys.argv[1]))\n"
-        "record = finetune(cfg)\n"
-        "if record:\n"
-        "    Path(sys.argv[2]).write_text(json.dumps(record['losses']))\n"
-    )
+    script.write_text(TWO_PROCESS_SCRIPT)
     model_dir, data = tiny
-    settings = dict(model=str(model_dir), data=[str(data)], out_dir=str(tmp_path / "ddp"), steps=3,
-                    attention_transfer_steps=2, batch_size=2, grad_accum=2, block_size=32, feature_dim=8,
-                    eval_max_tokens=256, save_every=0, eval_every=0)
+    settings = dict(model=str(model_dir), data=[str(data)], steps=3, attention_transfer_steps=2, batch_size=2,
+                    grad_accum=2, block_size=32, feature_dim=8, eval_max_tokens=256, save_every=2, eval_every=1)
+    args = [dict(settings, out_dir=str(tmp_path / "ddp")), dict(settings, out_dir=str(tmp_path / "fsdp"), fsdp=True),
+            str(tmp_path / "resumed"), str(tmp_path / "losses.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(settings), str(tmp_path / "losses.json")]
-    # one rank per core: about 20 s, most of it importing torch twice
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           json.dumps(args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "losses.json").read_text())
+    ddp, fsdp, resumed = json.loads((tmp_path / "losses.json").read_text())
 
     # one process, the same global batch of 2 x 2 x 2 = 8 blocks
     one = finetune(config(tiny, tmp_path / "one", steps=3, attention_transfer_steps=2, batch_size=8,
                           eval_max_tokens=256))["losses"]
-    for stage in ("transfer", "finetune"):
-        assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
-    assert load_t2r_model(tmp_path / "ddp").config.t2r["feature_dim"] == 8
+    for two in (ddp, fsdp, resumed):
+        for stage in ("transfer", "finetune"):
+            assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
+    assert resumed == fsdp
+    single = load_t2r_model(tmp_path / "one")
+    for name in ("ddp", "fsdp", "resumed"):
+        model = load_t2r_model(tmp_path / name)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        record = json.loads((tmp_path / name / "finetune.json").read_text())
+        assert record["world_size"] == 2 and record["fsdp"] == (name != "ddp")
 
 
 def test_lora_saves_a_plain_loadable_t2r_model(tiny, tmp_path):
@@ -195,6 +219,7 @@ def test_lora_targets_only_attention_projections_per_architecture():
     (dict(block_size=4096), "exceeds the model's 128 positions"),
     (dict(batch_size=10_000), "too few for one batch"),
     (dict(feature_map="elu", attention_transfer_steps=2), "has no parameters to train"),
+    (dict(fsdp=True, train="lora"), "FSDP does not support"),
 ])
 def test_bad_input_raises_one_clear_line_and_writes_nothing(tiny, tmp_path, overrides, message):
     out = tmp_path / "out"

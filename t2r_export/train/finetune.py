@@ -47,7 +47,8 @@ import t2r_export
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.attention import FEATURE_MAP_ATTR
-from t2r_export.models.swap import attention_modules
+from t2r_export.models.adapters import get_adapter
+from t2r_export.models.swap import attention_modules, decoder_layers
 from t2r_export.train.evaluate import perplexity
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class FinetuneConfig:
     log_every: int = 10
     # continue from out_dir/checkpoint with the same data order
     resume: bool = False
+    # shard parameters, gradients and optimizer state over ranks (FSDP2) for models too big to
+    # replicate on each GPU; off = DDP (every rank holds the whole model), simpler and as fast when it fits
+    fsdp: bool = False
     # None = torch's default thread count
     num_threads: int | None = None
     # None = every stdlib file of a split; a small number makes test runs take seconds
@@ -156,6 +160,8 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"{cfg.warmup_fraction}, {cfg.min_lr_ratio}")
     if cfg.data and cfg.dataset:
         raise ValueError("pass either local data files or a datasets name, not both")
+    if cfg.fsdp and cfg.train == "lora":
+        raise ValueError("FSDP does not support --train lora (adapters are small: use DDP, the default)")
     for path in cfg.data or []:
         if not Path(path).exists():
             raise ValueError(f"data path {path} does not exist: expected a file or directory of .txt/.py/.md/.jsonl")
@@ -188,13 +194,17 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # the model is sharded with FSDP2 (only with world_size > 1)
+    fsdp: bool = False
+    # this process created the process group, so it also destroys it
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> Distributed:
+def init_distributed(fsdp: bool = False) -> Distributed:
     """Rank, world size and device from torchrun's / accelerate's environment variables."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -202,10 +212,11 @@ def init_distributed() -> Distributed:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not torch_dist.is_initialized():
+    owns_group = world_size > 1 and not torch_dist.is_initialized()
+    if owns_group:
         torch_dist.init_process_group("nccl" if cuda else "gloo")
     rank = torch_dist.get_rank() if world_size > 1 else 0
-    return Distributed(rank, world_size, device)
+    return Distributed(rank, world_size, device, fsdp and world_size > 1, owns_group)
 
 
 def global_mean(value: torch.Tensor, dist: Distributed) -> float:
@@ -217,8 +228,66 @@ def global_mean(value: torch.Tensor, dist: Distributed) -> float:
     return value.item()
 
 
+def shard_fsdp(model, dist: Distributed) -> None:
+    """FSDP2 in place: each decoder layer is one unit (gathered for its forward), the rest the root.
+
+    The feature maps stay whole on every rank and ``sync_feature_map_grads`` averages their
+    gradients: they are tiny, and in attention transfer their loss never flows back through a
+    layer's output, so FSDP's backward hooks would never reduce (or even see) their gradients.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    replicated = set(feature_map_parameters(model))
+    for layer in decoder_layers(model, get_adapter(model.config.model_type)):
+        fully_shard(layer, ignored_params=replicated)
+    fully_shard(model, ignored_params=replicated)
+
+
+def sync_feature_map_grads(model, dist: Distributed) -> None:
+    """Average the replicated feature maps' gradients over ranks (FSDP only; DDP does its own)."""
+    if not dist.fsdp:
+        return
+    for p in feature_map_parameters(model):
+        if p.grad is not None:
+            torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
+            p.grad /= dist.world_size
+
+
+def clip_gradients(params: list, max_norm: float, dist: Distributed) -> None:
+    if not dist.fsdp:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    from torch.distributed.tensor import DTensor
+
+    # sharded gradients' norms are summed over ranks (full_tensor); replicated ones are whole already
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()] if sharded else []
+    norms += [torch.nn.utils.get_total_norm(whole)] if whole else []
+    total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    if total > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (total + 1e-6))
+
+
+def reshard(model, dist: Distributed) -> None:
+    """Put every FSDP unit back to sharded parameters.
+
+    A forward without a backward (evaluation, or units that got no gradient in attention transfer)
+    leaves the root's parameters gathered; optimizers and state dicts must see the sharded ones.
+    """
+    if not dist.fsdp:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def wrap_ddp(model, dist: Distributed):
-    if dist.world_size == 1:
+    if dist.world_size == 1 or dist.fsdp:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -378,9 +447,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """A plain HF model directory; a LoRA model writes its unmerged base plus ``adapter/``."""
-    if hasattr(model, "peft_config"):
+def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """A plain HF model directory; a LoRA model writes its unmerged base plus ``adapter/``.
+
+    ``state_dict``: the gathered full weights of an FSDP-sharded model.
+    """
+    if state_dict is not None:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    elif hasattr(model, "peft_config"):
         base = model.get_base_model()
         # the base weights without the adapters, under their original names: loadable as is
         clean = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
@@ -400,12 +474,39 @@ def replace_dir(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path) -> None:
+_FULL_STATE = dict(full_state_dict=True, cpu_offload=True)
+
+
+def gather_model_state(model, dist: Distributed) -> dict | None:
+    """The full weights of an FSDP model on rank 0 (a collective: every rank calls it); None without FSDP."""
+    if not dist.fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model, dist)
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL_STATE))
+
+
+def gather_optimizer_state(model, optimizer, dist: Distributed) -> dict:
+    if not dist.fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL_STATE))
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path, dist: Distributed) -> None:
+    """Every rank calls it (FSDP gathers); rank 0 writes ``out_dir/checkpoint`` with one rename."""
+    reshard(model, dist)
+    model_state = gather_model_state(model, dist)
+    optimizer_state = gather_optimizer_state(model, optimizer, dist)
+    if not dist.is_main:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+    save_model(model, tokenizer, tmp, model_state)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
     replace_dir(tmp, out_dir / CHECKPOINT_DIR)
     logger.info("checkpoint: %s step %d -> %s", state["stage"], state["step"], out_dir / CHECKPOINT_DIR)
@@ -418,15 +519,23 @@ def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int)
     if changed:
         raise ValueError(f"cannot resume with changed settings ({', '.join(changed)}); the checkpoint has "
                          + ", ".join(f"{k}={saved.get(k)}" for k in changed))
+    if cfg.fsdp != state["config"]["fsdp"]:
+        raise ValueError(f"cannot resume: the checkpoint was written {'with' if state['config']['fsdp'] else 'without'} "
+                         "FSDP; resume the same way (the optimizer state layouts differ)")
     if global_batch != state["global_batch"]:
         raise ValueError(f"cannot resume: the checkpoint's global batch is {state['global_batch']} blocks, this "
                          f"run's is {global_batch} (batch size x processes x grad accum); keep the product equal")
     return state
 
 
-def load_optimizer_state(optimizer, scheduler, checkpoint: Path) -> None:
+def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Distributed) -> None:
     saved = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if dist.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
 
 
@@ -437,12 +546,30 @@ def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
 
+class LayerLosses:
+    """Collects each layer's loss through the ``t2r_transfer`` keyword.
+
+    Not a list on purpose: FSDP, and DDP on GPUs, rebuild list/tuple/dict arguments on their way to
+    the modules, and appends to a rebuilt list are lost; an opaque object passes through as is.
+    """
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+
+    def append(self, loss: torch.Tensor) -> None:
+        self.values.append(loss)
+
+
 def attention_transfer_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Mean over layers of MSE(linear attention output, softmax attention output)."""
-    losses: list[torch.Tensor] = []
+    losses = LayerLosses()
     # logits are not needed: keep only the last position's
     model(batch[:, :-1], t2r_transfer=losses, logits_to_keep=1)
-    return torch.stack(losses).mean()
+    # counted by name, so it works through DDP / peft wrappers
+    expected = sum(name.endswith(FEATURE_MAP_ATTR) for name, _ in model.named_modules())
+    if len(losses.values) != expected:
+        raise RuntimeError(f"attention transfer collected {len(losses.values)} of {expected} layer losses")
+    return torch.stack(losses.values).mean()
 
 
 def micro_batches(batch: torch.Tensor, dist: Distributed, grad_accum: int):
@@ -464,11 +591,12 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
     steps = cfg.attention_transfer_steps if stage == "transfer" else cfg.steps
     mode = "transfer" if stage == "transfer" else cfg.train
     adapter = checkpoint / ADAPTER_DIR if checkpoint is not None and (checkpoint / ADAPTER_DIR).is_dir() else None
+    reshard(model, dist)
     model = prepare_trainable(model, mode, cfg, adapter)
     lr = cfg.attention_transfer_lr if stage == "transfer" else cfg.lr
     optimizer, scheduler = build_optimizer(model, lr, cfg, steps, warmup=stage != "transfer")
     if checkpoint is not None:
-        load_optimizer_state(optimizer, scheduler, checkpoint)
+        load_optimizer_state(model, optimizer, scheduler, checkpoint, dist)
         set_rng_state(state["rng"])
     loss_fn = attention_transfer_loss if stage == "transfer" else next_token_loss
     ddp_model = wrap_ddp(model, dist)
@@ -487,11 +615,12 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
         for a, micro in micro_batches(batch, dist, cfg.grad_accum):
             # only the last micro-step syncs gradients across ranks
             sync = a == cfg.grad_accum - 1 or dist.world_size == 1
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
+            with gradient_sync(ddp_model, sync, dist), autocast:
                 loss = loss_fn(ddp_model, micro) / cfg.grad_accum
                 loss.backward()
             step_loss += loss.detach()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        sync_feature_map_grads(model, dist)
+        clip_gradients(trainable, cfg.grad_clip, dist)
         current_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -515,8 +644,7 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
             validate(model, streams[1], state, cfg, dist, progress)
             paused = True
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            if dist.is_main:
-                save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(cfg.out_dir))
+            save_checkpoint(model, tokenizer, optimizer, scheduler, state, Path(cfg.out_dir), dist)
             if dist.world_size > 1:
                 torch_dist.barrier()
             paused = True
@@ -526,13 +654,32 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
     return model
 
 
+def gradient_sync(model, sync: bool, dist: Distributed):
+    if sync or dist.world_size == 1:
+        return contextlib.nullcontext()
+    if dist.fsdp:
+        model.set_requires_gradient_sync(False)
+        return _restore_gradient_sync(model)
+    return model.no_sync()
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def validate(model, valid: np.ndarray, state: dict, cfg: FinetuneConfig, dist: Distributed,
              progress: Progress | None) -> dict | None:
-    """Perplexity of the first ``eval_max_tokens`` valid tokens, on rank 0 only."""
+    """Perplexity of the first ``eval_max_tokens`` valid tokens on rank 0 (on all ranks under FSDP)."""
+    if not dist.is_main and not dist.fsdp:
+        return None
+    relay = None if progress is None or not dist.is_main else (lambda event: progress({**event, "step": state["step"]}))
+    score = perplexity(model, valid, cfg.block_size, cfg.eval_batch_size, cfg.eval_max_tokens, relay)
     if not dist.is_main:
         return None
-    relay = None if progress is None else (lambda event: progress({**event, "step": state["step"]}))
-    score = perplexity(model, valid, cfg.block_size, cfg.eval_batch_size, cfg.eval_max_tokens, relay)
     state["valid"].append({"step": state["step"], "loss": score["loss"], "perplexity": score["perplexity"]})
     logger.info("valid at step %d: loss %.4f  perplexity %.3f", state["step"], score["loss"], score["perplexity"])
     return score
@@ -560,7 +707,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     """
     start = time.perf_counter()
     check_config(cfg)
-    dist = init_distributed()
+    dist = init_distributed(cfg.fsdp)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -581,6 +728,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     model, tokenizer = load_model_and_tokenizer(checkpoint or source, cfg)
     streams = load_token_streams(cfg, tokenizer)
     model.to(dist.device)
+    if dist.fsdp:
+        shard_fsdp(model, dist)
     if dist.is_main:
         logger.info("finetuning %s: %d parameters, train %d tokens, world %d, global batch %d x %d",
                     source, sum(p.numel() for p in model.parameters()), len(streams[0]), dist.world_size,
@@ -595,6 +744,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     model = run_stage("finetune", model, tokenizer, streams, state, cfg, dist, progress, checkpoint)
 
     final = validate(model, streams[1], state, cfg, dist, progress)
+    full_state = gather_model_state(model, dist)
     record = {}
     if dist.is_main:
         _notify(progress, dist, {"phase": "save"})
@@ -605,6 +755,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
             "source_model": str(source),
             "config": _config_record(cfg),
             "world_size": dist.world_size,
+            "fsdp": dist.fsdp,
             "global_batch": global_batch,
             "tokens_seen": state["tokens"],
             "losses": state["losses"],
@@ -615,19 +766,20 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
             "wall_time_s": round(time.perf_counter() - start, 1),
             "torch_version": torch.__version__,
         }
-        save_final(model, tokenizer, record, out_dir)
+        save_final(model, tokenizer, record, out_dir, full_state)
     if dist.world_size > 1:
         torch_dist.barrier()
+    if dist.owns_group:
         torch_dist.destroy_process_group()
     return record
 
 
-def save_final(model, tokenizer, record: dict, out_dir: Path) -> None:
+def save_final(model, tokenizer, record: dict, out_dir: Path, state_dict: dict | None = None) -> None:
     """The finished model replaces ``out_dir`` in one rename; the checkpoint, no longer needed, goes."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp, state_dict)
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
