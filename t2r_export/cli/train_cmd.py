@@ -54,6 +54,8 @@ def finetune(
     eval_every: int = typer.Option(200, help="Validation perplexity every this many steps (0 = only at the end)."),
     eval_max_tokens: int = typer.Option(32768, help="Validation tokens per evaluation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the model over processes (FSDP2) instead of DDP; "
+                              "for models too big to replicate (not with --train lora)."),
     lora_r: int = typer.Option(8, help="LoRA rank (--train lora)."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha (--train lora)."),
     num_threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
@@ -68,7 +70,7 @@ def finetune(
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
-        save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens, resume=resume,
+        save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens, resume=resume, fsdp=fsdp,
         lora_r=lora_r, lora_alpha=lora_alpha, num_threads=num_threads, trust_remote_code=trust_remote_code,
     )
     import shlex
