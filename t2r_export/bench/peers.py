@@ -1,0 +1,312 @@
+"""The decode paths the T2R graph is measured against, behind one small interface.
+
+Every path decodes batch 1 and offers:
+    prefill(ids)   continue over ids [T] from the current position (cheaply: one call or chunks)
+    step(token)    one single-token decode step
+    mark()/rewind()  remember the current position and cache, and go back to it
+    position       tokens consumed so far
+Paths here:
+- ``GenaiDecoder`` (b2): onnxruntime-genai with its own model builder (fp32, CPU): a preallocated
+  KV cache updated in place (GroupQueryAttention), the strongest softmax peer that runs here;
+- ``TransformersDecoder`` (c): the softmax teacher in torch with transformers' DynamicCache;
+- ``T2RTorchDecoder`` (d): the T2R model's recurrent step in torch (``decode_step``); on CUDA the
+  step is captured once in a CUDA graph and replayed.
+A path that cannot run raises ``PathUnavailable`` with the one-line reason the report prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GENAI_BUILD_TIMEOUT_S = 900
+
+
+class PathUnavailable(RuntimeError):
+    """This decode path cannot run here; the message says why, in one line."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no message")[:limit]
+
+
+# -- onnxruntime-genai ---------------------------------------------------------------------------
+
+def genai_version() -> str:
+    try:
+        import onnxruntime_genai as og
+    except ImportError as err:
+        raise PathUnavailable(f"onnxruntime-genai is not installed (pip install onnxruntime-genai): {err}") from None
+    return og.__version__
+
+
+def _genai_key(model_dir: Path, context: int, version: str) -> str:
+    h = hashlib.sha256(f"{version}:{context}".encode())
+    for name in sorted(p.name for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors")):
+        h.update(name.encode())
+        with open(model_dir / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_genai_model(model_dir: Path, context: int, cache_root: Path) -> Path:
+    """Run onnxruntime-genai's model builder (fp32, cpu) on a local HF model dir; cached by content.
+
+    RoPE models carry their cos/sin tables up to ``max_position_embeddings``: the builder gets a
+    copy of the config with that raised to ``context`` when the benchmark goes further (RoPE has
+    no learned table, so the weights are the same model).
+    """
+    version = genai_version()
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise PathUnavailable(f"onnxruntime-genai's builder needs tokenizer.json beside the model ({model_dir})")
+    out = Path(cache_root) / "bench-genai" / _genai_key(model_dir, context, version)
+    if (out / "genai_config.json").is_file():
+        return out
+    config = json.loads((model_dir / "config.json").read_text())
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "hf"
+    src.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "config.json":
+            os.symlink(f.resolve(), src / f.name)
+    if config.get("max_position_embeddings", context) < context:
+        config["max_position_embeddings"] = context
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(work / "model"),
+           "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=GENAI_BUILD_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(work, ignore_errors=True)
+        raise PathUnavailable(f"onnxruntime-genai's builder ran past {GENAI_BUILD_TIMEOUT_S} s") from None
+    if done.returncode != 0 or not (work / "model" / "genai_config.json").is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        raise PathUnavailable(f"onnxruntime-genai's builder failed: {_one_line(done.stderr or done.stdout)}")
+    os.replace(work / "model", out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+class GenaiDecoder:
+    """onnxruntime-genai's generator: one sequence, KV cache preallocated to ``max_length``."""
+
+    def __init__(self, model_path: Path, max_length: int, threads: int):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(model_path))
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+        self.max_length = max_length
+        self.reset()
+
+    def reset(self) -> None:
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        # greedy, no early stop on EOS: random-token contexts must not end the sequence
+        params.set_search_options(max_length=self.max_length, batch_size=1, do_sample=False, min_length=self.max_length)
+        self.generator = og.Generator(self.model, params)
+        self.position = 0
+        self._marked = 0
+
+    def prefill(self, ids: np.ndarray) -> None:
+        self.generator.append_tokens(np.ascontiguousarray(ids, dtype=np.int32))
+        self.position += len(ids)
+
+    def step(self, token: int) -> None:
+        # one token in, one model run on it: generate_next_token() after append_tokens() only samples
+        # from logits already computed, so timing it would count one model run too few
+        self.generator.append_tokens(np.array([token], dtype=np.int32))
+        self.position += 1
+
+    def mark(self) -> None:
+        self._marked = self.position
+
+    def rewind(self) -> None:
+        self.generator.rewind_to(self._marked)
+        self.position = self._marked
+
+    def close(self) -> None:
+        self.generator = None
+        self.model = None
+
+
+# -- transformers --------------------------------------------------------------------------------
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` in forward()."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class TransformersDecoder:
+    """The softmax teacher in torch, transformers' DynamicCache (grown by concatenation)."""
+
+    def __init__(self, model, device: str = "cpu", prefill_chunk: int = 1024):
+        import torch
+
+        self.torch = torch
+        self.model = model.to(device).eval()
+        self.device = device
+        self.prefill_chunk = prefill_chunk
+        self.cache_arg = _cache_kwarg(self.model)
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.position = 0
+        self._marked = 0
+
+    def _forward(self, ids) -> None:
+        torch = self.torch
+        t = ids.shape[1]
+        positions = torch.arange(self.position, self.position + t, device=self.device)[None]
+        with torch.inference_mode():
+            self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{self.cache_arg: self.cache})
+        self.position += t
+
+    def prefill(self, ids: np.ndarray) -> None:
+        ids = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None]
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            self._forward(ids[:, start:start + self.prefill_chunk])
+        self.sync()
+
+    def step(self, token: int) -> None:
+        self._forward(self.torch.full((1, 1), int(token), dtype=self.torch.long, device=self.device))
+
+    def sync(self) -> None:
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+
+    def mark(self) -> None:
+        self._marked = self.position
+
+    def rewind(self) -> None:
+        extra = self.cache.get_seq_length() - self._marked
+        if extra > 0:
+            self.cache.crop(-extra)
+        self.position = self._marked
+
+    def close(self) -> None:
+        self.cache = None
+
+
+# -- T2R in torch --------------------------------------------------------------------------------
+
+class T2RTorchDecoder:
+    """The T2R model's recurrent step in torch; on CUDA the step replays a captured CUDA graph."""
+
+    def __init__(self, model, device: str = "cpu", prefill_chunk: int = 2048, cuda_graph: bool = True):
+        import torch
+
+        self.torch = torch
+        self.model = model.to(device).eval()
+        self.device = device
+        self.prefill_chunk = prefill_chunk
+        self.use_graph = device != "cpu" and cuda_graph
+        self.graph_note = ""
+        self.reset()
+
+    def reset(self) -> None:
+        from ..models import new_state
+
+        self.state = new_state(self.model, 1)
+        self.position = 0
+        self._marked = None
+        self._graph = None
+
+    def prefill(self, ids: np.ndarray) -> None:
+        from ..models import prefill
+
+        torch = self.torch
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None]
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            part = ids[:, start:start + self.prefill_chunk]
+            prefill(self.model, part, self.state, position_offset=self.position)
+            self.position += part.shape[1]
+        self._copy_state_into_graph()
+        self.sync()
+
+    def step(self, token: int) -> None:
+        from ..models import decode_step
+
+        torch = self.torch
+        if self.use_graph and self._graph is None:
+            self._capture()
+        if self._graph is not None:
+            self._ids.fill_(int(token))
+            self._pos.fill_(self.position)
+            self._graph.replay()
+        else:
+            ids = torch.full((1, 1), int(token), dtype=torch.long, device=self.device)
+            pos = torch.full((1, 1), self.position, dtype=torch.long, device=self.device)
+            decode_step(self.model, ids, pos, self.state)
+        self.position += 1
+
+    def _capture(self) -> None:
+        """Capture decode_step once: static ids/positions/state; the new state is copied back in the graph."""
+        from ..models import decode_step
+
+        torch = self.torch
+        try:
+            self._ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self._pos = torch.full((1, 1), self.position, dtype=torch.long, device=self.device)
+            static = self.state.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
+                    work = static.clone()
+                    decode_step(self.model, self._ids, self._pos, work)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            work = static.clone()
+            with torch.cuda.graph(graph):
+                work.s, work.z = list(static.s), list(static.z)
+                decode_step(self.model, self._ids, self._pos, work)
+                for dst, src in zip(static.s + static.z, work.s + work.z):
+                    dst.copy_(src)
+            self.state, self._graph = static, graph
+        except Exception as err:  # capture is best effort: eager steps stay correct
+            self.use_graph, self._graph = False, None
+            self.graph_note = f"CUDA graph capture failed, eager steps: {_one_line(err)}"
+            logger.warning(self.graph_note)
+
+    def _copy_state_into_graph(self) -> None:
+        self._graph = None  # the state tensors changed identity: capture again on the next step
+
+    def sync(self) -> None:
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+
+    def mark(self) -> None:
+        self._marked = (self.state.clone(), self.position)
+
+    def rewind(self) -> None:
+        state, self.position = self._marked
+        for dst, src in zip(self.state.s + self.state.z, state.s + state.z):
+            dst.copy_(src)
+
+    def close(self) -> None:
+        self.state = None
+        self._graph = None

@@ -1,0 +1,524 @@
+"""`t2r-export bench`, the library part: decode speed, prefill speed and memory of the T2R bundle
+against the softmax model it came from, measured side by side in one process. Returns a dict
+(what ``bench.json`` holds); printing and plotting live elsewhere.
+
+Decode paths (batch 1, the same thread count for ONNX Runtime and torch):
+    t2r-ort       (a) the bundle's step graph, ONNX Runtime, IO binding (the project's OrtDecoder)
+    softmax-ort   (b) the softmax teacher as an ONNX KV-cache decoder from the same emitter, IO binding
+    genai         (b2) onnxruntime-genai, its own builder, in-place preallocated KV cache
+    transformers  (c) the softmax teacher, transformers' DynamicCache, torch
+    t2r-torch     (d) the T2R model's recurrent step in torch
+    floor         (e) only the model's dense matmuls for one token, ONNX Runtime, IO binding
+
+At each position P every path first consumes P tokens of one random token stream cheaply (the
+prefill graph / chunked prefill / append), then runs warm-up steps (not timed), then ``repeats``
+times ``steps`` single-token steps starting at P; tokens/s is the median over repeats. KV paths
+rewind to P before each repeat. The T2R paths carry no sequence axis, so a step costs the same at
+every position; t2r-ort (whose runtime has no state-restore call) runs its repeats back to back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .peers import PathUnavailable
+
+logger = logging.getLogger(__name__)
+
+PATHS = {
+    "t2r-ort": "T2R step graph, ONNX Runtime + IO binding",
+    "softmax-ort": "softmax KV-cache graph (same emitter), ONNX Runtime + IO binding",
+    "genai": "onnxruntime-genai (its builder, fp32 cpu, in-place KV cache)",
+    "transformers": "softmax teacher, transformers DynamicCache (torch)",
+    "t2r-torch": "T2R recurrent step (torch, decode_step)",
+    "floor": "dense matmuls only (floor), ONNX Runtime + IO binding",
+}
+SOFTMAX_PATHS = ("softmax-ort", "genai", "transformers")
+TORCH_PATHS = ("transformers", "t2r-torch")
+DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
+QUICK_POSITIONS = (128, 1024)
+# the issue's goals for the T2R step against the fastest softmax peer at these positions
+SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
+FLOOR_GOAL = 1.10
+POSITION_CHUNK = 1024          # KV prefill chunk when reaching a position: bounds scores to [T, P+T]
+
+
+@dataclass
+class BenchConfig:
+    bundle: Path
+    softmax_model: Path
+    t2r_model: Path
+    positions: tuple = DEFAULT_POSITIONS
+    # timed single-token steps per repeat; median over repeats; warm-up steps are not timed
+    steps: int = 32
+    repeats: int = 5
+    warmup: int = 8
+    # same intra-op thread count for ONNX Runtime, onnxruntime-genai and torch
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    device: str = "cpu"
+    prefill_lengths: tuple = (1024, 8192)
+    # greedy T2R decode watched for RSS growth (the 100k-token check is this set to 100000)
+    rss_tokens: int = 20_000
+    paths: tuple = tuple(PATHS)
+    cache_dir: Path | None = None
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchConfig":
+        defaults = dict(positions=QUICK_POSITIONS, steps=8, repeats=3, warmup=2, prefill_lengths=(256, 1024),
+                        rss_tokens=2_000)
+        return cls(**{**defaults, **kw})
+
+    def validate(self, max_position: int | None) -> None:
+        """ValueError with one line for every setting that cannot run."""
+        if not self.positions or any(int(p) < 1 for p in self.positions):
+            raise ValueError(f"positions must be integers >= 1, got {list(self.positions)}")
+        for name in ("steps", "repeats", "threads", "rss_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.prefill_lengths or any(int(t) < 1 for t in self.prefill_lengths):
+            raise ValueError(f"prefill lengths must be integers >= 1, got {list(self.prefill_lengths)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; expected cpu or cuda")
+        unknown = set(self.paths) - set(PATHS)
+        if unknown or "t2r-ort" not in self.paths:
+            raise ValueError(f"paths must include t2r-ort and be among {', '.join(PATHS)}; got {', '.join(self.paths)}")
+        if max_position is not None:
+            needed = max(max(self.positions) + self.tokens_after_position(), max(self.prefill_lengths))
+            if needed > max_position:
+                raise ValueError(f"position {max(max(self.positions), max(self.prefill_lengths))} (+ {self.tokens_after_position()} "
+                                 f"timed/warm-up steps) is beyond the model's maximum of {max_position} positions")
+
+    def tokens_after_position(self) -> int:
+        """Tokens a path may decode past P at one position (t2r-ort runs its repeats back to back)."""
+        return self.warmup + self.steps * self.repeats
+
+
+class T2ROrtPath:
+    """The bundle through the project's torch-free OrtDecoder (IO binding, ping-pong state)."""
+
+    def __init__(self, bundle, threads: int, prefill_chunk: int = 4096):
+        from ..runtime import OrtDecoder
+
+        self.decoder = OrtDecoder(bundle, provider="cpu", threads=threads)
+        self.decoder.reset(1)
+        self.prefill_chunk = prefill_chunk
+        self.position = 0
+        self._ids = np.zeros((1, 1), np.int64)
+        self._pos = np.zeros((1, 1), np.int64)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            part = np.asarray(ids[start:start + self.prefill_chunk], dtype=np.int64)[None]
+            positions = np.arange(self.position, self.position + part.shape[1], dtype=np.int64)[None]
+            logits = self.decoder.prefill(part, positions)
+            self.position += part.shape[1]
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        self._ids[0, 0] = token
+        self._pos[0, 0] = self.position
+        self.position += 1
+        return self.decoder.step(self._ids, self._pos)
+
+    def reset(self) -> None:
+        self.decoder.reset(1)
+        self.position = 0
+
+    def state_nbytes(self) -> int:
+        return self.decoder.state_nbytes()
+
+    def mark(self) -> None:
+        pass
+
+    def rewind(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+class FloorPath:
+    """The floor graph: it has no cache, so prefill/mark/rewind only move the position."""
+
+    def __init__(self, dec, threads: int):
+        from .softmax_graph import FloorRunner
+
+        self.runner = FloorRunner(dec, threads)
+        self.position = 0
+
+    def prefill(self, ids) -> None:
+        self.position += len(ids)
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def step(self, token: int):
+        self.position += 1
+        return self.runner.step(token)
+
+    def mark(self) -> None:
+        pass
+
+    def rewind(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.runner = None
+
+
+class SoftmaxOrtPath:
+    def __init__(self, dec, threads: int):
+        from .softmax_graph import KVCacheDecoder
+
+        self.decoder = KVCacheDecoder(dec, threads)
+
+    @property
+    def position(self) -> int:
+        return self.decoder.position
+
+    def prefill(self, ids, chunk: int = POSITION_CHUNK):
+        return self.decoder.prefill(ids, chunk=chunk)
+
+    def step(self, token: int):
+        return self.decoder.step(token)
+
+    def mark(self) -> None:
+        self.decoder.mark()
+
+    def rewind(self) -> None:
+        self.decoder.rewind()
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def close(self) -> None:
+        self.decoder = None
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+def _sync(path) -> None:
+    if hasattr(path, "sync"):
+        path.sync()
+
+
+def time_decode(path, stream: np.ndarray, cfg: BenchConfig, progress: Callable[[str], None], name: str) -> dict:
+    """tokens/s of single-token steps at each position (median of repeats) for one path."""
+    out = {"tokens_per_s": {}, "repeat_s": {}}
+    for p in sorted(cfg.positions):
+        progress(f"{name}: context → {p}")
+        if path.position > p:
+            path.reset()
+        path.prefill(stream[path.position:p])
+        _sync(path)
+        path.mark()
+        start = path.position
+        progress(f"{name}: {cfg.steps} steps × {cfg.repeats} at position {p}")
+        for token in stream[start:start + cfg.warmup]:
+            path.step(int(token))
+        _sync(path)
+        path.rewind()
+        seconds = []
+        for _ in range(cfg.repeats):
+            first = path.position
+            tokens = stream[first:first + cfg.steps]
+            t0 = time.perf_counter()
+            for token in tokens:
+                path.step(int(token))
+            _sync(path)
+            seconds.append(time.perf_counter() - t0)
+            path.rewind()
+        out["tokens_per_s"][str(p)] = cfg.steps / statistics.median(seconds)
+        out["repeat_s"][str(p)] = seconds
+    return out
+
+
+def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress) -> dict:
+    """Prompt tokens/s: the T2R prefill graph, T2R step feeding, and each softmax peer's prefill."""
+    result = {}
+    repeats = min(cfg.repeats, 3)
+    for t in cfg.prefill_lengths:
+        prompt = stream[:t]
+        row = {}
+        for name, path in paths.items():
+            progress(f"prefill {t} tokens: {name}")
+            seconds = []
+            for _ in range(repeats):
+                path.reset()
+                t0 = time.perf_counter()
+                path.prefill(prompt) if name != "softmax-ort" else path.prefill(prompt, chunk=2048)
+                _sync(path)
+                seconds.append(time.perf_counter() - t0)
+            row[name] = t / statistics.median(seconds)
+        if "t2r-ort" in paths:
+            progress(f"prefill {t} tokens: t2r-ort, one step per token")
+            path = paths["t2r-ort"]
+            path.reset()
+            t0 = time.perf_counter()
+            for token in prompt:
+                path.step(int(token))
+            row["t2r-ort step feeding"] = t / (time.perf_counter() - t0)
+            row["t2r-ort prefill graph"] = row.pop("t2r-ort")
+        result[str(t)] = row
+    return result
+
+
+def measure_rss(path: T2ROrtPath, tokens: int, progress, samples: int = 100) -> dict:
+    """Process RSS over a greedy T2R decode of ``tokens`` tokens (state constant by construction)."""
+    import psutil
+
+    proc = psutil.Process()
+    path.reset()
+    logits = path.prefill(np.array([0]))
+    every = max(1, tokens // samples)
+    marks, rss = [], []
+    state_bytes = path.state_nbytes()
+    t0 = time.perf_counter()
+    for i in range(1, tokens + 1):
+        logits = path.step(int(np.argmax(logits)))
+        if i % every == 0 or i == tokens:
+            marks.append(i)
+            rss.append(proc.memory_info().rss)
+            if i % (every * 10) == 0:
+                progress(f"rss: {i:,}/{tokens:,} tokens")
+    elapsed = time.perf_counter() - t0
+    # growth after the first tenth: allocator and arena warm-up are not growth with length
+    settle = max(1, len(rss) // 10)
+    return {"tokens": marks, "rss_bytes": rss, "decode_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "state_bytes": state_bytes, "state_bytes_after": path.state_nbytes(),
+            "growth_bytes": int(rss[-1] - rss[settle - 1]), "growth_from_start_bytes": int(rss[-1] - rss[0])}
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": model, "cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "loadavg_start": list(os.getloadavg())}
+    try:
+        from .peers import genai_version
+
+        info["onnxruntime_genai"] = genai_version()
+    except PathUnavailable:
+        info["onnxruntime_genai"] = None
+    return info
+
+
+def _unavailable(reason: str) -> dict:
+    return {"status": f"unavailable: {reason}", "tokens_per_s": {}}
+
+
+def _load_models(cfg: BenchConfig):
+    from ..models import load_causal_lm, load_t2r_model
+
+    softmax = load_causal_lm(cfg.softmax_model).eval()
+    if getattr(softmax.config, "t2r", None) is not None:
+        raise ValueError(f"{cfg.softmax_model} is a T2R model; --softmax needs the softmax original")
+    return softmax, load_t2r_model(cfg.t2r_model).eval()
+
+
+def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
+    from ..models import attention_dims
+
+    want = (bundle_config.num_layers, bundle_config.num_heads, bundle_config.num_kv_heads,
+            bundle_config.head_dim, bundle_config.vocab_size)
+    have = (len(softmax_dec.layers), softmax_dec.num_heads, softmax_dec.num_kv_heads, softmax_dec.head_dim,
+            softmax_dec.vocab_size)
+    if want != have:
+        raise ValueError(f"the softmax model (layers, heads, kv heads, head dim, vocab) {have} does not match "
+                         f"the bundle's {want}; pass --softmax with the model the bundle came from")
+    heads, kv, head_dim = attention_dims(t2r_model.config)
+    t2r_have = (t2r_model.config.num_hidden_layers, heads, kv, head_dim, t2r_model.config.vocab_size)
+    if t2r_have != want:
+        raise ValueError(f"the T2R model {t2r_have} does not match the bundle's {want}; pass --t2r-model with "
+                         "the model the bundle was exported from")
+
+
+def _cuda_reason() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure everything; returns the dict written to bench.json."""
+    import torch
+
+    from ..data.corpus import cache_dir_default
+    from ..runtime import load_bundle
+    from .peers import GenaiDecoder, T2RTorchDecoder, TransformersDecoder, build_genai_model
+    from .softmax_graph import dense_weight_bytes, extract_softmax_decoder, kv_cache_nbytes
+
+    progress = progress or (lambda message: logger.info(message))
+    bundle = load_bundle(cfg.bundle)
+    cfg.validate(bundle.config.max_position)
+    torch.set_num_threads(cfg.threads)
+    softmax_model, t2r_model = _load_models(cfg)
+    dec = extract_softmax_decoder(softmax_model)
+    check_models_match(bundle.config, dec, t2r_model)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir_default()
+    stream = np.random.default_rng(cfg.seed).integers(
+        0, bundle.config.vocab_size, max(max(cfg.positions) + cfg.tokens_after_position(), max(cfg.prefill_lengths)) + 1)
+    result = {"machine": machine_info(cfg.threads),
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+              "paths": {}}
+    device_reason = _cuda_reason() if cfg.device == "cuda" else None
+    # the genai generator preallocates its cache to max_length: the run's longest context
+    max_length = int(max(max(cfg.positions) + max(cfg.warmup, cfg.steps) + 8, max(cfg.prefill_lengths) + 8))
+
+    def open_path(name: str):
+        if name == "t2r-ort":
+            return T2ROrtPath(bundle, cfg.threads)
+        if name == "floor":
+            return FloorPath(dec, cfg.threads)
+        if name == "softmax-ort":
+            return SoftmaxOrtPath(dec, cfg.threads)
+        if name == "genai":
+            progress("genai: building the teacher with onnxruntime-genai's model builder (cached)")
+            context = 1 << (max_length - 1).bit_length()
+            model_path = build_genai_model(cfg.softmax_model, context, cache_root)
+            return GenaiDecoder(model_path, max_length, cfg.threads)
+        if device_reason:
+            raise PathUnavailable(device_reason)
+        if name == "transformers":
+            return TransformersDecoder(softmax_model, cfg.device)
+        return T2RTorchDecoder(t2r_model, cfg.device)
+
+    prefill_paths = {}
+    for name in cfg.paths:
+        entry = {"label": PATHS[name], "status": "ok"}
+        try:
+            path = open_path(name)
+        except PathUnavailable as err:
+            result["paths"][name] = {"label": PATHS[name], **_unavailable(str(err))}
+            progress(f"{name}: unavailable: {err}")
+            continue
+        try:
+            entry.update(time_decode(path, stream, cfg, progress, name))
+        except Exception as err:  # a peer failing mid-run is reported, never faked
+            if name == "t2r-ort":
+                raise
+            logger.exception("%s failed", name)
+            entry.update(_unavailable(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        if getattr(path, "graph_note", ""):
+            entry["note"] = path.graph_note
+        entry["rewinds"] = name not in ("t2r-ort", "floor")
+        if name in ("t2r-torch", "transformers"):
+            entry["device"] = cfg.device
+        result["paths"][name] = entry
+        if name in ("t2r-ort", "softmax-ort", "genai", "transformers") and entry["status"] == "ok":
+            prefill_paths[name] = path
+        else:
+            path.close()
+        gc.collect()
+
+    result["prefill"] = measure_prefill(prefill_paths, stream, cfg, progress)
+    result["memory"] = {
+        "state_bytes": prefill_paths["t2r-ort"].state_nbytes(),
+        "kv_cache_bytes": {str(p): kv_cache_nbytes(dec, p) for p in sorted(cfg.positions)},
+        "genai_preallocated_kv_bytes": kv_cache_nbytes(dec, max_length) if "genai" in prefill_paths else None,
+        "dense_weight_bytes": dense_weight_bytes(dec),
+    }
+    for name, path in prefill_paths.items():
+        if name != "t2r-ort":
+            path.close()
+    gc.collect()
+    progress(f"rss: greedy T2R decode of {cfg.rss_tokens:,} tokens")
+    result["memory"]["rss"] = measure_rss(prefill_paths["t2r-ort"], cfg.rss_tokens, progress)
+    prefill_paths["t2r-ort"].close()
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["summary"] = summarize(result)
+    return result
+
+
+# -- ratios and goals ----------------------------------------------------------------------------
+
+def summarize(result: dict) -> dict:
+    """Per position: T2R speedup over each softmax path and the fastest one, latency vs the floor; goals."""
+    paths = result["paths"]
+    t2r = paths["t2r-ort"]["tokens_per_s"]
+    per_position, goals = {}, []
+    for p, tps in t2r.items():
+        row = {}
+        for name in (*SOFTMAX_PATHS, "t2r-torch"):
+            other = paths.get(name, {}).get("tokens_per_s", {}).get(p)
+            row[f"t2r/{name}"] = tps / other if other else None
+        softmax = {n: paths[n]["tokens_per_s"][p] for n in SOFTMAX_PATHS
+                   if paths.get(n, {}).get("tokens_per_s", {}).get(p)}
+        if softmax:
+            fastest = max(softmax, key=softmax.get)
+            row["fastest_softmax"] = fastest
+            row["t2r/fastest_softmax"] = tps / softmax[fastest]
+        floor = paths.get("floor", {}).get("tokens_per_s", {}).get(p)
+        row["t2r_latency/floor"] = floor / tps if floor else None
+        per_position[p] = row
+        goal = SPEEDUP_GOALS.get(int(p))
+        if goal and row.get("t2r/fastest_softmax"):
+            goals.append(_goal(f"T2R step ≥ {goal:g}× the fastest softmax peer at position {p}",
+                               row["t2r/fastest_softmax"], goal, "×", higher=True))
+    floors = [r["t2r_latency/floor"] for r in per_position.values() if r["t2r_latency/floor"]]
+    if floors:
+        goals.append(_goal(f"T2R step latency ≤ {FLOOR_GOAL:.2f}× the floor (median over positions)",
+                           statistics.median(floors), FLOOR_GOAL, "×", higher=False))
+    for t, row in result.get("prefill", {}).items():
+        if "t2r-ort prefill graph" in row:
+            graph = row["t2r-ort prefill graph"]
+            row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]
+            peers = {n: row[n] for n in SOFTMAX_PATHS if n in row}
+            if peers:
+                fastest = max(peers, key=peers.get)
+                row["fastest_softmax"] = fastest
+                row["prefill_graph/fastest_softmax"] = graph / peers[fastest]
+    prefill = result.get("prefill", {})
+    if "1024" in prefill:
+        row = prefill["1024"]
+        goals.append(_goal("prefill graph ≥ 10× step feeding at 1k tokens", row["prefill_graph/step_feeding"], 10,
+                           "×", higher=True))
+        if "prefill_graph/fastest_softmax" in row:
+            goals.append(_goal("prefill ≥ the fastest softmax peer at 1k tokens",
+                               row["prefill_graph/fastest_softmax"], 1.0, "×", higher=True))
+    if "8192" in prefill and "prefill_graph/fastest_softmax" in prefill["8192"]:
+        goals.append(_goal("prefill ≥ 2× the fastest softmax peer at 8k tokens",
+                           prefill["8192"]["prefill_graph/fastest_softmax"], 2.0, "×", higher=True))
+    rss = result.get("memory", {}).get("rss")
+    if rss:
+        growth = rss["growth_bytes"] / 2**20
+        goals.append({"goal": f"RSS flat over {rss['decode_tokens']:,} generated tokens (state constant)",
+                      "value": f"{growth:+.1f} MiB after warm-up, state {rss['state_bytes']:,} → "
+                               f"{rss['state_bytes_after']:,} bytes",
+                      "met": abs(growth) < 8 and rss["state_bytes"] == rss["state_bytes_after"]})
+    return {"positions": per_position, "goals": goals}
+
+
+def _goal(text: str, value: float, target: float, unit: str, higher: bool) -> dict:
+    met = value >= target if higher else value <= target
+    return {"goal": text, "value": f"{value:.2f}{unit}", "met": bool(met)}
