@@ -1,0 +1,130 @@
+"""``t2r-export pretrain``: train the softmax teacher on the CPython standard library.
+
+Thin: parse options, build a ``PretrainConfig``, call ``pretrain_teacher``, show progress with rich.
+Torch is imported only when the command runs, so ``t2r-export --help`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# kept equal to PretrainConfig's defaults (a test checks), so --help needs no torch import
+DEFAULT_OUT = Path("runs/teacher")
+DEFAULT_STEPS = 550
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_LR = 2e-3
+DEFAULT_WARMUP_STEPS = 50
+DEFAULT_SEED = 1337
+DEFAULT_EVAL_MAX_TOKENS = 200_000
+
+PHASE_MESSAGES = {
+    "tokenizer": "training the BPE tokenizer on the train split",
+    "tokenize": "tokenizing train / valid / test (cached after the first run)",
+    "save": "saving model, tokenizer and training.json",
+}
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _check_writable(out: Path) -> str | None:
+    """Why ``out`` cannot be written as an output directory, or None when it can."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is an existing file: expected a directory path"
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"--out {out} is not writable ({ancestor} denies writing): choose another directory"
+    return None
+
+
+def _progress_handler(bar: Progress, steps: int):
+    train_task = bar.add_task("training", total=steps)
+    eval_tasks: dict[str, int] = {}
+
+    def handle(event: dict) -> None:
+        phase = event["phase"]
+        if phase == "train":
+            description = f"training  loss {event['loss']:.3f}  lr {event['lr']:.1e}  {event['tokens_per_s']:.0f} tok/s"
+            bar.update(train_task, completed=event["step"], description=description)
+        elif phase == "eval":
+            split = event["split"]
+            if split not in eval_tasks:
+                eval_tasks[split] = bar.add_task(f"eval {split}", total=event["total"])
+            bar.update(eval_tasks[split], completed=event["tokens"])
+        else:
+            bar.console.print(f"[dim]{PHASE_MESSAGES.get(phase, phase)}[/dim]")
+
+    return handle
+
+
+def _summary(record: dict, out: Path) -> Table:
+    table = Table(title=f"teacher saved to {out}")
+    table.add_column("split")
+    table.add_column("loss", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("tokens", justify="right")
+    for split in ("valid", "test"):
+        score = record[split]
+        table.add_row(split, f"{score['loss']:.4f}", f"{score['perplexity']:.3f}", f"{score['tokens']:,}")
+    table.caption = (
+        f"{record['steps']} steps, {record['tokens_seen']:,} tokens seen, {record['parameters']:,} parameters, "
+        f"{record['wall_time_s']:.0f} s wall"
+    )
+    return table
+
+
+def pretrain(
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Output directory (model, tokenizer, training.json)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Blocks of 256 tokens per step."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Peak learning rate (cosine decay to lr/10)."),
+    warmup_steps: int = typer.Option(DEFAULT_WARMUP_STEPS, "--warmup-steps", help="Linear warmup steps."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed for init and data order."),
+    num_threads: Optional[int] = typer.Option(None, "--num-threads", help="Torch CPU threads (default: all cores)."),
+    eval_max_tokens: Optional[int] = typer.Option(
+        DEFAULT_EVAL_MAX_TOKENS, "--eval-max-tokens", help="Evaluate only the first N tokens of valid/test."
+    ),
+    max_files: Optional[int] = typer.Option(None, "--max-files", help="Use only the first N files of each split (quick runs)."),
+) -> None:
+    """Pretrain the bundled softmax teacher (a small Llama) on the CPython standard library source."""
+    if steps <= 0:
+        _fail(f"--steps must be a positive integer, got {steps}")
+    reason = _check_writable(out)
+    if reason is not None:
+        _fail(reason)
+
+    from t2r_export.train.pretrain import PretrainConfig, pretrain_teacher
+
+    cfg = PretrainConfig(
+        out_dir=out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        num_threads=num_threads,
+        eval_max_tokens=eval_max_tokens,
+        max_files=max_files,
+    )
+    console = Console()
+    command = shlex.join(["t2r-export", *sys.argv[1:]])
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            record = pretrain_teacher(cfg, progress=_progress_handler(bar, steps), command=command)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(_summary(record, out))

@@ -1,0 +1,51 @@
+"""The bundled teacher's tokenizer: byte-level BPE trained with the ``tokenizers`` library.
+
+Byte-level means every byte string is encodable (no unknown tokens in practice) and
+``decode(encode(text)) == text`` for any text. The one special token, ``<|endoftext|>``, serves
+as BOS, EOS, UNK and PAD, as in GPT-2. The saved ``tokenizer.json`` carries its own decoder, so the
+torch-free runtime can load it with plain ``tokenizers.Tokenizer.from_file``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+# 256 byte symbols + the special token is the smallest vocabulary byte-level BPE can have
+MIN_VOCAB_SIZE = 257
+
+
+def train_bpe_tokenizer(
+    docs: Iterable[str], vocab_size: int = 4096, model_max_length: int | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``docs``; deterministic for the same docs and vocab size."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {ENDOFTEXT}), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    # no prefix space: source code is not English prose, and a leading space would change round trips
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT],
+        # the full byte alphabet, so bytes unseen in training still encode
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(docs, trainer=trainer)
+    logger.info("trained byte-level BPE tokenizer with %d tokens", tokenizer.get_vocab_size())
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        **extra,
+    )
