@@ -46,8 +46,8 @@ import torch.nn.functional as F
 import t2r_export
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
-from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.adapters import get_adapter
+from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import attention_modules, decoder_layers
 from t2r_export.train.evaluate import perplexity
 
@@ -497,7 +497,6 @@ def gather_optimizer_state(model, optimizer, dist: Distributed) -> dict:
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path, dist: Distributed) -> None:
     """Every rank calls it (FSDP gathers); rank 0 writes ``out_dir/checkpoint`` with one rename."""
-    reshard(model, dist)
     model_state = gather_model_state(model, dist)
     optimizer_state = gather_optimizer_state(model, optimizer, dist)
     if not dist.is_main:
@@ -519,9 +518,9 @@ def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int)
     if changed:
         raise ValueError(f"cannot resume with changed settings ({', '.join(changed)}); the checkpoint has "
                          + ", ".join(f"{k}={saved.get(k)}" for k in changed))
-    if cfg.fsdp != state["config"]["fsdp"]:
-        raise ValueError(f"cannot resume: the checkpoint was written {'with' if state['config']['fsdp'] else 'without'} "
-                         "FSDP; resume the same way (the optimizer state layouts differ)")
+    if cfg.fsdp != saved.get("fsdp", False):
+        raise ValueError(f"cannot resume: the checkpoint was written {'with' if saved.get('fsdp') else 'without'} "
+                         "--fsdp; resume the same way (the optimizer state layouts differ)")
     if global_batch != state["global_batch"]:
         raise ValueError(f"cannot resume: the checkpoint's global batch is {state['global_batch']} blocks, this "
                          f"run's is {global_batch} (batch size x processes x grad accum); keep the product equal")
@@ -586,8 +585,9 @@ def _notify(progress: Progress | None, dist: Distributed, event: dict) -> None:
 
 
 def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneConfig, dist: Distributed,
-              progress: Progress | None, checkpoint: Path | None) -> None:
-    """Train one stage from ``state["step"]`` to its end; updates ``state`` in place."""
+              progress: Progress | None, checkpoint: Path | None):
+    """Train one stage from ``state["step"]`` to its end, updating ``state``; returns the trained model
+    (a peft model for LoRA)."""
     steps = cfg.attention_transfer_steps if stage == "transfer" else cfg.steps
     mode = "transfer" if stage == "transfer" else cfg.train
     adapter = checkpoint / ADAPTER_DIR if checkpoint is not None and (checkpoint / ADAPTER_DIR).is_dir() else None
@@ -604,28 +604,11 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
     global_batch = state["global_batch"]
     seed = cfg.seed + (10_000 if stage == "transfer" else 0)
     batches = iter_blocks(streams[0], cfg.block_size, global_batch, seed=seed, start_step=state["step"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
-                else contextlib.nullcontext())
     tokens_per_step = global_batch * cfg.block_size
     window_start, window_steps = time.perf_counter(), 0
     for step in range(state["step"], steps):
-        batch = next(batches)
-        step_loss = torch.zeros((), device=dist.device)
-        for a, micro in micro_batches(batch, dist, cfg.grad_accum):
-            # only the last micro-step syncs gradients across ranks
-            sync = a == cfg.grad_accum - 1 or dist.world_size == 1
-            with gradient_sync(ddp_model, sync, dist), autocast:
-                loss = loss_fn(ddp_model, micro) / cfg.grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        sync_feature_map_grads(model, dist)
-        clip_gradients(trainable, cfg.grad_clip, dist)
         current_lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = global_mean(step_loss, dist)
+        loss_value = train_step(ddp_model, loss_fn, next(batches), optimizer, scheduler, cfg, dist)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"{stage} loss became {loss_value} at step {step + 1}: lower the learning rate")
         state["losses"][stage].append(loss_value)
@@ -652,6 +635,28 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
             # tokens/s measures training only
             window_start, window_steps = time.perf_counter(), 0
     return model
+
+
+def train_step(ddp_model, loss_fn, batch: torch.Tensor, optimizer, scheduler, cfg: FinetuneConfig,
+               dist: Distributed) -> float:
+    """One optimizer step on one global batch ``[G, L+1]``; returns its loss, averaged over all ranks."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
+                else contextlib.nullcontext())
+    step_loss = torch.zeros((), device=dist.device)
+    for a, micro in micro_batches(batch, dist, cfg.grad_accum):
+        # only the last micro-step syncs gradients across ranks
+        with gradient_sync(ddp_model, a == cfg.grad_accum - 1, dist):
+            with autocast:
+                loss = loss_fn(ddp_model, micro) / cfg.grad_accum
+            loss.backward()
+        step_loss += loss.detach()
+    sync_feature_map_grads(ddp_model, dist)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    clip_gradients(trainable, cfg.grad_clip, dist)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return global_mean(step_loss, dist)
 
 
 def gradient_sync(model, sync: bool, dist: Distributed):
