@@ -45,7 +45,8 @@ def check(
         inspect_bundle(bundle)
     except BundleError as err:
         fail(f"bundle does not match its runtime.json: {err}", code=1)
-    console.print(f"[green]ok[/] {bundle}: runtime.json and both graphs follow the graph contract")
+    console.print(f"[green]ok[/] {escape(str(bundle))}: runtime.json and both graphs follow the graph contract",
+                  soft_wrap=True)
     if trt:
         _check_trt([bundle], single_file=False)
 
@@ -68,8 +69,8 @@ def _check_trt(paths: list[Path], single_file: bool) -> None:
             console.print(f"[red]incompatible[/] {escape(str(finding))}", highlight=False, soft_wrap=True)
         more = f" (+{len(bad) - 1} more above)" if len(bad) > 1 else ""
         fail(f"not TensorRT-compatible: {bad[0]}{more}", code=1)
-    console.print(f"[green]ok[/] {paths[0]}: compatible with TensorRT 10's ONNX parser (ops, constants, dtypes, "
-                  "dynamic dimensions)")
+    console.print(f"[green]ok[/] {escape(str(paths[0]))}: compatible with TensorRT 10's ONNX parser (ops, constants, "
+                  "dtypes, dynamic dimensions)", soft_wrap=True)
 
 
 def trt(
