@@ -255,3 +255,13 @@ def test_default_data_is_the_stdlib_corpus(tiny, tmp_path):
     record = finetune(config(tiny, tmp_path / "out", data=None, max_files=30, cache_dir=tmp_path / "cache"))
     assert record["config"]["data"] is None and len(record["losses"]["finetune"]) == 2
     assert list((tmp_path / "cache").glob("stdlib-train-*.npy")) and list((tmp_path / "cache").glob("stdlib-valid-*.npy"))
+
+
+def test_a_datasets_name_without_the_package_is_one_clear_error(tiny, tmp_path, monkeypatch):
+    # None in sys.modules makes `import datasets` raise ImportError, installed or not
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match="needs the `datasets` package"):
+        finetune(config(tiny, tmp_path / "out", data=None, dataset="wikitext:wikitext-2-raw-v1"))
+    with pytest.raises(ValueError, match="not both"):
+        finetune(config(tiny, tmp_path / "out", dataset="wikitext"))
+    assert not (tmp_path / "out").exists()
