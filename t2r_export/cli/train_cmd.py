@@ -163,6 +163,8 @@ def evaluate(
 ) -> None:
     _quiet_transformers()
     paths = list(models) if models else default_eval_models()
+    if not models and not paths[0].is_dir():
+        fail(f"the bundled teacher is missing at {paths[0]}; name the model directories to compare")
     try:
         rows = _evaluate_models(paths, data, block_size, batch_size, max_tokens)
     except ValueError as err:
