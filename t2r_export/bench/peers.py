@@ -284,7 +284,7 @@ class T2RTorchDecoder:
             with torch.cuda.graph(graph):
                 work.s, work.z = list(static.s), list(static.z)
                 decode_step(self.model, self._ids, self._pos, work)
-                for dst, src in zip(static.s + static.z, work.s + work.z):
+                for dst, src in zip(static.s + static.z, work.s + work.z, strict=True):
                     dst.copy_(src)
             self.state, self._graph = static, graph
         except Exception as err:  # capture is best effort: eager steps stay correct
@@ -304,7 +304,7 @@ class T2RTorchDecoder:
 
     def rewind(self) -> None:
         state, self.position = self._marked
-        for dst, src in zip(self.state.s + self.state.z, state.s + state.z):
+        for dst, src in zip(self.state.s + self.state.z, state.s + state.z, strict=True):
             dst.copy_(src)
 
     def close(self) -> None:

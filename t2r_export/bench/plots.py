@@ -32,12 +32,12 @@ def _title(result: dict, what: str) -> str:
 
 
 def plot_decode(result: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 6.0))
     for name, entry in result["paths"].items():
         points = sorted((int(p), v) for p, v in entry.get("tokens_per_s", {}).items())
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, label=f"{name}: {entry['label']}", **STYLE.get(name, {}))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -45,7 +45,7 @@ def plot_decode(result: dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s (median)")
     ax.set_title(_title(result, "single-token decode speed vs context"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -96,10 +96,14 @@ class BenchConfig:
         if unknown or "t2r-ort" not in self.paths:
             raise ValueError(f"paths must include t2r-ort and be among {', '.join(PATHS)}; got {', '.join(self.paths)}")
         if max_position is not None:
-            needed = max(max(self.positions) + self.tokens_after_position(), max(self.prefill_lengths))
-            if needed > max_position:
-                raise ValueError(f"position {max(max(self.positions), max(self.prefill_lengths))} (+ {self.tokens_after_position()} "
-                                 f"timed/warm-up steps) is beyond the model's maximum of {max_position} positions")
+            if self.stream_length() > max_position:
+                furthest = max(max(self.positions), max(self.prefill_lengths))
+                raise ValueError(f"position {furthest} (+ {self.tokens_after_position()} timed/warm-up steps) is "
+                                 f"beyond the model's maximum of {max_position} positions")
+
+    def stream_length(self) -> int:
+        """Tokens of context the run reaches: the furthest position plus its steps, or the longest prompt."""
+        return max(max(self.positions) + self.tokens_after_position(), max(self.prefill_lengths))
 
     def tokens_after_position(self) -> int:
         """Tokens a path may decode past P at one position (t2r-ort runs its repeats back to back)."""
@@ -361,6 +365,29 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
                          "the model the bundle was exported from")
 
 
+def default_bundle(t2r_model: Path, cache_root: Path | None = None) -> Path:
+    """A verified bundle of ``t2r_model``, exported once into the cache (keyed by its weights)."""
+    from ..data.corpus import cache_dir_default
+    from ..export.bundle import checkpoint_sha256, export_bundle
+
+    sha = checkpoint_sha256(Path(t2r_model), None)
+    out = Path(cache_root or cache_dir_default()) / "bench-bundle" / sha[:16]
+    if not (out / "runtime.json").is_file():
+        export_bundle(Path(t2r_model), out)
+    return out
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    """"128,1024" -> (128, 1024); ValueError naming ``what`` for anything else."""
+    items = [item.strip().replace("_", "") for item in str(text).split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise ValueError(f"{what} must be comma-separated positive integers (e.g. 128,1024), got {text!r}")
+    values = tuple(sorted({int(item) for item in items}))
+    if values[0] < 1:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
 def _cuda_reason() -> str | None:
     import torch
 
@@ -386,8 +413,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     dec = extract_softmax_decoder(softmax_model)
     check_models_match(bundle.config, dec, t2r_model)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir_default()
-    stream = np.random.default_rng(cfg.seed).integers(
-        0, bundle.config.vocab_size, max(max(cfg.positions) + cfg.tokens_after_position(), max(cfg.prefill_lengths)) + 1)
+    stream = np.random.default_rng(cfg.seed).integers(0, bundle.config.vocab_size, cfg.stream_length() + 1)
     result = {"machine": machine_info(cfg.threads),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "paths": {}}
@@ -489,7 +515,7 @@ def summarize(result: dict) -> dict:
     if floors:
         goals.append(_goal(f"T2R step latency ≤ {FLOOR_GOAL:.2f}× the floor (median over positions)",
                            statistics.median(floors), FLOOR_GOAL, "×", higher=False))
-    for t, row in result.get("prefill", {}).items():
+    for row in result.get("prefill", {}).values():
         if "t2r-ort prefill graph" in row:
             graph = row["t2r-ort prefill graph"]
             row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]

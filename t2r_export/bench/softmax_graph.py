@@ -262,7 +262,7 @@ class KVCacheDecoder:
         self.sessions[kind].run_with_iobinding(binding)
         outputs = binding.get_outputs()
         # outputs follow the graph's order: logits, then present key/value per layer
-        self.cache = {past: value for (past, _), value in zip(self.pairs, outputs[1:])}
+        self.cache = {past: value for (past, _), value in zip(self.pairs, outputs[1:], strict=True)}
         return outputs[0]
 
     def step(self, token: int) -> np.ndarray:

@@ -1,0 +1,177 @@
+"""`t2r-export bench [BUNDLE]`: T2R decode/prefill speed and memory against the softmax original.
+
+Prints rich tables and writes ``bench.json`` + PNG plots into ``--out`` (atomically: the directory
+appears complete or not at all).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import atomic_output_dir, check_writable_parent, console, err_console, fail
+
+
+def bench(
+    bundle: Optional[Path] = typer.Argument(None, help="T2R bundle directory (default: the bundled T2R teacher, "
+                                                       "exported into the cache on first use)."),
+    positions: Optional[str] = typer.Option(None, help="Context positions to time decode at "
+                                                       "[default: 128,1024,4096,16384; --quick: 128,1024]."),
+    out: Path = typer.Option(Path("bench"), "-o", "--out", help="Directory for bench.json and the PNG plots."),
+    threads: int = typer.Option(0, help="Threads for every path (ORT intra-op, torch); 0 = all CPU cores."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per position; the median counts [5; quick 3]."),
+    steps: Optional[int] = typer.Option(None, help="Single-token steps per repeat [32; quick 8]."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps per position [8; quick 2]."),
+    device: str = typer.Option("cpu", help="cpu | cuda: where the torch paths run (CUDA graphs for the T2R step)."),
+    softmax: Optional[Path] = typer.Option(None, help="The softmax model the bundle came from "
+                                                      "(default: the bundled softmax teacher)."),
+    t2r_model: Optional[Path] = typer.Option(None, help="The T2R model the bundle was exported from, for the torch "
+                                                        "path (default: the bundled T2R teacher)."),
+    prefill_lengths: Optional[str] = typer.Option(None, help="Prompt lengths for the prefill comparison "
+                                                             "[1024,8192; quick 256,1024]."),
+    rss_tokens: Optional[int] = typer.Option(None, help="Tokens of the greedy decode watched for RSS growth "
+                                                        "[20000; quick 2000; the 100k check: 100000]."),
+    paths: str = typer.Option("all", help="Comma-separated subset of t2r-ort,softmax-ort,genai,transformers,"
+                                          "t2r-torch,floor (t2r-ort is always run)."),
+    quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
+) -> None:
+    import os
+
+    from ..bench.run import PATHS, BenchConfig, default_bundle, parse_int_list
+    from ..teacher import bundled_model_dir
+
+    check_writable_parent(out)
+    try:
+        overrides = {"threads": threads or os.cpu_count() or 1, "device": device}
+        if positions is not None:
+            overrides["positions"] = parse_int_list(positions, "--positions")
+        if prefill_lengths is not None:
+            overrides["prefill_lengths"] = parse_int_list(prefill_lengths, "--prefill-lengths")
+        for name, value in (("repeats", repeats), ("steps", steps), ("warmup", warmup), ("rss_tokens", rss_tokens)):
+            if value is not None:
+                overrides[name] = value
+        wanted = tuple(PATHS) if paths.strip() == "all" else tuple(
+            dict.fromkeys(["t2r-ort", *(p.strip() for p in paths.split(",") if p.strip())]))
+        overrides["paths"] = wanted
+        softmax_dir = softmax or bundled_model_dir("softmax")
+        t2r_dir = t2r_model or bundled_model_dir("t2r")
+        if threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {threads}")
+        make = BenchConfig.quick if quick else BenchConfig
+        cfg = make(bundle=bundle or Path("."), softmax_model=Path(softmax_dir), t2r_model=Path(t2r_dir), **overrides)
+        _check_early(cfg, bundle)
+        if bundle is None:
+            with console.status(f"exporting the bundled T2R teacher ({t2r_dir}) to a bundle"):
+                cfg.bundle = default_bundle(cfg.t2r_model)
+            _check_early(cfg, cfg.bundle)
+    except ValueError as err:
+        fail(str(err))
+    result = _run(cfg)
+    with atomic_output_dir(out) as tmp:
+        from ..bench.plots import write_plots
+
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_plots(result, tmp)
+    print_result(result)
+    console.print(f"[bold green]wrote[/] {out}/bench.json and {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+
+
+def _check_early(cfg, bundle: Path | None) -> None:
+    """Everything that can be wrong with the input, before any model loads (ValueError, one line)."""
+    from ..runtime import load_bundle
+
+    max_position = load_bundle(bundle).config.max_position if bundle is not None else None
+    cfg.validate(max_position)
+    for what, path in (("--softmax", cfg.softmax_model), ("--t2r-model", cfg.t2r_model)):
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{what} {path} is not a model directory (no config.json)")
+
+
+def _run(cfg) -> dict:
+    from ..bench.run import run_bench
+
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            err_console.print("[yellow]warning:[/] --device cuda but torch sees no CUDA device: the torch paths "
+                              "(transformers, t2r-torch) are skipped", highlight=False)
+    try:
+        with console.status("benchmarking") as status:
+            return run_bench(cfg, progress=lambda message: status.update(f"bench: {message}"))
+    except ValueError as err:
+        fail(str(err))
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,} B"
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def print_result(result: dict) -> None:
+    from rich.table import Table
+
+    m = result["machine"]
+    console.print(f"[bold]{m['cpu']}[/], {m['cpus']} CPUs, {m['threads']} threads for every path, batch 1, fp32; "
+                  f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}", highlight=False)
+    positions = sorted({int(p) for e in result["paths"].values() for p in e.get("tokens_per_s", {})})
+    table = Table(title="decode tokens/s (single-token steps, median of repeats)")
+    table.add_column("path")
+    for p in positions:
+        table.add_column(f"@{p:,}", justify="right")
+    for name, entry in result["paths"].items():
+        if entry["status"] != "ok":
+            table.add_row(name, f"[yellow]{entry['status']}[/]", *[""] * (len(positions) - 1))
+            continue
+        table.add_row(name, *[_fmt(entry["tokens_per_s"].get(str(p))) for p in positions])
+    console.print(table)
+
+    ratios = Table(title="T2R step graph speedup (tokens/s ratio) and latency vs the floor")
+    columns = ("t2r/softmax-ort", "t2r/genai", "t2r/transformers", "t2r/fastest_softmax", "t2r_latency/floor")
+    for col in ("position", *columns):
+        ratios.add_column(col, justify="right")
+    for p, row in result["summary"]["positions"].items():
+        fastest = f" ({row['fastest_softmax']})" if row.get("fastest_softmax") else ""
+        cells = [_fmt(row.get(c), 2) + ("×" if row.get(c) else "") for c in columns]
+        cells[3] += fastest
+        ratios.add_row(f"{int(p):,}", *cells)
+    console.print(ratios)
+
+    mem = result["memory"]
+    memory = Table(title="memory per sequence (fp32)")
+    for col in ("position", "softmax KV cache", "T2R state"):
+        memory.add_column(col, justify="right")
+    for p, kv in mem["kv_cache_bytes"].items():
+        memory.add_row(f"{int(p):,}", _bytes(kv), _bytes(mem["state_bytes"]))
+    console.print(memory)
+    rss = mem["rss"]
+    console.print(f"RSS over a {rss['decode_tokens']:,}-token greedy T2R decode ({rss['tokens_per_s']:,.0f} tokens/s): "
+                  f"{rss['growth_bytes'] / 2**20:+.1f} MiB after warm-up "
+                  f"({rss['growth_from_start_bytes'] / 2**20:+.1f} MiB from the first sample)", highlight=False)
+
+    prefill = Table(title="prefill: prompt tokens/s")
+    names = ["t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers"]
+    prefill.add_column("prompt", justify="right")
+    for name in names + ["graph/step", "graph/fastest softmax"]:
+        prefill.add_column(name, justify="right")
+    for t, row in result["prefill"].items():
+        prefill.add_row(f"{int(t):,}", *[_fmt(row.get(n), 0) for n in names],
+                        _fmt(row.get("prefill_graph/step_feeding"), 1) + "×",
+                        _fmt(row.get("prefill_graph/fastest_softmax"), 2) + "×")
+    console.print(prefill)
+
+    goals = Table(title="goals (issue 6)")
+    for col in ("goal", "measured", "met"):
+        goals.add_column(col)
+    for goal in result["summary"]["goals"]:
+        goals.add_row(goal["goal"], goal["value"], "[green]yes[/]" if goal["met"] else "[red]no[/]")
+    console.print(goals)

@@ -1,0 +1,223 @@
+"""`t2r-export bench`: the softmax KV graph against HF, the floor graph, a quick run's outputs, bad input.
+
+No timing assertions: the structure of what is measured and written, never its speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model
+from t2r_export.bench import run as bench_run
+from t2r_export.bench.peers import PathUnavailable
+from t2r_export.bench.softmax_graph import (FLOOR_OPS, KVCacheDecoder, build_floor_graph, build_softmax_graph,
+                                            extract_softmax_decoder, kv_pairs)
+from t2r_export.cli.bench_cmd import bench
+from t2r_export.tolerances import check_close
+
+runner = CliRunner()
+PNGS = ("decode.png", "memory.png", "rss.png", "prefill.png")
+
+
+def _app() -> typer.Typer:
+    # the command on its own app, so these tests do not depend on its registration in cli/__init__.py
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.callback()(lambda: None)
+    app.command("bench")(bench)
+    return app
+
+
+def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_softmax_kv_graph_matches_hf_over_a_growing_cache(arch):
+    model = make_tiny_model(arch)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 40)
+    ref = _hf_logits(model, ids)
+    decoder = KVCacheDecoder(extract_softmax_decoder(model), threads=1)
+    # prefill in uneven chunks (cache grows inside the prefill graph), then single steps
+    logits = decoder.prefill(ids[:13], chunk=5)
+    check_close(f"{arch} prefill logits", logits[0], ref[12], ("ort", "fp32"))
+    decoder.mark()
+    for t in range(13, 40):
+        check_close(f"{arch} step {t} logits", decoder.step(int(ids[t]))[0], ref[t], ("ort", "fp32"))
+    assert decoder.position == 40
+    assert decoder.cache_nbytes() == 4 * 2 * model.config.num_hidden_layers * decoder.cache_shape[1] * 40 \
+        * decoder.cache_shape[3]
+    # rewinding returns to the marked cache: the same step gives the same logits
+    decoder.rewind()
+    check_close(f"{arch} step after rewind", decoder.step(int(ids[13]))[0], ref[13], ("ort", "fp32"))
+
+
+def test_softmax_graph_io_names_and_dynamic_axes():
+    dec = extract_softmax_decoder(make_tiny_model("llama"))
+    for kind in ("step", "prefill"):
+        graph = build_softmax_graph(dec, kind)
+        onnx.checker.check_model(graph, full_check=True)
+        inputs = [v.name for v in graph.graph.input]
+        outputs = [v.name for v in graph.graph.output]
+        assert inputs == ["input_ids", "position_ids", *[past for past, _ in kv_pairs(2)]]
+        assert outputs == ["logits", *[present for _, present in kv_pairs(2)]]
+        assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
+
+
+def test_extracting_the_softmax_weights_leaves_the_model_alone():
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extract_softmax_decoder(model)
+    assert type(model).__name__ == "LlamaForCausalLM" and getattr(model.config, "t2r", None) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_floor_graph_holds_only_the_dense_matmuls(arch):
+    import onnxruntime as ort
+
+    model = make_tiny_model(arch)
+    dec = extract_softmax_decoder(model)
+    graph = build_floor_graph(dec)
+    onnx.checker.check_model(graph, full_check=True)
+    ops = [node.op_type for node in graph.graph.node]
+    assert set(ops) <= FLOOR_OPS
+    # q|k|v, o, MLP in, MLP out per layer, and the lm_head
+    assert ops.count("MatMul") == 4 * len(dec.layers) + 1
+    assert ops.count("Gather") == 1
+    # its q|k|v matmul is the model's own width (no rotate_half copies)
+    widths = sorted(init.dims[1] for init in graph.graph.initializer if init.name.endswith("qkv.weight"))
+    assert widths[0] == (dec.num_heads + 2 * dec.num_kv_heads) * dec.head_dim
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input_ids": np.array([[3]], np.int64)})
+    assert logits.shape == (1, 1, dec.vocab_size) and np.isfinite(logits).all()
+
+
+# -- the command -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A softmax Llama with head_dim 16 (onnxruntime-genai's attention needs a multiple of 16),
+    its T2R swap, both with a tokenizer, and the T2R bundle."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from t2r_export.data.tokenizer import train_bpe_tokenizer
+    from t2r_export.export.bundle import export_bundle
+    from t2r_export.models import T2RConfig, swap_attention
+
+    root = tmp_path_factory.mktemp("bench")
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 30, vocab_size=300)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "softmax")
+    tokenizer.save_pretrained(root / "softmax")
+    t2r = swap_attention(model, T2RConfig(feature_dim=16))
+    t2r.save_pretrained(root / "t2r")
+    tokenizer.save_pretrained(root / "t2r")
+    export_bundle(root / "t2r", root / "bundle", chained_steps=8)
+    return root
+
+
+def _args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", str(root / "bundle"), "--softmax", str(root / "softmax"), "--t2r-model", str(root / "t2r"),
+            "--out", str(out), "--quick", "--positions", "8,24", "--prefill-lengths", "16,48", "--steps", "2",
+            "--repeats", "2", "--warmup", "1", "--rss-tokens", "40", "--threads", "1", *extra]
+
+
+def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("T2R_EXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = runner.invoke(_app(), _args(tiny_models, out))
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data["paths"]) == set(bench_run.PATHS)
+    for name, entry in data["paths"].items():
+        # a row is measured or says why not: never empty, never faked
+        if entry["status"] == "ok":
+            assert set(entry["tokens_per_s"]) == {"8", "24"}, name
+            assert all(v > 0 for v in entry["tokens_per_s"].values())
+        else:
+            assert entry["status"].startswith("unavailable: ") and not entry["tokens_per_s"], name
+    assert data["paths"]["t2r-ort"]["status"] == "ok" and data["paths"]["floor"]["status"] == "ok"
+    assert set(data["summary"]["positions"]) == {"8", "24"}
+    assert {"t2r/softmax-ort", "t2r/genai", "t2r/transformers", "t2r_latency/floor"} <= \
+        set(data["summary"]["positions"]["8"])
+    mem = data["memory"]
+    assert mem["kv_cache_bytes"]["24"] == 3 * mem["kv_cache_bytes"]["8"]
+    assert mem["state_bytes"] == 2 * 2 * 16 * (16 + 1) * 4
+    assert mem["rss"]["decode_tokens"] == 40 and len(mem["rss"]["rss_bytes"]) == len(mem["rss"]["tokens"])
+    assert mem["rss"]["state_bytes"] == mem["rss"]["state_bytes_after"]
+    assert set(data["prefill"]) == {"16", "48"}
+    assert {"t2r-ort prefill graph", "t2r-ort step feeding", "prefill_graph/step_feeding"} <= set(data["prefill"]["16"])
+    assert data["machine"]["threads"] == 1
+    for png in PNGS:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
+
+
+def test_a_peer_that_cannot_run_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
+    def no_genai(*args, **kwargs):
+        raise PathUnavailable("onnxruntime-genai is not installed (test)")
+
+    monkeypatch.setattr("t2r_export.bench.peers.build_genai_model", no_genai)
+    cfg = bench_run.BenchConfig.quick(bundle=tiny_models / "bundle", softmax_model=tiny_models / "softmax",
+                                      t2r_model=tiny_models / "t2r", positions=(8,), prefill_lengths=(16,), steps=2,
+                                      repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "genai"),
+                                      cache_dir=tmp_path)
+    data = bench_run.run_bench(cfg)
+    assert data["paths"]["genai"]["status"] == "unavailable: onnxruntime-genai is not installed (test)"
+    assert data["summary"]["positions"]["8"]["t2r/genai"] is None
+
+
+def _fails_with_one_line(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_bad_positions_exit_2(tiny_models, tmp_path):
+    args = _args(tiny_models, tmp_path / "out")
+    args[args.index("--positions") + 1] = "128,abc"
+    _fails_with_one_line(runner.invoke(_app(), args), "--positions", "comma-separated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_position_beyond_the_models_maximum_exits_2(tiny_models, tmp_path):
+    # a learned-position model has a maximum: a bundle saying so refuses positions past it
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in (tiny_models / "bundle").iterdir():
+        os.symlink(f, bundle / f.name)
+    (bundle / "runtime.json").unlink()
+    runtime = json.loads((tiny_models / "bundle" / "runtime.json").read_text())
+    runtime["max_position"] = 20
+    (bundle / "runtime.json").write_text(json.dumps(runtime))
+    args = _args(tiny_models, tmp_path / "out")
+    args[1] = str(bundle)
+    _fails_with_one_line(runner.invoke(_app(), args), "beyond the model's maximum of 20")
+
+
+def test_missing_bundle_exits_2(tiny_models, tmp_path):
+    args = _args(tiny_models, tmp_path / "out")
+    args[1] = str(tmp_path / "nope")
+    _fails_with_one_line(runner.invoke(_app(), args), "does not exist")
+
+
+def test_unwritable_out_exits_2(tiny_models, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails_with_one_line(runner.invoke(_app(), _args(tiny_models, blocker / "out")), "cannot be created")
