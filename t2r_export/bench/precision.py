@@ -159,12 +159,13 @@ def free_running(plan: StepChain, reference: StepChain, prompts: np.ndarray, ste
 
 
 def overflow_run(plan: StepChain, all_fp16: StepChain, stream: np.ndarray, steps: int, window: int = 256,
-                 check_every: int = 16, progress=None) -> dict:
+                 check_every: int = 16, follow_after_degraded: int = 4096, progress=None) -> dict:
     """Long teacher-forced decode, tokens ``stream`` fed cyclically; where the all-fp16 variant breaks.
 
-    The all-fp16 chain is checked every step until it first produces inf/NaN (then it is dropped);
-    "degraded" is the first step where its greedy choice agreed with the plan's on fewer than half
-    of the last ``window`` steps.
+    The all-fp16 chain is checked every step until it first produces inf/NaN, or for
+    ``follow_after_degraded`` steps after it degraded (then it is dropped: it does not recover, and
+    the plan's long run is what the rest of the budget is for). "Degraded" is the first step where
+    its greedy choice agreed with the plan's on fewer than half of the last ``window`` steps.
     """
     plan.reset()
     all_fp16.reset()
@@ -181,7 +182,8 @@ def overflow_run(plan: StepChain, all_fp16: StepChain, stream: np.ndarray, steps
                 plan_nonfinite = t
         if plan_nonfinite is None and not np.isfinite(logits).all():
             plan_nonfinite = t
-        if bad["nonfinite_step"] is None:
+        followed = bad["degraded_step"] is None or t - bad["degraded_step"] < follow_after_degraded
+        if bad["nonfinite_step"] is None and followed:
             logits_all = all_fp16.step(token, positions)
             if not (np.isfinite(logits_all).all() and all_fp16.state_finite()):
                 bad.update(nonfinite_step=t, max_abs_state_before_nonfinite=all_max,
@@ -193,6 +195,9 @@ def overflow_run(plan: StepChain, all_fp16: StepChain, stream: np.ndarray, steps
                     bad.update(degraded_step=t, max_abs_state_when_degraded=all_max)
         if progress and (t + 1) % 4096 == 0:
             progress(f"long decode step {t + 1}/{steps}")
+    bad["followed_until_step"] = t if bad["nonfinite_step"] is None and bad["degraded_step"] is None else (
+        bad["nonfinite_step"] if bad["nonfinite_step"] is not None else
+        min(steps - 1, bad["degraded_step"] + follow_after_degraded))
     return {"steps": steps,
             "fp16_plan": {"nonfinite_step": plan_nonfinite, "max_abs_state_seen": plan_max},
             "fp16_all": bad,
@@ -283,7 +288,7 @@ def print_report(report: dict) -> None:
               f"{_fmt(bad['max_abs_state_before_nonfinite'])}; the plan's fp32 state then "
               f"{_fmt(bad['plan_max_abs_state_at_that_step'])}); greedy agreement with the plan below 50% "
               f"(window {bad['rolling_window']}) from step {_fmt(bad['degraded_step'])} "
-              f"(max |state| {_fmt(bad['max_abs_state_when_degraded'])})")
+              f"(max |state| {_fmt(bad['max_abs_state_when_degraded'])}); followed to step {bad['followed_until_step']}")
     print("\nverdict:")
     for line in report["verdict"]:
         print(f"  {line}")
@@ -323,7 +328,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--fp16", type=Path, help="fp16 bundle (when SOURCE is a bundle)")
     parser.add_argument("--fp16-all", type=Path, help="fp16-all bundle (when SOURCE is a bundle)")
     parser.add_argument("--work", type=Path, help="keep the exported bundles here (default: a temporary dir)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads (0: all cores; one is fastest for batch-4 steps here)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 

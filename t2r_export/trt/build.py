@@ -294,7 +294,8 @@ def _build_one(trt, trt_logger, onnx_path: Path, plan: BuildPlan, shapes: dict, 
     parser = trt.OnnxParser(network, trt_logger)
     # parse_from_file resolves external weight files next to the graph
     if not parser.parse_from_file(str(onnx_path)):
-        first = str(parser.get_error(0)) if parser.num_errors else "no error reported"
+        error = parser.get_error(0) if parser.num_errors else None
+        first = (error.desc() if hasattr(error, "desc") else str(error)) if error is not None else "no error reported"
         raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {first.splitlines()[0]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
