@@ -164,6 +164,7 @@ def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monke
     assert data["machine"]["threads"] == 1
     for png in PNGS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "| t2r-ort: " in (out / "summary.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
 
 

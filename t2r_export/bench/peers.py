@@ -1,16 +1,20 @@
-"""The decode paths the T2R graph is measured against, behind one small interface.
+"""The decode paths `bench` times, behind one small interface.
 
 Every path decodes batch 1 and offers:
-    prefill(ids)   continue over ids [T] from the current position (cheaply: one call or chunks)
-    step(token)    one single-token decode step
+    prefill(ids)     continue over ids [T] from the current position (cheaply: one call or chunks)
+    step(token)      one single-token decode step
     mark()/rewind()  remember the current position and cache, and go back to it
-    position       tokens consumed so far
-Paths here:
-- ``GenaiDecoder`` (b2): onnxruntime-genai with its own model builder (fp32, CPU): a preallocated
+    reset()          start again from an empty cache / zero state
+    position         tokens consumed so far
+Paths:
+- ``T2ROrtPath`` (a): the bundle through the project's torch-free ``OrtDecoder`` (IO binding);
+- ``SoftmaxOrtPath`` (b): the softmax KV-cache graph from the same emitter (IO binding);
+- ``GenaiPath`` (b2): onnxruntime-genai with its own model builder (fp32, CPU): a preallocated
   KV cache updated in place (GroupQueryAttention), the strongest softmax peer that runs here;
-- ``TransformersDecoder`` (c): the softmax teacher in torch with transformers' DynamicCache;
-- ``T2RTorchDecoder`` (d): the T2R model's recurrent step in torch (``decode_step``); on CUDA the
-  step is captured once in a CUDA graph and replayed.
+- ``TransformersPath`` (c): the softmax teacher in torch with transformers' DynamicCache;
+- ``T2RTorchPath`` (d): the T2R model's recurrent step in torch (``decode_step``); on CUDA the
+  step is captured once in a CUDA graph and replayed;
+- ``FloorPath`` (e): the dense-matmul floor graph (no cache).
 A path that cannot run raises ``PathUnavailable`` with the one-line reason the report prints.
 """
 
@@ -30,6 +34,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 GENAI_BUILD_TIMEOUT_S = 900
+# KV prefill chunk when reaching a position: bounds the scores to [chunk, P+chunk] per head
+KV_PREFILL_CHUNK = 1024
 
 
 class PathUnavailable(RuntimeError):
@@ -39,6 +45,111 @@ class PathUnavailable(RuntimeError):
 def _one_line(text: str, limit: int = 300) -> str:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else "no message")[:limit]
+
+
+# -- ONNX Runtime: the T2R bundle, the softmax KV graph, the floor ------------------------------
+
+class T2ROrtPath:
+    """The bundle through the project's torch-free OrtDecoder (IO binding, ping-pong state)."""
+
+    def __init__(self, bundle, threads: int, prefill_chunk: int = 4096):
+        from ..runtime import OrtDecoder
+
+        self.decoder = OrtDecoder(bundle, provider="cpu", threads=threads)
+        self.decoder.reset(1)
+        self.prefill_chunk = prefill_chunk
+        self.position = 0
+        self._ids = np.zeros((1, 1), np.int64)
+        self._pos = np.zeros((1, 1), np.int64)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            part = np.asarray(ids[start:start + self.prefill_chunk], dtype=np.int64)[None]
+            positions = np.arange(self.position, self.position + part.shape[1], dtype=np.int64)[None]
+            logits = self.decoder.prefill(part, positions)
+            self.position += part.shape[1]
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        self._ids[0, 0] = token
+        self._pos[0, 0] = self.position
+        self.position += 1
+        return self.decoder.step(self._ids, self._pos)
+
+    def reset(self) -> None:
+        self.decoder.reset(1)
+        self.position = 0
+
+    def state_nbytes(self) -> int:
+        return self.decoder.state_nbytes()
+
+    def mark(self) -> None:
+        pass
+
+    def rewind(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+class FloorPath:
+    """The floor graph: it has no cache, so prefill/mark/rewind only move the position."""
+
+    def __init__(self, dec, threads: int):
+        from .softmax_graph import FloorRunner
+
+        self.runner = FloorRunner(dec, threads)
+        self.position = 0
+
+    def prefill(self, ids) -> None:
+        self.position += len(ids)
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def step(self, token: int):
+        self.position += 1
+        return self.runner.step(token)
+
+    def mark(self) -> None:
+        pass
+
+    def rewind(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.runner = None
+
+
+class SoftmaxOrtPath:
+    def __init__(self, dec, threads: int):
+        from .softmax_graph import KVCacheDecoder
+
+        self.decoder = KVCacheDecoder(dec, threads)
+
+    @property
+    def position(self) -> int:
+        return self.decoder.position
+
+    def prefill(self, ids, chunk: int = KV_PREFILL_CHUNK):
+        return self.decoder.prefill(ids, chunk=chunk)
+
+    def step(self, token: int):
+        return self.decoder.step(token)
+
+    def mark(self) -> None:
+        self.decoder.mark()
+
+    def rewind(self) -> None:
+        self.decoder.rewind()
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def close(self) -> None:
+        self.decoder = None
 
 
 # -- onnxruntime-genai ---------------------------------------------------------------------------
@@ -102,7 +213,7 @@ def build_genai_model(model_dir: Path, context: int, cache_root: Path) -> Path:
     return out
 
 
-class GenaiDecoder:
+class GenaiPath:
     """onnxruntime-genai's generator: one sequence, KV cache preallocated to ``max_length``."""
 
     def __init__(self, model_path: Path, max_length: int, threads: int):
@@ -156,7 +267,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class TransformersDecoder:
+class TransformersPath:
     """The softmax teacher in torch, transformers' DynamicCache (grown by concatenation)."""
 
     def __init__(self, model, device: str = "cpu", prefill_chunk: int = 1024):
@@ -213,7 +324,7 @@ class TransformersDecoder:
 
 # -- T2R in torch --------------------------------------------------------------------------------
 
-class T2RTorchDecoder:
+class T2RTorchPath:
     """The T2R model's recurrent step in torch; on CUDA the step replays a captured CUDA graph."""
 
     def __init__(self, model, device: str = "cpu", prefill_chunk: int = 2048, cuda_graph: bool = True):

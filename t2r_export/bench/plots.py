@@ -1,9 +1,10 @@
-"""PNG plots of a ``bench.json`` result (matplotlib, Agg backend: no display needed).
+"""PNG plots and a markdown summary of a ``bench.json`` result (matplotlib, Agg backend).
 
     decode.png   single-token decode tokens/s vs context position, every path
     memory.png   T2R state bytes vs softmax KV-cache bytes vs position
     rss.png      process RSS over a long greedy T2R decode
     prefill.png  prompt tokens/s: prefill graph, step feeding, softmax peers
+    summary.md   the tables, for a README
 """
 
 from __future__ import annotations
@@ -121,3 +122,60 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
         plot(result, Path(out_dir) / name)
         written.append(Path(out_dir) / name)
     return written
+
+
+def _x(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}×"
+
+
+def markdown_summary(result: dict) -> str:
+    """The decode, ratio, memory, prefill and goal tables as GitHub markdown."""
+    m = result["machine"]
+    paths = result["paths"]
+    positions = list(result["summary"]["positions"])
+    lines = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads for every path, batch 1, fp32; "
+             f"onnxruntime {m['onnxruntime']}, onnxruntime-genai {m.get('onnxruntime_genai') or 'absent'}, "
+             f"torch {m['torch']}, transformers {m['transformers']}; load average "
+             f"{m['loadavg_start'][0]:.1f} → {m.get('loadavg_end', [float('nan')])[0]:.1f}.", "",
+             "Decode tokens/s (single-token steps at the context position, median of repeats):", "",
+             "| path | " + " | ".join(f"@{int(p):,}" for p in positions) + " |",
+             "| --- |" + " ---: |" * len(positions)]
+    for name, entry in paths.items():
+        cells = [f"{entry['tokens_per_s'][p]:,.1f}" if p in entry.get("tokens_per_s", {}) else
+                 (entry["status"] if entry["status"] != "ok" else "—") for p in positions]
+        lines.append(f"| {name}: {entry['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "T2R step graph (t2r-ort) speedup in tokens/s, and its latency over the floor's:", "",
+              "| position | vs softmax-ort | vs genai | vs transformers | vs fastest softmax | latency / floor |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p, row in result["summary"]["positions"].items():
+        fastest = f" ({row['fastest_softmax']})" if row.get("fastest_softmax") else ""
+        lines.append(f"| {int(p):,} | {_x(row.get('t2r/softmax-ort'))} | {_x(row.get('t2r/genai'))} | "
+                     f"{_x(row.get('t2r/transformers'))} | {_x(row.get('t2r/fastest_softmax'))}{fastest} | "
+                     f"{_x(row.get('t2r_latency/floor'))} |")
+    mem = result["memory"]
+    rss = mem["rss"]
+    lines += ["", "Memory per sequence (fp32):", "", "| position | softmax KV cache | T2R state |",
+              "| ---: | ---: | ---: |"]
+    for p, kv in mem["kv_cache_bytes"].items():
+        lines.append(f"| {int(p):,} | {kv / MIB:,.2f} MiB | {mem['state_bytes'] / MIB:,.3f} MiB |")
+    lines += ["", f"RSS over a {rss['decode_tokens']:,}-token greedy T2R decode: {rss['growth_bytes'] / MIB:+.1f} MiB "
+                  f"after warm-up ({rss['growth_from_start_bytes'] / MIB:+.1f} MiB from the first sample); state "
+                  f"{rss['state_bytes']:,} bytes before and {rss['state_bytes_after']:,} after.", "",
+              "Prefill, prompt tokens/s:", "",
+              "| prompt | T2R prefill graph | T2R step feeding | softmax-ort | genai | transformers | "
+              "graph / step feeding | graph / fastest softmax |", "| ---: |" + " ---: |" * 7]
+    for t, row in result["prefill"].items():
+        cells = [f"{row[n]:,.0f}" if n in row else "—" for n in
+                 ("t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers")]
+        lines.append(f"| {int(t):,} | " + " | ".join(cells) + f" | {_x(row.get('prefill_graph/step_feeding'), 1)} | "
+                     f"{_x(row.get('prefill_graph/fastest_softmax'))} |")
+    lines += ["", "| goal (issue 6) | measured | met |", "| --- | ---: | :---: |"]
+    lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["summary"]["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out_dir: Path) -> list[Path]:
+    """All PNGs and summary.md into ``out_dir``."""
+    written = write_plots(result, out_dir)
+    (Path(out_dir) / "summary.md").write_text(markdown_summary(result))
+    return [*written, Path(out_dir) / "summary.md"]

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .peers import PathUnavailable
+from .peers import PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ QUICK_POSITIONS = (128, 1024)
 # the issue's goals for the T2R step against the fastest softmax peer at these positions
 SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
 FLOOR_GOAL = 1.10
-POSITION_CHUNK = 1024          # KV prefill chunk when reaching a position: bounds scores to [T, P+T]
 
 
 @dataclass
@@ -67,8 +66,8 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     device: str = "cpu"
     prefill_lengths: tuple = (1024, 8192)
-    # greedy T2R decode watched for RSS growth (the 100k-token check is this set to 100000)
-    rss_tokens: int = 20_000
+    # greedy T2R decode watched for RSS growth: ~20-60 s here; the 100k-token check sets 100000
+    rss_tokens: int = 10_000
     paths: tuple = tuple(PATHS)
     cache_dir: Path | None = None
     seed: int = 0
@@ -108,109 +107,6 @@ class BenchConfig:
     def tokens_after_position(self) -> int:
         """Tokens a path may decode past P at one position (t2r-ort runs its repeats back to back)."""
         return self.warmup + self.steps * self.repeats
-
-
-class T2ROrtPath:
-    """The bundle through the project's torch-free OrtDecoder (IO binding, ping-pong state)."""
-
-    def __init__(self, bundle, threads: int, prefill_chunk: int = 4096):
-        from ..runtime import OrtDecoder
-
-        self.decoder = OrtDecoder(bundle, provider="cpu", threads=threads)
-        self.decoder.reset(1)
-        self.prefill_chunk = prefill_chunk
-        self.position = 0
-        self._ids = np.zeros((1, 1), np.int64)
-        self._pos = np.zeros((1, 1), np.int64)
-
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            part = np.asarray(ids[start:start + self.prefill_chunk], dtype=np.int64)[None]
-            positions = np.arange(self.position, self.position + part.shape[1], dtype=np.int64)[None]
-            logits = self.decoder.prefill(part, positions)
-            self.position += part.shape[1]
-        return logits
-
-    def step(self, token: int) -> np.ndarray:
-        self._ids[0, 0] = token
-        self._pos[0, 0] = self.position
-        self.position += 1
-        return self.decoder.step(self._ids, self._pos)
-
-    def reset(self) -> None:
-        self.decoder.reset(1)
-        self.position = 0
-
-    def state_nbytes(self) -> int:
-        return self.decoder.state_nbytes()
-
-    def mark(self) -> None:
-        pass
-
-    def rewind(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.decoder.close()
-
-
-class FloorPath:
-    """The floor graph: it has no cache, so prefill/mark/rewind only move the position."""
-
-    def __init__(self, dec, threads: int):
-        from .softmax_graph import FloorRunner
-
-        self.runner = FloorRunner(dec, threads)
-        self.position = 0
-
-    def prefill(self, ids) -> None:
-        self.position += len(ids)
-
-    def reset(self) -> None:
-        self.position = 0
-
-    def step(self, token: int):
-        self.position += 1
-        return self.runner.step(token)
-
-    def mark(self) -> None:
-        pass
-
-    def rewind(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.runner = None
-
-
-class SoftmaxOrtPath:
-    def __init__(self, dec, threads: int):
-        from .softmax_graph import KVCacheDecoder
-
-        self.decoder = KVCacheDecoder(dec, threads)
-
-    @property
-    def position(self) -> int:
-        return self.decoder.position
-
-    def prefill(self, ids, chunk: int = POSITION_CHUNK):
-        return self.decoder.prefill(ids, chunk=chunk)
-
-    def step(self, token: int):
-        return self.decoder.step(token)
-
-    def mark(self) -> None:
-        self.decoder.mark()
-
-    def rewind(self) -> None:
-        self.decoder.rewind()
-
-    def reset(self) -> None:
-        self.decoder.reset()
-
-    def close(self) -> None:
-        self.decoder = None
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -402,7 +298,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
 
     from ..data.corpus import cache_dir_default
     from ..runtime import load_bundle
-    from .peers import GenaiDecoder, T2RTorchDecoder, TransformersDecoder, build_genai_model
+    from .peers import FloorPath, GenaiPath, SoftmaxOrtPath, T2RTorchPath, TransformersPath, build_genai_model
     from .softmax_graph import dense_weight_bytes, extract_softmax_decoder, kv_cache_nbytes
 
     progress = progress or (lambda message: logger.info(message))
@@ -432,12 +328,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             progress("genai: building the teacher with onnxruntime-genai's model builder (cached)")
             context = 1 << (max_length - 1).bit_length()
             model_path = build_genai_model(cfg.softmax_model, context, cache_root)
-            return GenaiDecoder(model_path, max_length, cfg.threads)
+            return GenaiPath(model_path, max_length, cfg.threads)
         if device_reason:
             raise PathUnavailable(device_reason)
         if name == "transformers":
-            return TransformersDecoder(softmax_model, cfg.device)
-        return T2RTorchDecoder(t2r_model, cfg.device)
+            return TransformersPath(softmax_model, cfg.device)
+        return T2RTorchPath(t2r_model, cfg.device)
 
     prefill_paths = {}
     for name in cfg.paths:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .common import atomic_output_dir, check_writable_parent, console, err_console, fail
+from .common import atomic_output_dir, check_writable_parent, console, err_console, fail, stderr_is_tty
 
 
 def bench(
@@ -33,7 +33,7 @@ def bench(
     prefill_lengths: Optional[str] = typer.Option(None, help="Prompt lengths for the prefill comparison "
                                                              "[1024,8192; quick 256,1024]."),
     rss_tokens: Optional[int] = typer.Option(None, help="Tokens of the greedy decode watched for RSS growth "
-                                                        "[20000; quick 2000; the 100k check: 100000]."),
+                                                        "[10000; quick 2000; the 100k check: 100000]."),
     paths: str = typer.Option("all", help="Comma-separated subset of t2r-ort,softmax-ort,genai,transformers,"
                                           "t2r-torch,floor (t2r-ort is always run)."),
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
@@ -71,12 +71,12 @@ def bench(
         fail(str(err))
     result = _run(cfg)
     with atomic_output_dir(out) as tmp:
-        from ..bench.plots import write_plots
+        from ..bench.plots import write_report
 
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_plots(result, tmp)
+        written = write_report(result, tmp)
     print_result(result)
-    console.print(f"[bold green]wrote[/] {out}/bench.json and {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+    console.print(f"[bold green]wrote[/] {out}/: bench.json, {', '.join(p.name for p in written)}", highlight=False)
 
 
 def _check_early(cfg, bundle: Path | None) -> None:
@@ -100,6 +100,9 @@ def _run(cfg) -> dict:
             err_console.print("[yellow]warning:[/] --device cuda but torch sees no CUDA device: the torch paths "
                               "(transformers, t2r-torch) are skipped", highlight=False)
     try:
+        if not stderr_is_tty():
+            # logs and CI: one line per phase instead of a spinner nobody sees
+            return run_bench(cfg, progress=lambda message: err_console.print(f"bench: {message}", highlight=False))
         with console.status("benchmarking") as status:
             return run_bench(cfg, progress=lambda message: status.update(f"bench: {message}"))
     except ValueError as err:
