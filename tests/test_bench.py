@@ -177,8 +177,12 @@ def test_a_peer_that_cannot_run_is_reported_unavailable(tiny_models, tmp_path, m
                                       t2r_model=tiny_models / "t2r", positions=(8,), prefill_lengths=(16,), steps=2,
                                       repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "genai"),
                                       cache_dir=tmp_path)
+    cfg.profile = True
     data = bench_run.run_bench(cfg)
     assert data["paths"]["genai"]["status"] == "unavailable: onnxruntime-genai is not installed (test)"
+    # the profile ranks op types of the step graph beside the floor's
+    assert data["profile"]["t2r_step"]["by_op"]["MatMul"]["nodes"] >= 4 * 2 + 1
+    assert set(data["profile"]["floor"]["by_op"]) <= FLOOR_OPS
     assert data["summary"]["positions"]["8"]["t2r/genai"] is None
 
 

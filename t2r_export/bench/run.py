@@ -71,6 +71,8 @@ class BenchConfig:
     paths: tuple = tuple(PATHS)
     cache_dir: Path | None = None
     seed: int = 0
+    # ORT's profiler on the step graph and the floor: time and node count by op type
+    profile: bool = False
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -175,6 +177,59 @@ def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress)
             row["t2r-ort prefill graph"] = row.pop("t2r-ort")
         result[str(t)] = row
     return result
+
+
+def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
+    """ONNX Runtime's own profile of ``runs`` runs: kernel µs per run and node count by op type.
+
+    Profiling adds a few µs per node, so the per-op times are for ranking, not for the tables.
+    """
+    import json
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from ..runtime.ort_backend import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    by_op: dict[str, list] = {}
+    model_run = []
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            entry = by_op.setdefault(event["args"]["op_name"], [0.0, 0])
+            entry[0] += event["dur"]
+            entry[1] += 1
+        elif event.get("cat") == "Session" and event["name"] == "model_run":
+            model_run.append(event["dur"])
+    ops = {op: {"us_per_run": us / runs, "nodes": count // runs}
+           for op, (us, count) in sorted(by_op.items(), key=lambda kv: -kv[1][0])}
+    return {"runs": runs, "model_run_us": statistics.median(model_run), "optimized_nodes": len(optimized),
+            "kernel_us_per_run": sum(v["us_per_run"] for v in ops.values()), "by_op": ops}
+
+
+def profile_step_and_floor(bundle, dec, threads: int) -> dict:
+    """Where the T2R step graph's time goes, beside the floor's (ORT profiling)."""
+    from ..export import contract
+    from .softmax_graph import build_floor_graph
+
+    shape = bundle.config.state_shape
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": np.array([[1]], np.int64), "position_ids": np.array([[1000]], np.int64)}
+    for spec in contract.graph_inputs(shape, contract.STEP)[2:]:
+        feeds[spec.name] = rng.random((1, *spec.shape[1:]), dtype=np.float32)
+    return {"t2r_step": profile_graph(bundle.graph_path(contract.STEP), feeds, threads),
+            "floor": profile_graph(build_floor_graph(dec), {"input_ids": feeds["input_ids"]}, threads)}
 
 
 def measure_rss(path: T2ROrtPath, tokens: int, progress, samples: int = 100) -> dict:
@@ -377,6 +432,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     progress(f"rss: greedy T2R decode of {cfg.rss_tokens:,} tokens")
     result["memory"]["rss"] = measure_rss(prefill_paths["t2r-ort"], cfg.rss_tokens, progress)
     prefill_paths["t2r-ort"].close()
+    if cfg.profile:
+        progress("profiling the T2R step graph and the floor (ONNX Runtime profiler)")
+        result["profile"] = profile_step_and_floor(bundle, dec, cfg.threads)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["summary"] = summarize(result)
     return result

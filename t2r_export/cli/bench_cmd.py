@@ -37,6 +37,8 @@ def bench(
     paths: str = typer.Option("all", help="Comma-separated subset of t2r-ort,softmax-ort,genai,transformers,"
                                           "t2r-torch,floor (t2r-ort is always run)."),
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile the T2R step graph and the floor with "
+                                                          "ONNX Runtime's profiler (time and nodes by op type)."),
 ) -> None:
     import os
 
@@ -45,7 +47,7 @@ def bench(
 
     check_writable_parent(out)
     try:
-        overrides = {"threads": threads or os.cpu_count() or 1, "device": device}
+        overrides = {"threads": threads or os.cpu_count() or 1, "device": device, "profile": profile}
         if positions is not None:
             overrides["positions"] = parse_int_list(positions, "--positions")
         if prefill_lengths is not None:
@@ -178,3 +180,22 @@ def print_result(result: dict) -> None:
     for goal in result["summary"]["goals"]:
         goals.add_row(goal["goal"], goal["value"], "[green]yes[/]" if goal["met"] else "[red]no[/]")
     console.print(goals)
+    if "profile" in result:
+        _print_profile(result["profile"])
+
+
+def _print_profile(profile: dict) -> None:
+    from rich.table import Table
+
+    step, floor = profile["t2r_step"], profile["floor"]
+    table = Table(title=f"ORT profile, µs per run (profiler overhead included): T2R step "
+                        f"{step['optimized_nodes']} nodes, floor {floor['optimized_nodes']} nodes")
+    for col in ("op type", "T2R step µs", "nodes", "floor µs", "nodes"):
+        table.add_column(col, justify="right")
+    for op in dict.fromkeys([*step["by_op"], *floor["by_op"]]):
+        a, b = step["by_op"].get(op, {}), floor["by_op"].get(op, {})
+        table.add_row(op, _fmt(a.get("us_per_run")), str(a.get("nodes", "")), _fmt(b.get("us_per_run")),
+                      str(b.get("nodes", "")))
+    table.add_row("all kernels", _fmt(step["kernel_us_per_run"]), str(step["optimized_nodes"]),
+                  _fmt(floor["kernel_us_per_run"]), str(floor["optimized_nodes"]))
+    console.print(table)
