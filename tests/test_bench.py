@@ -226,3 +226,14 @@ def test_unwritable_out_exits_2(tiny_models, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _fails_with_one_line(runner.invoke(_app(), _args(tiny_models, blocker / "out")), "cannot be created")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_skips_the_torch_paths_with_a_reason(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    args = _args(tiny_models, out, "--device", "cuda", "--paths", "t2r-torch,transformers")
+    result = runner.invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    for name in ("t2r-torch", "transformers"):
+        assert data["paths"][name]["status"].startswith("unavailable: --device cuda, but torch sees no CUDA"), name
