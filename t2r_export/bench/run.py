@@ -120,7 +120,8 @@ def _sync(path) -> None:
 
 def time_decode(path, stream: np.ndarray, cfg: BenchConfig, progress: Callable[[str], None], name: str) -> dict:
     """tokens/s of single-token steps at each position (median of repeats) for one path."""
-    out = {"tokens_per_s": {}, "repeat_s": {}}
+    # process CPU seconds beside wall seconds: on a shared machine a big gap means the run was starved
+    out = {"tokens_per_s": {}, "repeat_s": {}, "repeat_cpu_s": {}}
     for p in sorted(cfg.positions):
         progress(f"{name}: context → {p}")
         if path.position > p:
@@ -134,18 +135,20 @@ def time_decode(path, stream: np.ndarray, cfg: BenchConfig, progress: Callable[[
             path.step(int(token))
         _sync(path)
         path.rewind()
-        seconds = []
+        seconds, cpu_seconds = [], []
         for _ in range(cfg.repeats):
             first = path.position
             tokens = stream[first:first + cfg.steps]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for token in tokens:
                 path.step(int(token))
             _sync(path)
             seconds.append(time.perf_counter() - t0)
+            cpu_seconds.append(time.process_time() - c0)
             path.rewind()
         out["tokens_per_s"][str(p)] = cfg.steps / statistics.median(seconds)
         out["repeat_s"][str(p)] = seconds
+        out["repeat_cpu_s"][str(p)] = cpu_seconds
     return out
 
 
