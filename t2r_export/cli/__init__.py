@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from . import export_cmd, runtime_cmd, swap_cmd
+from . import (bench_cmd, demo_cmd, export_cmd, pretrain_cmd, runtime_cmd, swap_cmd, train_cmd,
+               trt_cmd)
 
 app = typer.Typer(
     name="t2r-export",
@@ -19,27 +20,26 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders."""
 
 
-app.command("swap", help="Swap every softmax attention of a HF causal LM for T2R linear attention.")(swap_cmd.swap)
-
-app.command("onnx", help="Export step + prefill ONNX graphs with explicit fp32 state as a verified bundle.")(
-    export_cmd.onnx_export)
-
-app.command("generate", help="Generate text from a bundle with the torch-free runtime (ONNX Runtime).")(
-    runtime_cmd.generate)
-
-try:
-    from . import pretrain_cmd
-
-    app.command("pretrain", help="Train the bundled softmax teacher on the Python standard library.")(
-        pretrain_cmd.pretrain)
-except ImportError:  # written in a parallel branch; absent until it lands
-    pass
+COMMANDS = [
+    ("demo", demo_cmd.demo, "The whole pipeline on the bundled model: export, verify, generate, compare."),
+    ("swap", swap_cmd.swap, "Swap every softmax attention of a HF causal LM for T2R linear attention."),
+    ("pretrain", pretrain_cmd.pretrain, "Train the bundled softmax teacher on the Python standard library."),
+    ("finetune", train_cmd.finetune, "Swap, then attention transfer and next-token finetuning (DDP-ready)."),
+    ("eval", train_cmd.evaluate, "Test-split perplexity of softmax and T2R models, side by side."),
+    ("onnx", export_cmd.onnx_export, "Export step + prefill ONNX graphs with explicit fp32 state as a verified "
+                                     "bundle."),
+    ("check", trt_cmd.check, "Static checks of a bundle's graphs (--trt: TensorRT 10 ONNX-parser compatibility)."),
+    ("trt", trt_cmd.trt, "Build TensorRT engines (fp16 / int8, fp32 state) into a bundle. Needs TensorRT + GPU."),
+    ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
+    ("bench", bench_cmd.bench, "Decode/prefill speed and memory of T2R vs the softmax original, one run."),
+]
+for _name, _fn, _help in COMMANDS:
+    app.command(_name, help=_help)(_fn)
 
 
 def main() -> None:

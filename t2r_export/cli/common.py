@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..atomic import atomic_dir, check_writable
 
@@ -17,7 +18,8 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print one clear line to stderr and exit with ``code`` (2 = bad input)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is plain text (paths, pip hints like `t2r-export[tensorrt]`), never rich markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -15,13 +15,7 @@ import typer
 
 from rich.markup import escape
 
-from .common import console
-from .common import fail as _fail
-
-
-def fail(message: str, code: int = 2):
-    """common.fail with the message escaped: `[tensorrt]` in a pip hint is not rich markup."""
-    _fail(escape(message), code)
+from .common import console, fail
 
 
 def check(
