@@ -177,7 +177,9 @@ def evaluate(
     where = "--data files" if data else "stdlib test split"
     table = Table(title=f"perplexity on the {where} ({rows[0]['tokens']:,} tokens, block {block_size})")
     for column in ("model", "kind", "params", "test loss", "ppl", "ratio"):
-        table.add_column(column, justify="left" if column in ("model", "kind") else "right")
+        # full paths wrap rather than being cut: two runs often differ only at the end
+        table.add_column(column, justify="left" if column in ("model", "kind") else "right",
+                         overflow="fold" if column == "model" else "ellipsis")
     for row in rows:
         table.add_row(row["model"], row["kind"], f"{row['params']:,}", f"{row['loss']:.4f}",
                       f"{row['perplexity']:.3f}", f"{row['ratio']:.3f}")

@@ -89,6 +89,7 @@ class FinetuneConfig:
     # a quarter of the teacher's pretraining lr: the weights start trained, only attention changed
     lr: float = 5e-4
     # only phi trains in transfer, from a random start, against a smooth MSE target: a high lr is safe
+    # (no warmup; the same cosine decay to min_lr_ratio)
     attention_transfer_lr: float = 1e-2
     # ~5% of the run: Adam's second moments settle before the full lr hits
     warmup_fraction: float = 0.05
