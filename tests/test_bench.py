@@ -168,14 +168,18 @@ def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
 
 
-def test_a_peer_that_cannot_run_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
+def test_a_peer_that_cannot_run_or_fails_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
     def no_genai(*args, **kwargs):
         raise PathUnavailable("onnxruntime-genai is not installed (test)")
 
+    def broken_step(self, token):
+        raise RuntimeError("kernel exploded\nsecond line")
+
     monkeypatch.setattr("t2r_export.bench.peers.build_genai_model", no_genai)
+    monkeypatch.setattr("t2r_export.bench.peers.SoftmaxOrtPath.step", broken_step)
     cfg = bench_run.BenchConfig.quick(bundle=tiny_models / "bundle", softmax_model=tiny_models / "softmax",
                                       t2r_model=tiny_models / "t2r", positions=(8,), prefill_lengths=(16,), steps=2,
-                                      repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "genai"),
+                                      repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "genai", "softmax-ort"),
                                       cache_dir=tmp_path)
     cfg.profile = True
     data = bench_run.run_bench(cfg)
@@ -184,6 +188,9 @@ def test_a_peer_that_cannot_run_is_reported_unavailable(tiny_models, tmp_path, m
     assert data["profile"]["t2r_step"]["by_op"]["MatMul"]["nodes"] >= 4 * 2 + 1
     assert set(data["profile"]["floor"]["by_op"]) <= FLOOR_OPS
     assert data["summary"]["positions"]["8"]["t2r/genai"] is None
+    # failing mid-run: the row says why, in one line, and holds no numbers
+    assert data["paths"]["softmax-ort"]["status"] == "unavailable: RuntimeError: kernel exploded"
+    assert data["paths"]["softmax-ort"]["tokens_per_s"] == {}
 
 
 def _fails_with_one_line(result, *needles: str) -> None:

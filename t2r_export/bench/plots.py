@@ -100,7 +100,7 @@ def plot_prefill(result: dict, path: Path) -> None:
     lengths = list(rows)
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(lengths))]
-        ax.bar(xs, [rows[t].get(name, 0) for t in lengths], width, label=name)
+        ax.bar(xs, [v if isinstance(v := rows[t].get(name), float) else 0 for t in lengths], width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(lengths))])
     ax.set_xticklabels([f"{int(t):,}-token prompt" for t in lengths])
     ax.set_yscale("log")
@@ -165,7 +165,7 @@ def markdown_summary(result: dict) -> str:
               "| prompt | T2R prefill graph | T2R step feeding | softmax-ort | genai | transformers | "
               "graph / step feeding | graph / fastest softmax |", "| ---: |" + " ---: |" * 7]
     for t, row in result["prefill"].items():
-        cells = [f"{row[n]:,.0f}" if n in row else "—" for n in
+        cells = [f"{row[n]:,.0f}" if isinstance(row.get(n), float) else row.get(n, "—") for n in
                  ("t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers")]
         lines.append(f"| {int(t):,} | " + " | ".join(cells) + f" | {_x(row.get('prefill_graph/step_feeding'), 1)} | "
                      f"{_x(row.get('prefill_graph/fastest_softmax'))} |")

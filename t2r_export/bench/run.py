@@ -12,7 +12,8 @@ Decode paths (batch 1, the same thread count for ONNX Runtime and torch):
 
 At each position P every path first consumes P tokens of one random token stream cheaply (the
 prefill graph / chunked prefill / append), then runs warm-up steps (not timed), then ``repeats``
-times ``steps`` single-token steps starting at P; tokens/s is the median over repeats. KV paths
+times ``steps`` single-token steps starting at P; tokens/s is the median over repeats. The paths
+take turns repeat by repeat, so load from other processes falls on all of them alike. KV paths
 rewind to P before each repeat. The T2R paths carry no sequence axis, so a step costs the same at
 every position; t2r-ort (whose runtime has no state-restore call) runs its repeats back to back.
 """
@@ -118,66 +119,116 @@ def _sync(path) -> None:
         path.sync()
 
 
-def time_decode(path, stream: np.ndarray, cfg: BenchConfig, progress: Callable[[str], None], name: str) -> dict:
-    """tokens/s of single-token steps at each position (median of repeats) for one path."""
+def _failure(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def _reach(path, stream: np.ndarray, p: int, warmup: int) -> None:
+    """Bring ``path`` to position p (prefill from where it is), mark it, run untimed warm-up steps, rewind."""
+    if path.position > p:
+        path.reset()
+    path.prefill(stream[path.position:p])
+    _sync(path)
+    path.mark()
+    for token in stream[p:p + warmup]:
+        path.step(int(token))
+    _sync(path)
+    path.rewind()
+
+
+def _time_steps(path, stream: np.ndarray, steps: int) -> tuple[float, float]:
+    """(wall s, process CPU s) of ``steps`` single-token steps from the path's position; then rewind."""
+    first = path.position
+    c0, t0 = time.process_time(), time.perf_counter()
+    for token in stream[first:first + steps]:
+        path.step(int(token))
+    _sync(path)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    path.rewind()
+    return wall, cpu
+
+
+def time_decode(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress: Callable[[str], None],
+                failed: dict) -> dict:
+    """tokens/s of single-token steps at each position (median of repeats), every path.
+
+    Paths take turns repeat by repeat (in a rotating order), so a busy spell on a shared machine
+    lands on all of them instead of on whichever ran then. A path that raises is moved to
+    ``failed`` with its reason and measured no further.
+    """
     # process CPU seconds beside wall seconds: on a shared machine a big gap means the run was starved
-    out = {"tokens_per_s": {}, "repeat_s": {}, "repeat_cpu_s": {}}
+    out = {name: {"tokens_per_s": {}, "repeat_s": {}, "repeat_cpu_s": {}} for name in paths}
+
+    def guarded(name, fn, *args):
+        try:
+            return fn(paths[name], *args)
+        except Exception as err:  # a peer failing mid-run is reported, never faked
+            if name == "t2r-ort":
+                raise
+            logger.exception("%s failed", name)
+            failed[name] = _failure(err)
+            paths.pop(name).close()
+            return None
+
     for p in sorted(cfg.positions):
-        progress(f"{name}: context → {p}")
-        if path.position > p:
-            path.reset()
-        path.prefill(stream[path.position:p])
-        _sync(path)
-        path.mark()
-        start = path.position
-        progress(f"{name}: {cfg.steps} steps × {cfg.repeats} at position {p}")
-        for token in stream[start:start + cfg.warmup]:
-            path.step(int(token))
-        _sync(path)
-        path.rewind()
-        seconds, cpu_seconds = [], []
-        for _ in range(cfg.repeats):
-            first = path.position
-            tokens = stream[first:first + cfg.steps]
-            c0, t0 = time.process_time(), time.perf_counter()
-            for token in tokens:
-                path.step(int(token))
-            _sync(path)
-            seconds.append(time.perf_counter() - t0)
-            cpu_seconds.append(time.process_time() - c0)
-            path.rewind()
-        out["tokens_per_s"][str(p)] = cfg.steps / statistics.median(seconds)
-        out["repeat_s"][str(p)] = seconds
-        out["repeat_cpu_s"][str(p)] = cpu_seconds
-    return out
+        for name in list(paths):
+            progress(f"{name}: context → {p:,}")
+            guarded(name, _reach, stream, p, cfg.warmup)
+        times = {name: [] for name in paths}
+        for r in range(cfg.repeats):
+            progress(f"position {p:,}: repeat {r + 1}/{cfg.repeats}, {cfg.steps} steps per path")
+            names = list(paths)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if name in paths:
+                    measured = guarded(name, _time_steps, stream, cfg.steps)
+                    if measured is not None:
+                        times[name].append(measured)
+        for name in paths:
+            wall, cpu = zip(*times[name], strict=True)
+            out[name]["tokens_per_s"][str(p)] = cfg.steps / statistics.median(wall)
+            out[name]["repeat_s"][str(p)] = list(wall)
+            out[name]["repeat_cpu_s"][str(p)] = list(cpu)
+    return {name: out[name] for name in paths}
+
+
+def _time_prefill(path, prompt: np.ndarray) -> float:
+    path.reset()
+    t0 = time.perf_counter()
+    path.prefill(prompt)
+    _sync(path)
+    return time.perf_counter() - t0
 
 
 def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress) -> dict:
-    """Prompt tokens/s: the T2R prefill graph, T2R step feeding, and each softmax peer's prefill."""
+    """Prompt tokens/s (median of up to 3, paths taking turns): the T2R prefill graph, each softmax
+    peer's prefill, and T2R step feeding (one step per prompt token, timed once)."""
     result = {}
     repeats = min(cfg.repeats, 3)
     for t in cfg.prefill_lengths:
         prompt = stream[:t]
+        seconds = {name: [] for name in paths}
         row = {}
-        for name, path in paths.items():
-            progress(f"prefill {t} tokens: {name}")
-            seconds = []
-            for _ in range(repeats):
-                path.reset()
-                t0 = time.perf_counter()
-                path.prefill(prompt) if name != "softmax-ort" else path.prefill(prompt, chunk=2048)
-                _sync(path)
-                seconds.append(time.perf_counter() - t0)
-            row[name] = t / statistics.median(seconds)
-        if "t2r-ort" in paths:
-            progress(f"prefill {t} tokens: t2r-ort, one step per token")
-            path = paths["t2r-ort"]
-            path.reset()
-            t0 = time.perf_counter()
-            for token in prompt:
-                path.step(int(token))
-            row["t2r-ort step feeding"] = t / (time.perf_counter() - t0)
-            row["t2r-ort prefill graph"] = row.pop("t2r-ort")
+        for r in range(repeats):
+            names = list(paths)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if name in row:
+                    continue
+                progress(f"prefill {t:,} tokens: {name} ({r + 1}/{repeats})")
+                try:
+                    seconds[name].append(_time_prefill(paths[name], prompt))
+                except Exception as err:  # e.g. a peer's context limit: reported, not faked
+                    if name == "t2r-ort":
+                        raise
+                    row[name] = f"unavailable: {_failure(err)}"
+        row.update({name: t / statistics.median(s) for name, s in seconds.items() if s and name not in row})
+        progress(f"prefill {t:,} tokens: t2r-ort, one step per token")
+        path = paths["t2r-ort"]
+        path.reset()
+        t0 = time.perf_counter()
+        for token in prompt:
+            path.step(int(token))
+        row["t2r-ort step feeding"] = t / (time.perf_counter() - t0)
+        row["t2r-ort prefill graph"] = row.pop("t2r-ort")
         result[str(t)] = row
     return result
 
@@ -393,33 +444,32 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             return TransformersPath(softmax_model, cfg.device)
         return T2RTorchPath(t2r_model, cfg.device)
 
-    prefill_paths = {}
+    opened, failed = {}, {}
+    for name in cfg.paths:
+        try:
+            opened[name] = open_path(name)
+        except PathUnavailable as err:
+            failed[name] = str(err)
+            progress(f"{name}: unavailable: {err}")
+    measured = time_decode(opened, stream, cfg, progress, failed)
     for name in cfg.paths:
         entry = {"label": PATHS[name], "status": "ok"}
-        try:
-            path = open_path(name)
-        except PathUnavailable as err:
-            result["paths"][name] = {"label": PATHS[name], **_unavailable(str(err))}
-            progress(f"{name}: unavailable: {err}")
-            continue
-        try:
-            entry.update(time_decode(path, stream, cfg, progress, name))
-        except Exception as err:  # a peer failing mid-run is reported, never faked
-            if name == "t2r-ort":
-                raise
-            logger.exception("%s failed", name)
-            entry.update(_unavailable(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
-        if getattr(path, "graph_note", ""):
-            entry["note"] = path.graph_note
-        entry["rewinds"] = name not in ("t2r-ort", "floor")
-        if name in ("t2r-torch", "transformers"):
+        if name in failed:
+            entry.update(_unavailable(failed[name]))
+        else:
+            entry.update(measured[name])
+            entry["rewinds"] = name not in ("t2r-ort", "floor")
+            if getattr(opened[name], "graph_note", ""):
+                entry["note"] = opened[name].graph_note
+        if name in TORCH_PATHS:
             entry["device"] = cfg.device
         result["paths"][name] = entry
-        if name in ("t2r-ort", "softmax-ort", "genai", "transformers") and entry["status"] == "ok":
-            prefill_paths[name] = path
-        else:
+    prefill_paths = {name: path for name, path in opened.items()
+                     if name in ("t2r-ort", "softmax-ort", "genai", "transformers")}
+    for name, path in opened.items():
+        if name not in prefill_paths:
             path.close()
-        gc.collect()
+    gc.collect()
 
     result["prefill"] = measure_prefill(prefill_paths, stream, cfg, progress)
     result["memory"] = {
@@ -476,7 +526,7 @@ def summarize(result: dict) -> dict:
         if "t2r-ort prefill graph" in row:
             graph = row["t2r-ort prefill graph"]
             row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]
-            peers = {n: row[n] for n in SOFTMAX_PATHS if n in row}
+            peers = {n: row[n] for n in SOFTMAX_PATHS if isinstance(row.get(n), float)}
             if peers:
                 fastest = max(peers, key=peers.get)
                 row["fastest_softmax"] = fastest

@@ -119,6 +119,8 @@ def _bytes(n: int) -> str:
 
 
 def _fmt(value, digits: int = 1) -> str:
+    if isinstance(value, str):
+        return f"[yellow]{value}[/]"
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
