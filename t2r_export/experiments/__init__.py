@@ -1,0 +1,1 @@
+"""Reproducible experiments built from the library's parts (one module per experiment)."""
