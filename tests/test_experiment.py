@@ -94,6 +94,7 @@ def test_the_table_has_every_run_with_equal_budgets(finished):
         assert row["total_tokens"] == (0 if name == "teacher" else budget), name
         assert row["total_tokens"] == row["transfer_tokens"] + row["finetune_tokens"]
         assert row["test_tokens"] == TINY_BUDGET.test_tokens - 1
+        assert row["wall_time_s"] >= 0 and row["cpu_time_s"] >= 0
     assert rows["t2r-transfer"]["transfer_tokens"] == TINY_BUDGET.transfer_steps * 2 * 32
     assert rows["t2r-scratch"]["init"] == "scratch" and rows["t2r"]["init"] == "pretrained"
     assert rows["t2r-scratch"]["lr"] != rows["t2r"]["lr"]

@@ -54,9 +54,10 @@ def experiment(
                                        block_size=block_size, test_tokens=test_tokens).items() if v is not None}
     chosen = dataclasses.replace(BUDGETS[budget_name], **overrides)
     check_writable_parent(out)
+    subset = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
     cfg = ExperimentConfig(out_dir=out, budget_name=budget_name + (" (custom)" if overrides else ""), budget=chosen,
-                           teacher=teacher, runs=tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None,
-                           keep_models=keep_models, num_threads=num_threads, max_files=max_files)
+                           teacher=teacher, runs=subset, keep_models=keep_models, num_threads=num_threads,
+                           max_files=max_files)
     _quiet_transformers()
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     try:
@@ -111,7 +112,8 @@ def _print_table(results: dict, out: Path) -> None:
     table = Table(title=f"paper experiment ({results['plan']['budget_name']} budget) → {out}/results.md")
     for column in ("run", "map", "k", "init", "transfer tok", "finetune tok", "test ppl", "ratio", "wall s",
                    "state bytes"):
-        table.add_column(column, justify="left" if column in ("run", "map", "init") else "right")
+        # wrap rather than cut: a "…" would hide the numbers on a narrow terminal
+        table.add_column(column, justify="left" if column in ("run", "map", "init") else "right", overflow="fold")
     for row in results["rows"]:
         ratio = row["ratio_to_teacher"]
         table.add_row(row["run"], row["feature_map"], str(row["feature_dim"] or "-"), row["init"],

@@ -171,7 +171,7 @@ def check_experiment_config(cfg: ExperimentConfig) -> list[RunSpec]:
 
 def run_teacher(spec: RunSpec, ctx: RunContext) -> dict:
     """The softmax teacher on the test tokens; its decode state is the KV cache at ``kv_context``."""
-    start = time.perf_counter()
+    start = clock()
     model = load_causal_lm(ctx.teacher)
     score = evaluate_test(model, ctx)
     _, kv_heads, head_dim = attention_dims(model.config)
@@ -221,7 +221,7 @@ def save_random_init(teacher: Path, out: Path, seed: int) -> None:
 
 def finetune_and_evaluate(spec: RunSpec, ctx: RunContext, source: Path, transfer_steps: int, lr: float,
                           init: str) -> dict:
-    start = time.perf_counter()
+    start = clock()
     cfg, budget = ctx.cfg, ctx.cfg.budget
     out = ctx.models_dir / spec.name
     # a run killed midway leaves its directory; its result is not recorded, so it starts over
@@ -252,13 +252,20 @@ def evaluate_test(model, ctx: RunContext) -> dict:
     return perplexity(model, ctx.test_stream, budget.block_size, ctx.cfg.eval_batch_size, None, relay)
 
 
-def run_record(spec: RunSpec, score: dict, start: float, *, feature_dim: int | None, init: str, lr: float | None,
-               tokens: tuple[int, int], parameters: int, state_bytes: int, state_note: str, **extra) -> dict:
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds: on a shared machine the two differ, and the CPU time is the comparable one."""
+    return time.perf_counter(), time.process_time()
+
+
+def run_record(spec: RunSpec, score: dict, start: tuple[float, float], *, feature_dim: int | None, init: str,
+               lr: float | None, tokens: tuple[int, int], parameters: int, state_bytes: int, state_note: str,
+               **extra) -> dict:
     return {"run": spec.name, "kind": spec.kind, "feature_map": spec.feature_map, "feature_dim": feature_dim,
             "init": init, "lr": lr, "transfer_tokens": tokens[0], "finetune_tokens": tokens[1],
             "total_tokens": sum(tokens), "test_loss": score["loss"], "test_perplexity": score["perplexity"],
             "test_tokens": score["tokens"], "parameters": parameters, "state_bytes_per_sequence": state_bytes,
-            "state_note": state_note, **extra, "wall_time_s": round(time.perf_counter() - start, 1)}
+            "state_note": state_note, **extra, "wall_time_s": round(time.perf_counter() - start[0], 1),
+            "cpu_time_s": round(time.process_time() - start[1], 1)}
 
 
 # --- the runner -------------------------------------------------------------------------------
@@ -404,15 +411,18 @@ def render_markdown(results: dict) -> str:
          f"blocks of {budget['block_size']}; ratio = test perplexity / the teacher's, both measured here"),
         (f"- decode state: T2R keeps S and z (fp32) whatever the context; the teacher's KV cache (fp32) is "
          f"priced at {plan['kv_context']:,} tokens of context"),
+        ("- times: wall and CPU seconds of each whole run (load, swap, train, validate, save, test); on a "
+         "shared machine the CPU time is the comparable one"),
         "",
         ("| run | feature map | feature dim | init | transfer tokens | finetune tokens | test ppl | ratio | "
-         "wall (s) | decode state (bytes/seq) |"),
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "wall (s) | CPU (s) | decode state (bytes/seq) |"),
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["rows"]:
         lines.append(f"| {row['run']} | {row['feature_map']} | {_fmt(row['feature_dim'])} | {row['init']} | "
                      f"{row['transfer_tokens']:,} | {row['finetune_tokens']:,} | {row['test_perplexity']:.2f} | "
                      f"{_fmt(row['ratio_to_teacher'], '.3f')} | {row['wall_time_s']:.0f} | "
+                     f"{_fmt(row.get('cpu_time_s'), '.0f')} | "
                      f"{row['state_bytes_per_sequence']:,} |")
     sweep = sorted((r for r in results["rows"] if r["kind"] == "swap" and r["feature_map"] == "t2r"),
                    key=lambda r: r["feature_dim"])
