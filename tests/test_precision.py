@@ -210,7 +210,7 @@ def test_precision_command_end_to_end(tiny_t2r_dir, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("T2R_EXPORT_CACHE", str(tmp_path / "cache"))
     report = main([str(tiny_t2r_dir), "--steps", "24", "--rows", "2", "--greedy-steps", "8", "--long-steps", "64",
                    "--threads", "1", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")])
-    assert set(report["teacher_forced"]) == {"fp32", "fp16", "int8"}
+    assert set(report["teacher_forced"]) == {"fp32", "fp16", "fp16-all", "int8"}
     assert report["teacher_forced"]["fp32"]["top1_agreement_pct"] == 100.0
     assert report["overflow"]["fp16_plan"]["nonfinite_step"] is None
     assert (tmp_path / "r.json").is_file() and (tmp_path / "work" / "int8" / "runtime.json").is_file()
