@@ -1,0 +1,102 @@
+"""`t2r-export demo`: the whole pipeline on the bundled model, offline, in a few minutes.
+
+(optional short finetune) → export step + prefill graphs → verify against torch → generate with
+the torch-free runtime → a short speed and memory comparison against the softmax teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import check_writable_parent, console, fail
+
+DEFAULT_PROMPT = "def read_config(path):\n"
+
+
+def demo(
+    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Where the bundle is written."),
+    finetune_steps: int = typer.Option(0, help="First finetune the softmax teacher for this many steps (0: use "
+                                               "the bundled T2R model)."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="Prompt for the generation step."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    threads: int = typer.Option(2, help="Threads for ONNX Runtime and torch in the speed comparison."),
+    speed: bool = typer.Option(True, help="Run the short speed/memory comparison at the end."),
+) -> None:
+    import tempfile
+
+    from ..teacher import bundled_model_dir
+
+    if finetune_steps < 0:
+        fail(f"--finetune-steps must be ≥ 0, got {finetune_steps}")
+    if not prompt:
+        fail("the prompt is empty; give at least one character of text")
+    check_writable_parent(out, "bundle directory")
+    try:
+        model_dir = bundled_model_dir("t2r")
+    except ValueError as err:
+        fail(str(err))
+    from ..export.bundle import export_bundle
+    from .export_cmd import _print_result
+
+    with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
+        if finetune_steps:
+            model_dir = _finetune(Path(scratch) / "t2r", finetune_steps)
+        console.rule("[bold]1. export + verify")
+        with console.status(f"exporting {model_dir} → {out}"):
+            result = export_bundle(model_dir, out)
+        _print_result(result)
+        console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
+        tokens_per_s = _generate(out, prompt, max_new_tokens, threads)
+        if speed:
+            console.rule("[bold]3. speed and memory vs the softmax teacher (bench --quick, 3 paths)")
+            _speed(out, model_dir, threads)
+    console.print(f"[bold green]done[/]: bundle at {out}; try `t2r-export generate {out} --prompt 'import '`"
+                  f" ({tokens_per_s:.0f} tokens/s above)")
+
+
+def _finetune(out: Path, steps: int) -> Path:
+    from ..teacher import bundled_model_dir
+    from ..train.finetune import FinetuneConfig, finetune
+
+    console.rule(f"[bold]0. finetune the softmax teacher into T2R ({steps} steps)")
+    cfg = FinetuneConfig(model=bundled_model_dir("softmax"), out_dir=out, steps=steps,
+                         attention_transfer_steps=min(steps, 50))
+    with console.status("finetuning"):
+        finetune(cfg)
+    return out
+
+
+def _generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int) -> float:
+    import sys
+
+    from ..runtime import OrtDecoder, generate, load_bundle
+
+    loaded = load_bundle(bundle)
+    sys.stdout.write(prompt)
+
+    def on_text(row: int, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    with OrtDecoder(loaded, threads=threads) as decoder:
+        result = generate(decoder, loaded.load_tokenizer(), prompt, max_new_tokens=max_new_tokens,
+                          stream_callback=on_text)
+    sys.stdout.write("\n")
+    t = result.timing
+    console.print(f"[dim]{t.decode_tokens} tokens, {t.tokens_per_s:.1f} tokens/s, prefill "
+                  f"{t.prefill_s * 1000:.1f} ms[/dim]")
+    return t.tokens_per_s
+
+
+def _speed(bundle: Path, t2r_dir: Path, threads: int) -> None:
+    """The bench command's quick run on three paths: T2R step graph, softmax KV graph, transformers."""
+    from ..bench.run import BenchConfig
+    from ..teacher import bundled_model_dir
+    from .bench_cmd import _run, print_result
+
+    cfg = BenchConfig.quick(bundle=bundle, softmax_model=bundled_model_dir("softmax"), t2r_model=t2r_dir,
+                            threads=threads, positions=(128, 2048), prefill_lengths=(1024,), rss_tokens=1000,
+                            paths=("t2r-ort", "softmax-ort", "transformers"))
+    print_result(_run(cfg))
