@@ -14,10 +14,11 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("torch-resume", "fp32"): 1e-5,       # T tokens at once vs T/2 + T/2 from the returned state
     ("ort", "fp32"): 1e-4,                # ONNX Runtime graphs vs torch (chained 256 steps too)
     ("ort-state", "fp32"): 1e-3,          # running sums grow with T: relative to their size
-    # precision plans, ONNX Runtime graph vs the fp32 graph over the same chained steps
-    ("ort", "fp16"): 5e-2,                # fp16 weights/matmuls: ~1e-3 relative on logits of magnitude <~ 30
+    # precision plans, ONNX Runtime graph vs the fp32 graph over the same chained steps, relative to
+    # max(1, max |fp32 logits|): the teacher's worst over 4 x 512 steps is 0.016 (fp16) and 0.24 (int8)
+    ("ort", "fp16"): 3e-2,                # fp16 weights and matmuls, fp32 island
     ("ort-state", "fp16"): 2e-3,          # fp32 state summing fp16-computed phi(k) v^T: relative to its size
-    ("ort", "int8"): 0.5,                 # Q/DQ weight matmuls: max |logit diff|; quality is judged by perplexity
+    ("ort", "int8"): 0.5,                 # Q/DQ weight matmuls; int8 quality is judged by perplexity delta
 }
 
 

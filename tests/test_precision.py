@@ -68,14 +68,14 @@ def test_fp16_plan_tracks_fp32_over_200_steps(graphs):
     report = teacher_forced(chains, tokens)
     assert report["fp16"]["nonfinite_step"] is None
     assert report["fp16"]["top1_agreement_pct"] >= 97.0
-    assert report["fp16"]["max_abs_logit_err"] < 5e-2
+    assert report["fp16"]["max_abs_logit_err"] < 3e-2
     assert abs(report["fp16"]["perplexity_delta_pct"]) < 1.0
     # after the same 200 steps the fp32 state of the plan matches the fp32 graph's, per tensor
     for name, value in chains["fp16"].state.items():
         assert value.dtype == np.float32
         check_close(name, value, chains["fp32"].state[name], ("ort-state", "fp16"), relative=True)
     logits = {p: c.step(tokens[:, 0], np.full(2, 201)) for p, c in chains.items()}
-    check_close("logits", logits["fp16"], logits["fp32"], ("ort", "fp16"))
+    check_close("logits", logits["fp16"], logits["fp32"], ("ort", "fp16"), relative=True)
 
 
 def test_free_running_and_nll_helpers(graphs):
@@ -175,12 +175,12 @@ def test_int8_qdq_only_around_weight_matmuls_and_runs_in_ort(fp32_bundle, tmp_pa
             dec.reset(1)
         a = ref.prefill_row(0, prompt, np.arange(6)[None]).copy()
         b = q.prefill_row(0, prompt, np.arange(6)[None]).copy()
-        check_close("prefill logits", b, a, ("ort", "int8"))
+        check_close("prefill logits", b, a, ("ort", "int8"), relative=True)
         for t in range(6, 30):
             ids = np.array([[int(a.argmax())]])
             a, b = ref.step(ids, np.array([[t]])).copy(), q.step(ids, np.array([[t]])).copy()
             assert np.isfinite(b).all()
-            check_close(f"step {t} logits", b, a, ("ort", "int8"))
+            check_close(f"step {t} logits", b, a, ("ort", "int8"), relative=True)
 
 
 def test_weight_matmul_selection_skips_island_and_excluded_scopes():
