@@ -155,6 +155,14 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
     assert "test perplexity" in result.stdout and "t2r" in result.stdout
     results = json.loads((out / RESULTS_JSON).read_text())
     assert [r["run"] for r in results["rows"]] == ["teacher", "t2r"] and results["command"].startswith("t2r-export")
+    # a later subset extends the same table (same plan); the finished runs are not redone
+    result = runner.invoke(app, ["experiment", "paper", "--teacher", str(tiny_teacher), "-o", str(out),
+                                 "--runs", "elu", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stdout
+    extended = json.loads((out / RESULTS_JSON).read_text())
+    assert [r["run"] for r in extended["rows"]] == ["teacher", "t2r", "elu"] and not extended["complete"]
+    assert extended["rows"][:2] == results["rows"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -322,11 +322,12 @@ def run_paper_experiment(cfg: ExperimentConfig, progress: Progress | None = None
         _notify(progress, {"phase": "run", **event})
         logger.info("run %d/%d: %s", index + 1, len(specs), spec.name)
         torch.manual_seed(cfg.seed)
-        done[spec.name] = RUN_KINDS[spec.kind](spec, ctx)
+        # resumed or extended experiments mix invocations: each run keeps its own command
+        done[spec.name] = {**RUN_KINDS[spec.kind](spec, ctx), "command": command}
         atomic_write_text(out_dir / PARTIAL_FILE, json.dumps({"plan": plan, "runs": done}, indent=2) + "\n")
-        write_results(out_dir, plan, specs, done, command, machine)
+        write_results(out_dir, plan, done, command, machine)
         _notify(progress, {"phase": "done", **event, "record": done[spec.name]})
-    return write_results(out_dir, plan, specs, done, command, machine)
+    return write_results(out_dir, plan, done, command, machine)
 
 
 def _notify(progress: Progress | None, event: dict) -> None:
@@ -352,11 +353,12 @@ def machine_record(num_threads: int | None) -> dict:
 
 # --- the table --------------------------------------------------------------------------------
 
-def results_rows(specs: list[RunSpec], done: dict) -> list[dict]:
-    """The finished runs in plan order, each with its perplexity ratio to the measured teacher."""
+def results_rows(done: dict) -> list[dict]:
+    """Every finished run of the plan (earlier --runs subsets included), in PAPER_RUNS order, each
+    with its perplexity ratio to the measured teacher."""
     teacher_ppl = done["teacher"]["test_perplexity"] if "teacher" in done else None
     rows = []
-    for spec in specs:
+    for spec in PAPER_RUNS:
         if spec.name in done:
             row = dict(done[spec.name])
             row["ratio_to_teacher"] = None if teacher_ppl is None else row["test_perplexity"] / teacher_ppl
@@ -378,9 +380,10 @@ def expectation_checks(rows: list[dict]) -> list[dict]:
             for claim, a, b in EXPECTATIONS if a in ppl and b in ppl]
 
 
-def write_results(out_dir: Path, plan: dict, specs: list[RunSpec], done: dict, command: str, machine: dict) -> dict:
-    rows = results_rows(specs, done)
-    results = {"experiment": "paper", "complete": len(rows) == len(specs), "command": command, "machine": machine,
+def write_results(out_dir: Path, plan: dict, done: dict, command: str, machine: dict) -> dict:
+    """results.json and results.md from every run in partial.json; complete once all of PAPER_RUNS are."""
+    rows = results_rows(done)
+    results = {"experiment": "paper", "complete": len(rows) == len(PAPER_RUNS), "command": command, "machine": machine,
                "plan": plan, "rows": rows, "expectations": expectation_checks(rows)}
     atomic_write_text(out_dir / RESULTS_JSON, json.dumps(results, indent=2) + "\n")
     atomic_write_text(out_dir / RESULTS_MD, render_markdown(results))
