@@ -21,6 +21,8 @@ def demo(
                                                "the bundled T2R model)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, help="Prompt for the generation step."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature for the generation step (0 = greedy)."),
+    seed: int = typer.Option(0, help="Sampling seed: the demo's text is the same every run."),
     threads: int = typer.Option(2, help="Threads for ONNX Runtime and torch in the speed comparison."),
     speed: bool = typer.Option(True, help="Run the short speed/memory comparison at the end."),
 ) -> None:
@@ -48,7 +50,7 @@ def demo(
             result = export_bundle(model_dir, out)
         _print_result(result)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
-        tokens_per_s = _generate(out, prompt, max_new_tokens, threads)
+        tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)
         if speed:
             console.rule("[bold]3. speed and memory vs the softmax teacher (bench --quick, 3 paths)")
             _speed(out, model_dir, threads)
@@ -68,10 +70,10 @@ def _finetune(out: Path, steps: int) -> Path:
     return out
 
 
-def _generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int) -> float:
+def _generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int, temperature: float, seed: int) -> float:
     import sys
 
-    from ..runtime import OrtDecoder, generate, load_bundle
+    from ..runtime import OrtDecoder, SamplingParams, generate, load_bundle
 
     loaded = load_bundle(bundle)
     sys.stdout.write(prompt)
@@ -82,6 +84,7 @@ def _generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int) -> f
 
     with OrtDecoder(loaded, threads=threads) as decoder:
         result = generate(decoder, loaded.load_tokenizer(), prompt, max_new_tokens=max_new_tokens,
+                          sampling=SamplingParams(temperature=temperature, top_k=40, seed=seed),
                           stream_callback=on_text)
     sys.stdout.write("\n")
     t = result.timing
