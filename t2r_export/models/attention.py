@@ -8,8 +8,9 @@ Extra keyword arguments, passed through the model's ``forward`` by HF:
 - ``t2r_state``: a ``RecurrentState``; the layer reads its state from it and writes the new one
   back (decode / resume). Without it, each call starts from a zero state (training).
 - ``t2r_form``: "parallel" (default), "naive" or "recurrent" — which form computes it (tests).
-- ``t2r_transfer``: a list; when given, the layer appends MSE(linear, softmax) and returns the
-  softmax output, so later layers see the teacher's activations (attention transfer).
+- ``t2r_transfer``: any object with ``.append``; when given, the layer appends MSE(linear, softmax)
+  and returns the softmax output, so later layers see the teacher's activations (attention
+  transfer). Not a plain list under FSDP or DDP on GPUs, which rebuild list arguments.
 """
 
 from __future__ import annotations

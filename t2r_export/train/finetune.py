@@ -43,7 +43,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-import t2r_export
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.adapters import get_adapter
@@ -67,7 +66,9 @@ RESUME_KEYS = ("steps", "attention_transfer_steps", "train", "lr", "attention_tr
 
 
 def bundled_teacher() -> Path:
-    return Path(t2r_export.__file__).parent / "teacher" / "softmax"
+    from t2r_export.teacher import bundled_model_dir
+
+    return bundled_model_dir("softmax")
 
 
 @dataclass
