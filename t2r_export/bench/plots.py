@@ -136,7 +136,9 @@ def markdown_summary(result: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads for every path, batch 1, fp32; "
              f"onnxruntime {m['onnxruntime']}, onnxruntime-genai {m.get('onnxruntime_genai') or 'absent'}, "
              f"torch {m['torch']}, transformers {m['transformers']}; load average "
-             f"{m['loadavg_start'][0]:.1f} → {m.get('loadavg_end', [float('nan')])[0]:.1f}.", "",
+             f"{m['loadavg_start'][0]:.1f} → {m.get('loadavg_end', [float('nan')])[0]:.1f}"
+             + (f"; the timed steps got {m['cpu_share']:.0%} of the CPU time they asked for"
+                if m.get("cpu_share") else "") + ".", "",
              "Decode tokens/s (single-token steps at the context position, median of repeats):", "",
              "| path | " + " | ".join(f"@{int(p):,}" for p in positions) + " |",
              "| --- |" + " ---: |" * len(positions)]

@@ -340,6 +340,14 @@ def machine_info(threads: int) -> dict:
     return info
 
 
+def _cpu_share(paths: dict, threads: int) -> float | None:
+    """Process CPU seconds / (wall seconds × threads) over every timed repeat: near 1 on an idle
+    machine (with ORT's spinning threads), well below 1 when other processes took the cores."""
+    wall = sum(sum(v) for e in paths.values() for v in e.get("repeat_s", {}).values())
+    cpu = sum(sum(v) for e in paths.values() for v in e.get("repeat_cpu_s", {}).values())
+    return cpu / (wall * threads) if wall else None
+
+
 def _unavailable(reason: str) -> dict:
     return {"status": f"unavailable: {reason}", "tokens_per_s": {}}
 
@@ -489,6 +497,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         progress("profiling the T2R step graph and the floor (ONNX Runtime profiler)")
         result["profile"] = profile_step_and_floor(bundle, dec, cfg.threads)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["machine"]["cpu_share"] = _cpu_share(result["paths"], cfg.threads)
     result["summary"] = summarize(result)
     return result
 

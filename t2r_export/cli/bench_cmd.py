@@ -129,7 +129,9 @@ def print_result(result: dict) -> None:
 
     m = result["machine"]
     console.print(f"[bold]{m['cpu']}[/], {m['cpus']} CPUs, {m['threads']} threads for every path, batch 1, fp32; "
-                  f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}", highlight=False)
+                  f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}"
+                  + (f"; the timed steps got {m['cpu_share']:.0%} of the CPU time they asked for"
+                     if m.get("cpu_share") else ""), highlight=False)
     positions = sorted({int(p) for e in result["paths"].values() for p in e.get("tokens_per_s", {})})
     table = Table(title="decode tokens/s (single-token steps, median of repeats)")
     table.add_column("path")
