@@ -24,12 +24,15 @@ STYLE = {
     "transformers": dict(color="tab:green", marker="v", linestyle="--"),
     "floor": dict(color="black", marker="_", linestyle=":"),
 }
+PREFILL_COLORS = {"t2r-ort prefill graph": "tab:red", "t2r-ort step feeding": "salmon",
+                  "softmax-ort": "tab:blue", "genai": "tab:purple", "transformers": "tab:green"}
 MIB = 2 ** 20
 
 
 def _title(result: dict, what: str) -> str:
     m = result["machine"]
-    return f"{what}\n{m['cpu']}, {m['threads']} threads, batch 1, fp32"
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    return f"{what}\n{m['cpu']}, {threads}, batch 1, fp32"
 
 
 def plot_decode(result: dict, path: Path) -> None:
@@ -48,7 +51,8 @@ def plot_decode(result: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # the legend sits below the axes: a tight bounding box keeps it in the picture
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -100,7 +104,8 @@ def plot_prefill(result: dict, path: Path) -> None:
     lengths = list(rows)
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(lengths))]
-        ax.bar(xs, [v if isinstance(v := rows[t].get(name), float) else 0 for t in lengths], width, label=name)
+        ax.bar(xs, [v if isinstance(v := rows[t].get(name), float) else 0 for t in lengths], width, label=name,
+               color=PREFILL_COLORS.get(name))
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(lengths))])
     ax.set_xticklabels([f"{int(t):,}-token prompt" for t in lengths])
     ax.set_yscale("log")
