@@ -152,13 +152,14 @@ def markdown_summary(result: dict) -> str:
                  (entry["status"] if entry["status"] != "ok" else "—") for p in positions]
         lines.append(f"| {name}: {entry['label']} | " + " | ".join(cells) + " |")
     lines += ["", "T2R step graph (t2r-ort) speedup in tokens/s, and its latency over the floor's:", "",
-              "| position | vs softmax-ort | vs genai | vs transformers | vs fastest softmax | latency / floor |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| position | vs softmax-ort | vs genai | vs transformers | vs fastest softmax | latency / floor | "
+              "ceiling: floor vs fastest softmax |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p, row in result["summary"]["positions"].items():
         fastest = f" ({row['fastest_softmax']})" if row.get("fastest_softmax") else ""
         lines.append(f"| {int(p):,} | {_x(row.get('t2r/softmax-ort'))} | {_x(row.get('t2r/genai'))} | "
                      f"{_x(row.get('t2r/transformers'))} | {_x(row.get('t2r/fastest_softmax'))}{fastest} | "
-                     f"{_x(row.get('t2r_latency/floor'))} |")
+                     f"{_x(row.get('t2r_latency/floor'))} | {_x(row.get('floor/fastest_softmax'))} |")
     mem = result["memory"]
     rss = mem["rss"]
     lines += ["", "Memory per sequence (fp32):", "", "| position | softmax KV cache | T2R state |",

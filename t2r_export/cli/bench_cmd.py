@@ -145,8 +145,10 @@ def print_result(result: dict) -> None:
     console.print(table)
 
     ratios = Table(title="T2R step graph speedup (tokens/s ratio) and latency vs the floor")
-    columns = ("t2r/softmax-ort", "t2r/genai", "t2r/transformers", "t2r/fastest_softmax", "t2r_latency/floor")
-    for col in ("position", *columns):
+    columns = ("t2r/softmax-ort", "t2r/genai", "t2r/transformers", "t2r/fastest_softmax", "t2r_latency/floor",
+               "floor/fastest_softmax")
+    for col in ("position", "vs softmax-ort", "vs genai", "vs transformers", "vs fastest softmax", "latency / floor",
+                "ceiling (floor vs fastest)"):
         ratios.add_column(col, justify="right")
     for p, row in result["summary"]["positions"].items():
         fastest = f" ({row['fastest_softmax']})" if row.get("fastest_softmax") else ""
