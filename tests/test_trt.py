@@ -24,7 +24,7 @@ from t2r_export.models import ADAPTERS, T2RConfig, swap_attention
 from t2r_export.trt import build as trt_build
 from t2r_export.trt.build import (EngineManifestError, check_manifest, engine_entry, island_from_metadata,
                                   island_layers, new_manifest, plan_build, profile_shapes, read_manifest)
-from t2r_export.trt.compat import check_bundle, check_file, check_model, errors
+from t2r_export.trt.compat import check_bundle, check_model, errors
 
 runner = CliRunner()
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -23,9 +23,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -62,7 +62,7 @@ class CalibrationRecipe:
     calibration_batch: int = 64
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "CalibrationRecipe":
+    def load(cls, path: str | Path | None = None) -> CalibrationRecipe:
         path = Path(path) if path else CALIBRATION_DIR / "recipe.json"
         if not path.is_file():
             raise ValueError(f"calibration recipe {path} is missing (expected calibration/recipe.json)")
@@ -242,8 +242,13 @@ class _FeedReader:
 
 def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationRecipe) -> list[str]:
     """Q/DQ the weight matmuls of ``src`` into ``dst``; returns the quantized matmul names."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     model = onnx.load(str(src))
     nodes = weight_matmul_nodes(model, recipe.exclude_scopes)

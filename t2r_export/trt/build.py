@@ -26,10 +26,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..atomic import atomic_dir, atomic_write_text
 from ..export import contract
@@ -85,7 +85,6 @@ def plan_build(tensorrt_version: str, fp16: bool, int8: bool, bundle_precision: 
         raise ValueError(f"TensorRT {tensorrt_version} builds strongly typed networks only (BuilderFlag.FP16 is gone): "
                          "export an fp16 bundle with `t2r-export onnx --precision fp16` and build from it")
     network = ("EXPLICIT_BATCH",) if major < 10 else ()
-    cleared: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     if bundle_precision == "int8":
         if major >= 11:
@@ -223,7 +222,7 @@ def check_manifest(manifest: dict, precision: str | None, tensorrt_version: str,
                                                                                    ("fp16", "int8") else "`"))
     entry = engines[precision]
     if bundle_dir is not None:
-        for kind, graph in entry["graphs"].items():
+        for graph in entry["graphs"].values():
             plan = Path(bundle_dir) / ENGINE_DIR / graph["file"]
             if not plan.is_file():
                 raise EngineManifestError(f"{plan} is listed in the manifest but missing; {rebuild}")

@@ -175,7 +175,7 @@ class TrtDecoder:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> "TrtDecoder":
+    def __enter__(self) -> TrtDecoder:
         return self
 
     def __exit__(self, *exc) -> None:
