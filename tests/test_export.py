@@ -139,3 +139,31 @@ def test_cli_onnx_refuses_a_softmax_model(tmp_path, tiny_tokenizer):
     make_tiny_model("llama").save_pretrained(tmp_path / "softmax")
     result = runner.invoke(app, ["onnx", str(tmp_path / "softmax"), "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "softmax model, not a T2R model" in result.output
+
+
+def test_cli_onnx_int8_writes_a_calibrated_int8_bundle_that_generates(tiny_t2r_dir, tmp_path):
+    out = tmp_path / "int8"
+    result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--precision", "int8",
+                                 "--chained-steps", "8"])
+    assert result.exit_code == 0, result.output
+    runtime = json.loads((out / "runtime.json").read_text())
+    assert runtime["precision"] == "int8" and runtime["state_dtype"] == "float32"
+    ops = {n.op_type for n in onnx.load(str(out / "step.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    generated = runner.invoke(app, ["generate", str(out), "--prompt", "def f(", "--max-new-tokens", "4"])
+    assert generated.exit_code == 0, generated.output
+
+
+def test_cli_onnx_int8_missing_prompts_file(tiny_t2r_dir, tmp_path):
+    result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(tmp_path / "b"), "--precision", "int8",
+                                 "--calibration-prompts", str(tmp_path / "none.txt")])
+    assert result.exit_code == 2 and "calibration prompts file not found" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_with_tensorrt_but_no_tensorrt_is_one_line(tiny_t2r_dir, tmp_path):
+    export_bundle(tiny_t2r_dir, tmp_path / "b", chained_steps=4)
+    result = runner.invoke(app, ["generate", str(tmp_path / "b"), "--prompt", "x", "--provider", "tensorrt"])
+    assert result.exit_code == 2 and "TensorRT" in result.output
+    assert len(result.output.strip().splitlines()) == 1

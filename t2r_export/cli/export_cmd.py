@@ -13,7 +13,10 @@ from .common import check_writable_parent, console, fail
 def onnx_export(
     model: Optional[Path] = typer.Argument(None, help="T2R model directory (default: the bundled T2R teacher)."),
     out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Bundle directory to write."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | fp16-all (overflow demo)."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
+                                               "calibrated on recorded decode states) | fp16-all (overflow demo)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: "
+                                                                   "calibration/prompts.txt of the repository)."),
     verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
@@ -22,20 +25,42 @@ def onnx_export(
     from ..teacher import bundled_model_dir
     from ..tolerances import ToleranceError
 
-    if precision not in PRECISIONS:
-        fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision not in (*PRECISIONS, "int8"):
+        fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
     check_writable_parent(out, "bundle directory")
     try:
         model = model or bundled_model_dir("t2r")
         with console.status(f"exporting {model} → {out}"):
-            result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
+            if precision == "int8":
+                result = _export_int8(model, out, verify, chained_steps, calibration_prompts)
+            else:
+                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
     except ToleranceError as err:
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
         fail(str(err))
     _print_result(result)
+
+
+def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
+    """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
+    import dataclasses
+    import json
+    import tempfile
+
+    from ..export.bundle import export_bundle
+    from ..export.quantize import export_int8_bundle
+
+    if prompts is not None and not prompts.is_file():
+        fail(f"calibration prompts file not found: {prompts}")
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
+        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
+        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
+    runtime = json.loads((out / "runtime.json").read_text())
+    return dataclasses.replace(fp32, out=out, runtime=runtime)
 
 
 def _print_result(result) -> None:

@@ -22,7 +22,8 @@ def generate(
     top_k: int = typer.Option(0, help="Keep the k most likely tokens; 0 = off."),
     top_p: float = typer.Option(1.0, help="Keep the smallest set with this probability mass; 1 = off."),
     seed: int = typer.Option(0, help="Sampling seed (prompt i uses seed + i)."),
-    provider: str = typer.Option("cpu", help="cpu | cuda | tensorrt (ONNX Runtime execution provider)."),
+    provider: str = typer.Option("cpu", help="cpu | cuda | ort-tensorrt (ONNX Runtime execution providers) | "
+                                             "tensorrt (the bundle's TensorRT engines, `t2r-export trt`)."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads; 0 = its default."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop a row when its text contains this; repeatable."),
 ) -> None:
@@ -38,7 +39,8 @@ def generate(
         loaded = load_bundle(bundle)
         tokenizer = loaded.load_tokenizer()
         add_bos = loaded.tokenizer_config().get("add_bos_token") is True
-        decoder = OrtDecoder(loaded, provider=provider, threads=threads)
+        decoder = _tensorrt_decoder(loaded) if provider == "tensorrt" else OrtDecoder(loaded, provider=provider,
+                                                                                      threads=threads)
     except ValueError as err:
         fail(str(err))
     # one prompt streams live; rows of a batch decode interleaved, so they print whole, in order
@@ -76,3 +78,15 @@ def generate(
                       f"([bold]{timing.tokens_per_s:.1f} tokens/s[/bold], batch {len(prompt)}, {provider}), "
                       f"prefill {timing.prefill_s * 1000:.1f} ms, finished: {reasons}[/dim]", highlight=False,
                       soft_wrap=True)
+
+
+def _tensorrt_decoder(bundle):
+    """The TensorRT runner over the bundle's engines; one line when TensorRT, a GPU or the engines are missing."""
+    from ..trt import TensorRTUnavailable
+
+    try:
+        from ..trt.runner import TrtDecoder
+
+        return TrtDecoder(bundle)
+    except TensorRTUnavailable as err:
+        fail(str(err))

@@ -27,10 +27,11 @@ from .bundle import Bundle, BundleError, load_bundle, session_io
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    # ONNX Runtime's own TensorRT execution provider; `tensorrt` alone means our TrtDecoder (engines)
+    "ort-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 # where the state tensors live for each provider
-_DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "ort-tensorrt": "cuda"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -39,7 +40,7 @@ class ProviderError(ValueError):
 
 
 def resolve_providers(provider: str) -> list[str]:
-    """ORT execution-provider names for ``cpu`` | ``cuda`` | ``tensorrt``, fallbacks after the first."""
+    """ORT execution-provider names for ``cpu`` | ``cuda`` | ``ort-tensorrt``, fallbacks after the first."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
