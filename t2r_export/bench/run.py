@@ -60,7 +60,7 @@ class BenchConfig:
     t2r_model: Path
     positions: tuple = DEFAULT_POSITIONS
     # timed single-token steps per repeat; median over repeats; warm-up steps are not timed
-    steps: int = 32
+    steps: int = 64
     repeats: int = 5
     warmup: int = 8
     # same intra-op thread count for ONNX Runtime, onnxruntime-genai and torch

@@ -23,7 +23,7 @@ def bench(
     out: Path = typer.Option(Path("bench"), "-o", "--out", help="Directory for bench.json and the PNG plots."),
     threads: int = typer.Option(0, help="Threads for every path (ORT intra-op, torch); 0 = all CPU cores."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per position; the median counts [5; quick 3]."),
-    steps: Optional[int] = typer.Option(None, help="Single-token steps per repeat [32; quick 8]."),
+    steps: Optional[int] = typer.Option(None, help="Single-token steps per repeat [64; quick 8]."),
     warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps per position [8; quick 2]."),
     device: str = typer.Option("cpu", help="cpu | cuda: where the torch paths run (CUDA graphs for the T2R step)."),
     softmax: Optional[Path] = typer.Option(None, help="The softmax model the bundle came from "
