@@ -43,6 +43,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from t2r_export.atomic import check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.adapters import get_adapter
@@ -178,15 +179,7 @@ def check_config(cfg: FinetuneConfig) -> None:
 
 
 def check_output_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output directory {out} is an existing file; choose another path")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output directory {out} cannot be created: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK):
-        raise ValueError(f"output directory {out} is not writable (no write permission on {probe})")
+    check_writable(out, "output directory")
 
 
 # --- distributed ------------------------------------------------------------------------------
