@@ -19,21 +19,21 @@ def bench(
     bundle: Optional[Path] = typer.Argument(None, help="T2R bundle directory (default: the bundled T2R teacher, "
                                                        "exported into the cache on first use)."),
     positions: Optional[str] = typer.Option(None, help="Context positions to time decode at "
-                                                       "[default: 128,1024,4096,16384; --quick: 128,1024]."),
+                                                       "(default 128,1024,4096,16384; with --quick 128,1024)."),
     out: Path = typer.Option(Path("bench"), "-o", "--out", help="Directory for bench.json and the PNG plots."),
     threads: int = typer.Option(0, help="Threads for every path (ORT intra-op, torch); 0 = all CPU cores."),
-    repeats: Optional[int] = typer.Option(None, help="Timed repeats per position; the median counts [5; quick 3]."),
-    steps: Optional[int] = typer.Option(None, help="Single-token steps per repeat [64; quick 8]."),
-    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps per position [8; quick 2]."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per position, median kept (default 5; quick 3)."),
+    steps: Optional[int] = typer.Option(None, help="Single-token steps per repeat (default 64; quick 8)."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps per position (default 8; quick 2)."),
     device: str = typer.Option("cpu", help="cpu | cuda: where the torch paths run (CUDA graphs for the T2R step)."),
     softmax: Optional[Path] = typer.Option(None, help="The softmax model the bundle came from "
                                                       "(default: the bundled softmax teacher)."),
     t2r_model: Optional[Path] = typer.Option(None, help="The T2R model the bundle was exported from, for the torch "
                                                         "path (default: the bundled T2R teacher)."),
     prefill_lengths: Optional[str] = typer.Option(None, help="Prompt lengths for the prefill comparison "
-                                                             "[1024,8192; quick 256,1024]."),
+                                                             "(default 1024,8192; quick 256,1024)."),
     rss_tokens: Optional[int] = typer.Option(None, help="Tokens of the greedy decode watched for RSS growth "
-                                                        "[10000; quick 2000; the 100k check: 100000]."),
+                                                        "(default 10000; quick 2000; the 100k check: 100000)."),
     paths: str = typer.Option("all", help="Comma-separated subset of t2r-ort,softmax-ort,genai,transformers,"
                                           "t2r-torch,floor (t2r-ort is always run)."),
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
