@@ -163,6 +163,19 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
     extended = json.loads((out / RESULTS_JSON).read_text())
     assert [r["run"] for r in extended["rows"]] == ["teacher", "t2r", "elu"] and not extended["complete"]
     assert extended["rows"][:2] == results["rows"]
+    # another seed is another plan: refused in the same --out, its own table elsewhere
+    result = runner.invoke(app, ["experiment", "paper", "--teacher", str(tiny_teacher), "-o", str(out),
+                                 "--runs", "t2r", "--seed", "1", *FAST])
+    assert result.exit_code == 2 and "different plan (changed: seed)" in " ".join(result.stderr.split())
+    other = tmp_path / "seed1"
+    result = runner.invoke(app, ["experiment", "paper", "--teacher", str(tiny_teacher), "-o", str(other),
+                                 "--runs", "t2r", "--seed", "1", *FAST])
+    assert result.exit_code == 0, result.output
+    seeded = json.loads((other / RESULTS_JSON).read_text())
+    assert seeded["plan"]["seed"] == 1
+    # the teacher does not depend on the seed; a swapped run does
+    assert seeded["rows"][0]["test_perplexity"] == results["rows"][0]["test_perplexity"]
+    assert seeded["rows"][1]["test_perplexity"] != results["rows"][1]["test_perplexity"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -173,6 +186,7 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
     (["paper", "--steps", "3", "--transfer-steps", "3"], "transfer steps must be between"),
     (["paper", "--steps", "0"], "steps must be a positive integer"),
     (["paper", "--teacher", "/nonexistent/teacher"], "is not a model directory"),
+    (["paper", "--seed", "-1"], "--seed must be a non-negative integer"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     out = tmp_path / "out"

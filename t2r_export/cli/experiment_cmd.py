@@ -37,6 +37,7 @@ def experiment(
     runs: Optional[str] = typer.Option(None, help="Comma-separated subset of runs (the teacher always runs)."),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep each run's model in OUT/models."),
     num_threads: Optional[int] = typer.Option(None, help="CPU threads (1 is faster on a busy 2-core machine)."),
+    seed: int = typer.Option(0, help="Seed of every run (swap init, batch order); another seed needs another --out."),
     max_files: Optional[int] = typer.Option(None, hidden=True, help="Only the first N files of each stdlib split."),
 ) -> None:
     import dataclasses
@@ -53,11 +54,13 @@ def experiment(
     overrides = {k: v for k, v in dict(steps=steps, transfer_steps=transfer_steps, batch_size=batch_size,
                                        block_size=block_size, test_tokens=test_tokens).items() if v is not None}
     chosen = dataclasses.replace(BUDGETS[budget_name], **overrides)
+    if seed < 0:
+        fail(f"--seed must be a non-negative integer, got {seed}")
     check_writable_parent(out)
     subset = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
     cfg = ExperimentConfig(out_dir=out, budget_name=budget_name + (" (custom)" if overrides else ""), budget=chosen,
                            teacher=teacher, runs=subset, keep_models=keep_models, num_threads=num_threads,
-                           max_files=max_files)
+                           seed=seed, max_files=max_files)
     _quiet_transformers()
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     try:
