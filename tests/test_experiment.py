@@ -201,3 +201,64 @@ def test_an_output_path_that_is_a_file_exits_2(tmp_path):
     blocker.write_text("x")
     result = runner.invoke(app, ["experiment", "paper", "-o", str(blocker / "out")])
     assert result.exit_code == 2 and "cannot be created" in result.stderr
+
+
+# -- seed-to-seed spread ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def seeded(tiny_teacher, cache, tmp_path_factory):
+    """Two seeds of a two-run subset, each in its own --out."""
+    folders = []
+    for seed in (0, 3):
+        out = tmp_path_factory.mktemp(f"seed{seed}") / "out"
+        run_paper_experiment(experiment_config(tiny_teacher, out, cache, seed=seed, runs=("t2r", "rfa")),
+                             command=f"seed {seed}")
+        folders.append(out)
+    return folders
+
+
+def test_seed_summary_pairs_runs_of_the_same_seed(seeded, tmp_path):
+    from t2r_export.experiments.seeds import main
+
+    out = tmp_path / "docs" / "seeds.md"
+    assert main([str(f) for f in seeded] + ["--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    tables = [json.loads((f / RESULTS_JSON).read_text()) for f in seeded]
+    ppl = [{row["run"]: row["test_perplexity"] for row in t["rows"]} for t in tables]
+    assert summary["seeds"] == [0, 3] and summary["commands"] == ["seed 0", "seed 3"]
+    runs = {r["run"]: r for r in summary["runs"]}
+    assert list(runs) == ["teacher", "t2r", "rfa"]
+    assert runs["t2r"]["mean"] == pytest.approx((ppl[0]["t2r"] + ppl[1]["t2r"]) / 2)
+    assert runs["t2r"]["spread_pct"] == pytest.approx(100 * abs(ppl[0]["t2r"] - ppl[1]["t2r"]) / runs["t2r"]["mean"])
+    assert runs["teacher"]["spread_pct"] == 0.0   # the teacher does not depend on the seed
+    (rfa,) = summary["comparisons"]
+    assert rfa["ratio_by_seed"] == {str(s): pytest.approx(p["rfa"] / p["t2r"]) for s, p in zip((0, 3), ppl)}
+    assert rfa["t2r_better_in"] == sum(p["rfa"] > p["t2r"] for p in ppl)
+    markdown = out.read_text()
+    assert "| run | ppl seed 0 | ppl seed 3 | mean |" in markdown and "| rfa / t2r |" in markdown
+    assert f"{ppl[1]['rfa']:.2f}" in markdown
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one", "need at least 2 result folders"),
+    ("empty", "has no results.json"),
+    ("same-seed", "two folders hold the same seed"),
+    ("other-plan", "differs in: lr"),
+    ("bad-out", "--out must name a .md file"),
+])
+def test_seed_summary_bad_input_is_one_line_and_exit_2(seeded, tmp_path, capsys, case, message):
+    from t2r_export.experiments.seeds import main
+
+    a, b = (str(f) for f in seeded)
+    args = {"one": [a], "empty": [a, str(tmp_path)], "same-seed": [a, a], "bad-out": [a, b, "--out", str(tmp_path / "x.txt")]}
+    if case == "other-plan":
+        other = tmp_path / "other"
+        other.mkdir()
+        results = json.loads((seeded[1] / RESULTS_JSON).read_text())
+        results["plan"]["lr"] *= 2
+        (other / RESULTS_JSON).write_text(json.dumps(results))
+        args[case] = [a, str(other)]
+    assert main(args[case]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x.json").exists()
