@@ -163,6 +163,12 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
     extended = json.loads((out / RESULTS_JSON).read_text())
     assert [r["run"] for r in extended["rows"]] == ["teacher", "t2r", "elu"] and not extended["complete"]
     assert extended["rows"][:2] == results["rows"]
+    # (under pytest both invocations record pytest's argv) a table filled by two commands lists both
+    from t2r_export.experiments.paper import render_markdown
+    two = dict(extended, rows=[dict(r, command=c) for r, c in zip(extended["rows"], ["cmd a", "cmd a", "cmd b"])])
+    markdown = render_markdown(two)
+    assert "- commands (one invocation per `--runs` subset" in markdown and "  - `cmd a`\n  - `cmd b`" in markdown
+    assert "- command: `" in render_markdown(extended)
     # another seed is another plan: refused in the same --out, its own table elsewhere
     result = runner.invoke(app, ["experiment", "paper", "--teacher", str(tiny_teacher), "-o", str(out),
                                  "--runs", "t2r", "--seed", "1", *FAST])
@@ -218,7 +224,7 @@ def seeded(tiny_teacher, cache, tmp_path_factory):
 
 
 def test_seed_summary_pairs_runs_of_the_same_seed(seeded, tmp_path):
-    from t2r_export.experiments.seeds import main
+    from t2r_export.experiments.seeds import main, seed_summary
 
     out = tmp_path / "docs" / "seeds.md"
     assert main([str(f) for f in seeded] + ["--out", str(out)]) == 0
@@ -226,6 +232,9 @@ def test_seed_summary_pairs_runs_of_the_same_seed(seeded, tmp_path):
     tables = [json.loads((f / RESULTS_JSON).read_text()) for f in seeded]
     ppl = [{row["run"]: row["test_perplexity"] for row in t["rows"]} for t in tables]
     assert summary["seeds"] == [0, 3] and summary["commands"] == ["seed 0", "seed 3"]
+    # a run measured under one seed only has no spread
+    (one_seed,) = seed_summary([tables[0], dict(tables[1], rows=tables[1]["rows"][:2])])["runs"][2:]
+    assert one_seed["run"] == "rfa" and one_seed["seeds"] == 1 and one_seed["spread_pct"] is None
     runs = {r["run"]: r for r in summary["runs"]}
     assert list(runs) == ["teacher", "t2r", "rfa"]
     assert runs["t2r"]["mean"] == pytest.approx((ppl[0]["t2r"] + ppl[1]["t2r"]) / 2)

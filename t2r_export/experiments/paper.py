@@ -396,13 +396,22 @@ def _fmt(value, spec: str = ",") -> str:
     return format(value, spec)
 
 
+def _command_lines(results: dict) -> list[str]:
+    """The command, or every command when --runs subsets filled the table in several invocations."""
+    commands = list(dict.fromkeys(row.get("command") or results["command"] for row in results["rows"]))
+    if len(commands) <= 1:
+        return [f"- command: `{commands[0] if commands else results['command']}`"]
+    return ["- commands (one invocation per `--runs` subset; each run's own is in results.json):",
+            *[f"  - `{c}`" for c in commands]]
+
+
 def render_markdown(results: dict) -> str:
     plan, budget, machine = results["plan"], results["plan"]["budget"], results["machine"]
     tokens = budget["steps"] * budget["batch_size"] * budget["block_size"]
     lines = [
         f"# T2R paper comparison: {plan['budget_name']} budget" + ("" if results["complete"] else " (incomplete)"),
         "",
-        f"- command: `{results['command']}`",
+        *_command_lines(results),
         (f"- machine: {machine['cpu']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} torch thread(s); "
          f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}"),
         f"- teacher: `{plan['teacher']}`",

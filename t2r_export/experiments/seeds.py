@@ -70,7 +70,8 @@ def seed_summary(loaded: list[dict]) -> dict:
         values = list(ppl.values())
         runs.append({"run": name, "perplexity_by_seed": {str(s): p for s, p in ppl.items()},
                      "seeds": len(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
-                     "spread_pct": 100 * (max(values) - min(values)) / statistics.fmean(values)})
+                     "spread_pct": (100 * (max(values) - min(values)) / statistics.fmean(values)
+                                    if len(values) > 1 else None)})
     comparisons = []
     reference = by_run.get(REFERENCE, {})
     for name in order:
@@ -84,7 +85,9 @@ def seed_summary(loaded: list[dict]) -> dict:
                             "min_ratio": min(ratios.values()), "max_ratio": max(ratios.values()),
                             "t2r_better_in": sum(r > 1 for r in ratios.values())})
     return {"experiment": "paper-seeds", "plan": {k: v for k, v in loaded[0]["plan"].items() if k != "seed"},
-            "seeds": [r["plan"]["seed"] for r in loaded], "commands": [r["command"] for r in loaded],
+            "seeds": [r["plan"]["seed"] for r in loaded],
+            # a folder may be filled by several invocations (--runs subsets): each row keeps its own
+            "commands": list(dict.fromkeys(row.get("command") or r["command"] for r in loaded for row in r["rows"])),
             "runs": runs, "comparisons": comparisons}
 
 
@@ -101,7 +104,8 @@ def render_markdown(summary: dict) -> str:
     for run in summary["runs"]:
         cells = [f"{run['perplexity_by_seed'][str(s)]:.2f}" if str(s) in run["perplexity_by_seed"] else "-"
                  for s in seeds]
-        lines.append(f"| {run['run']} | " + " | ".join(cells) + f" | {run['mean']:.2f} | {run['spread_pct']:.1f}% |")
+        spread = "-" if run["spread_pct"] is None else f"{run['spread_pct']:.1f}%"
+        lines.append(f"| {run['run']} | " + " | ".join(cells) + f" | {run['mean']:.2f} | {spread} |")
     if summary["comparisons"]:
         lines += ["", f"Paired with `{REFERENCE}` of the same seed (ratio of perplexities; above 1: `{REFERENCE}` "
                       "is better):", "",
