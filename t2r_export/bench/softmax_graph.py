@@ -1,7 +1,7 @@
 """The softmax teacher as an ONNX decoder with a KV cache, and the dense-matmul floor graph.
 
-Both come out of the T2R emitter's machinery (``DecoderEmitter``: the same fused q/k/v, RoPE,
-matmul, norms, MLP and lm_head), so the benchmark compares attention cores and nothing else:
+Both come out of the T2R emitter's machinery (``DecoderEmitter``: the same fused q/k/v
+matmul, RoPE, norms, MLP and lm_head), so the benchmark compares attention cores and nothing else:
 
 - ``SoftmaxKVEmitter``: causal softmax attention over ``past_key.{i}`` / ``past_value.{i}``
   ``[B, H_kv, P, d]`` concatenated with the new keys/values (returned as ``present_key.{i}`` /
