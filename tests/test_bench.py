@@ -244,3 +244,13 @@ def test_device_cuda_without_cuda_skips_the_torch_paths_with_a_reason(tiny_model
     data = json.loads((out / "bench.json").read_text())
     for name in ("t2r-torch", "transformers"):
         assert data["paths"][name]["status"].startswith("unavailable: --device cuda, but torch sees no CUDA"), name
+
+
+def test_the_cached_default_bundle_is_rebuilt_when_the_exporter_changes(tiny_t2r_dir, tmp_path, monkeypatch):
+    first = bench_run.default_bundle(tiny_t2r_dir, tmp_path)
+    stamp = (first / "runtime.json").stat().st_mtime_ns
+    assert bench_run.default_bundle(tiny_t2r_dir, tmp_path) == first            # reused: same weights, same code
+    assert (first / "runtime.json").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(bench_run, "exporter_fingerprint", lambda: "f" * 64)   # the emitter's source changed
+    second = bench_run.default_bundle(tiny_t2r_dir, tmp_path)
+    assert second != first and (second / "runtime.json").is_file()

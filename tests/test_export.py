@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # what TensorRT's ONNX parser and every ONNX runtime handle; no contrib ops
 ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "LayerNormalization",
-               "MatMul", "Max", "Mul", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin", "Slice",
+               "MatMul", "Max", "Mul", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin", "Slice",
                "Split", "Sqrt", "Tanh", "Unsqueeze"}
 
 
@@ -58,9 +58,11 @@ def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
                                                             else onnx.TensorProto.FLOAT)
 
 
-@pytest.mark.parametrize("arch", sorted(ADAPTERS))
-def test_onnx_runtime_matches_torch_for_every_architecture(arch, tmp_path):
-    model = _swapped(arch)
+# every architecture with the learned map; the fixed maps through the same joint q|k feature-map path
+@pytest.mark.parametrize("arch, feature_map", [(arch, "t2r") for arch in sorted(ADAPTERS)] +
+                         [("llama", "elu"), ("llama", "rfa"), ("gpt_neox", "rfa"), ("gpt2", "elu")])
+def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tmp_path):
+    model = _swapped(arch, feature_map)
     dec = extract_decoder(model)
     paths = {}
     for kind in contract.GRAPH_KINDS:

@@ -186,9 +186,10 @@ def test_int8_qdq_only_around_weight_matmuls_and_runs_in_ort(fp32_bundle, tmp_pa
 def test_weight_matmul_selection_skips_island_and_excluded_scopes():
     graph = build_graph(extract_decoder(_model()), contract.PREFILL)
     everything = weight_matmul_nodes(graph, exclude_scopes=())
-    default = weight_matmul_nodes(graph, exclude_scopes=("layers.*.state", "layers.*.phi"))
+    default = weight_matmul_nodes(graph, exclude_scopes=CalibrationRecipe().exclude_scopes)
     assert any("/MatMul" in n and ".phi/" in n for n in everything)
-    assert not any(".phi/" in n or ".state/" in n for n in default)
+    assert any("/MatMul" in n and ".rope/" in n for n in everything)
+    assert not any(".phi/" in n or ".state/" in n or ".rope/" in n for n in default)
     assert {n.split("/")[0] for n in default} == {"layers.0.attn.qkv", "layers.0.attn.o", "layers.0.mlp.in",
                                                   "layers.0.mlp.out", "layers.1.attn.qkv", "layers.1.attn.o",
                                                   "layers.1.mlp.in", "layers.1.mlp.out", "lm_head"}

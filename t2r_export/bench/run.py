@@ -21,6 +21,7 @@ every position; t2r-ort (whose runtime has no state-restore call) runs its repea
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import platform
@@ -378,13 +379,26 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
                          "the model the bundle was exported from")
 
 
+def exporter_fingerprint() -> str:
+    """sha256 of the exporter's source (graph emitter, weight extraction, contract): a cached bundle
+    from an older exporter must not be timed as if it were today's graph."""
+    from ..export import contract, graph, weights
+
+    h = hashlib.sha256()
+    for module in (contract, graph, weights):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def default_bundle(t2r_model: Path, cache_root: Path | None = None) -> Path:
-    """A verified bundle of ``t2r_model``, exported once into the cache (keyed by its weights)."""
+    """A verified bundle of ``t2r_model``, exported once into the cache (keyed by its weights and
+    by the exporter's source)."""
     from ..data.corpus import cache_dir_default
     from ..export.bundle import checkpoint_sha256, export_bundle
 
     sha = checkpoint_sha256(Path(t2r_model), None)
-    out = Path(cache_root or cache_dir_default()) / "bench-bundle" / sha[:16]
+    key = f"{sha[:16]}-{exporter_fingerprint()[:12]}"
+    out = Path(cache_root or cache_dir_default()) / "bench-bundle" / key
     if not (out / "runtime.json").is_file():
         export_bundle(Path(t2r_model), out)
     return out

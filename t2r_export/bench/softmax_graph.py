@@ -1,12 +1,12 @@
 """The softmax teacher as an ONNX decoder with a KV cache, and the dense-matmul floor graph.
 
-Both come out of the T2R emitter's machinery (``DecoderEmitter``: the same fused q/k/v(+RoPE)
-matmul, norms, MLP and lm_head), so the benchmark compares attention cores and nothing else:
+Both come out of the T2R emitter's machinery (``DecoderEmitter``: the same fused q/k/v
+matmul, RoPE, norms, MLP and lm_head), so the benchmark compares attention cores and nothing else:
 
 - ``SoftmaxKVEmitter``: causal softmax attention over ``past_key.{i}`` / ``past_value.{i}``
   ``[B, H_kv, P, d]`` concatenated with the new keys/values (returned as ``present_key.{i}`` /
   ``present_value.{i}`` ``[B, H_kv, P+T, d]``); GQA by reshaping queries to ``[B, H_kv, G, T, d]``.
-  The query scale d**-0.5 is folded into the query columns of the fused q/k/v weight.
+  The query scale d**-0.5 is in the query columns of the fused q/k/v weight.
 - ``FloorEmitter``: one token through the model's own dense matmuls only (embedding gather,
   q|k|v, o, MLP in/out of every layer, lm_head; Slice where a width must be routed): a lower
   bound on the latency of any decoder of this model with these weights on this machine.
@@ -53,33 +53,22 @@ def extract_softmax_decoder(model) -> DecoderWeights:
     """``DecoderWeights`` of a softmax causal LM, through the T2R extractors.
 
     The extractors read feature maps, which a softmax model lacks, so a copy is swapped with the
-    parameter-free "elu" map first: the swap keeps every weight bit-identical. The query scale is
-    then folded into the q (and rotate_half(q)) columns of the fused q/k/v weight.
+    parameter-free "elu" map first: the swap keeps every weight bit-identical. The extractor folds
+    the query scale into the q columns of the fused q/k/v weight, as softmax attention needs.
     """
     from ..models import T2RConfig, swap_attention
     from ..export.weights import extract_decoder
 
     dec = extract_decoder(swap_attention(copy.deepcopy(model).eval(), T2RConfig(feature_map="elu")))
-    q_width = dec.num_heads * dec.head_dim * (2 if dec.rope else 1)
     for layer in dec.layers:
-        scale = np.float32(layer.feature_map.q_scale)
-        layer.qkv_weight = layer.qkv_weight.copy()
-        layer.qkv_weight[:, :q_width] *= scale
-        if layer.qkv_bias is not None:
-            layer.qkv_bias = layer.qkv_bias.copy()
-            layer.qkv_bias[:q_width] *= scale
-        layer.feature_map = FeatureMapWeights("softmax", 1.0)
+        layer.feature_map = FeatureMapWeights("softmax")
     dec.feature_dim = dec.head_dim
     return dec
 
 
 def dense_qkv(dec: DecoderWeights, layer) -> np.ndarray:
-    """The model's own q|k|v weight [D, (H + 2 H_kv) d]: the fused weight without the rotate_half copies."""
-    hd, kvd = dec.num_heads * dec.head_dim, dec.num_kv_heads * dec.head_dim
-    w = layer.qkv_weight
-    if not dec.rope:
-        return w
-    return np.concatenate([w[:, :hd], w[:, 2 * hd:2 * hd + kvd], w[:, 2 * hd + 2 * kvd:]], axis=1)
+    """The model's own q|k|v weight [D, (H + 2 H_kv) d] (the fused weight is exactly that, reordered)."""
+    return layer.qkv_weight
 
 
 # -- graphs --------------------------------------------------------------------------------------
@@ -91,7 +80,7 @@ class SoftmaxKVEmitter(DecoderEmitter):
         super().__init__(dec, kind, "fp32")
         self._mask = None
 
-    def feature_map(self, x, fm, query, prefix):
+    def feature_map(self, x, fm, prefix):
         # softmax attention uses q and k as they are (the query scale is in the weights)
         return x
 

@@ -1,7 +1,8 @@
 """Emit the step and prefill ONNX graphs from a ``DecoderWeights`` description.
 
-Plain ONNX ops only (opset 17), no transposes on the decode path, one fused q/k/v(+RoPE) matmul
-and one batched feature-map matmul per layer. Names and shapes of the graph I/O come from
+Plain ONNX ops only (opset 17), no transposes on the decode path; per layer one fused q/k/v
+matmul, one RoPE rotation and one feature-map matmul for queries and keys together
+([B, T, H_kv, G+1, d]), and RMSNorm in the Pow form ONNX Runtime fuses into one kernel. Names and shapes of the graph I/O come from
 ``contract``. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
@@ -136,7 +137,8 @@ class DecoderEmitter:
                 b = g.weight(prefix + ".bias", n.bias if n.bias is not None else np.zeros_like(n.weight), fp32=True)
                 y = g.op("LayerNormalization", x32, w, b, axis=-1, epsilon=n.eps)
             else:
-                ms = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+                # Pow(x, 2) rather than Mul(x, x): the pattern ONNX Runtime fuses into one RMSNorm kernel
+                ms = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
                 y = g.op("Mul", g.op("Div", x32, g.op("Sqrt", g.op("Add", ms, g.const(n.eps, np.float32)))), w)
             return self.to_low(y)
 
@@ -162,23 +164,23 @@ class DecoderEmitter:
             return g.op("Mul", g.op("Mul", x, c(0.5)), g.op("Add", g.op("Tanh", inner), c(1.0)))
         raise ValueError(f"activation {kind!r} is not supported by the ONNX exporter")
 
-    def feature_map(self, x: str, fm: FeatureMapWeights, query: bool, prefix: str) -> str:
-        """x [B, T, H_kv, G, d] -> phi [B, T, H_kv, G, K]."""
+    def feature_map(self, x: str, fm: FeatureMapWeights, prefix: str) -> str:
+        """x [B, T, H_kv, G+1, d] (G scaled queries and the key of each KV head) -> phi [B, T, H_kv, G+1, K].
+
+        One op chain for queries and keys: the query scale is already in the q columns."""
         g = self.g
         if fm.kind == "t2r":
-            w = g.weight(prefix + (".q_weight" if query else ".k_weight"), fm.q_weight if query else fm.k_weight)
+            w = g.weight(prefix + ".weight", fm.weight)
             b = g.weight(prefix + ".bias", fm.bias)
             return g.op("Relu", g.op("Add", g.op("MatMul", x, w), b))
-        if query:
-            x = g.op("Mul", x, g.const(fm.q_scale, self.low))
         if fm.kind == "elu":
             return g.op("Add", g.op("Elu", x, alpha=1.0), g.const(1.0, self.low))
         # rfa: random Fourier features of the unit-normalised vector
         x32 = self.to_fp32(x)
         norm = g.op("Sqrt", g.op("ReduceSum", g.op("Mul", x32, x32), g.const([-1], np.int64), keepdims=1))
         xn = self.to_low(g.op("Div", x32, g.op("Max", norm, g.const(1e-6, np.float32))))
-        proj = g.op("MatMul", xn, g.weight(prefix + ".omega", fm.q_weight))
-        scale = g.const(1.0 / np.sqrt(fm.q_weight.shape[-1]), self.low)
+        proj = g.op("MatMul", xn, g.weight(prefix + ".omega", fm.weight))
+        scale = g.const(1.0 / np.sqrt(fm.weight.shape[-1]), self.low)
         return g.op("Mul", g.op("Concat", g.op("Sin", proj), g.op("Cos", proj), axis=-1), scale)
 
     def attention_core_step(self, phi_q, phi_k, v, i: int):
@@ -215,31 +217,22 @@ class DecoderEmitter:
         return g.reshape(self.to_low(out), [0, 0, self.dec.num_heads * d])
 
     def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
-        g, dec = self.g, self.dec
+        g, dec, hkv, G, d = self.g, self.dec, self.hkv, self.groups, self.d
         p = f"layers.{i}.attn"
         qkv = self.linear(x, layer.qkv_weight, layer.qkv_bias, p + ".qkv")
-        hd, kvd = dec.num_heads * self.d, self.hkv * self.d
-        sizes = [hd, hd, kvd, kvd, kvd] if rope else [hd, kvd, kvd]
-        parts = g.op("Split", qkv, g.const(sizes, np.int64), axis=-1, outputs=len(sizes))
+        qk, v = g.op("Split", qkv, g.const([hkv * (G + 1) * d, hkv * d], np.int64), axis=-1, outputs=2)
+        qk = g.reshape(qk, [0, 0, hkv, G + 1, d])                         # per KV head: G queries, 1 key
         if rope:
-            cos, sin = rope
-            q, qr, k, kr, v = parts
-            q = g.op("Add", g.op("Mul", g.reshape(q, [0, 0, dec.num_heads, self.d]), cos),
-                     g.op("Mul", g.reshape(qr, [0, 0, dec.num_heads, self.d]), sin))
-            k = g.op("Add", g.op("Mul", g.reshape(k, [0, 0, self.hkv, self.d]), cos),
-                     g.op("Mul", g.reshape(kr, [0, 0, self.hkv, self.d]), sin))
-        else:
-            q, k, v = parts
-        q5 = g.reshape(q, [0, 0, self.hkv, self.groups, self.d])
-        k5 = g.reshape(k, [0, 0, self.hkv, 1, self.d])
-        v5 = g.reshape(v, [0, 0, self.hkv, 1, self.d])
+            cos, sin, rot = rope
+            with g.scope(f"layers.{i}.rope"):
+                qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("MatMul", qk, rot), sin))
         with g.scope(f"layers.{i}.phi"):
-            phi_q = self.feature_map(q5, layer.feature_map, True, f"layers.{i}.phi")
-            phi_k = self.feature_map(k5, layer.feature_map, False, f"layers.{i}.phi")
+            phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
+            phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
         # the running sums, phi(q)·z and the division stay fp32 in every plan (DESIGN §5)
         with g.scope(f"layers.{i}.state", fp32_island=True):
-            out = core(phi_q, phi_k, v5, i)
+            out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
 
     def mlp(self, x: str, layer: LayerWeights, i: int) -> str:
@@ -255,7 +248,8 @@ class DecoderEmitter:
         return self.linear(h, layer.mlp_out, layer.mlp_out_bias, p + ".out")
 
     def rope_tables(self):
-        """cos/sin [B, T, 1, d] from position_ids; zero frequencies leave pass-through dims alone."""
+        """cos/sin [B, T, 1, 1, d] from position_ids, and the shared rotate_half matrix R [d, d];
+        zero frequencies leave pass-through dims alone (cos 1, sin 0)."""
         g = self.g
         # angles reach 1e4+ at long positions: fp16 would lose them, so the tables are made in fp32
         with g.scope("rope", fp32_island=True):
@@ -265,7 +259,8 @@ class DecoderEmitter:
             if self.dec.rope_scale != 1.0:
                 scale = g.const(self.dec.rope_scale, np.float32)
                 cos, sin = g.op("Mul", cos, scale), g.op("Mul", sin, scale)
-            return g.unsqueeze(self.to_low(cos), [2]), g.unsqueeze(self.to_low(sin), [2])
+            cos, sin = g.unsqueeze(self.to_low(cos), [2, 3]), g.unsqueeze(self.to_low(sin), [2, 3])
+        return cos, sin, g.weight("rope.rotate_half", self.dec.rotate_half)
 
     def build(self) -> onnx.ModelProto:
         g, dec = self.g, self.dec

@@ -53,7 +53,7 @@ class CalibrationRecipe:
     calibrate_method: str = "MinMax"        # MinMax | Percentile | Entropy
     percentile: float = 99.999
     # the state core is fp32 by design; phi(k) feeds the un-decayed running sums
-    exclude_scopes: list = field(default_factory=lambda: ["layers.*.state", "layers.*.phi"])
+    exclude_scopes: list = field(default_factory=lambda: ["layers.*.state", "layers.*.phi", "layers.*.rope"])
     prompts: str = "prompts.txt"
     prompt_separator: str = "====="
     max_prompt_tokens: int = 128

@@ -3,10 +3,13 @@
 One small extraction function per architecture family, registered by model_type (the adapter
 names). Layouts are chosen for the graph, so the emitter needs no transposes:
 - every projection is stored as x @ W ([in, out]);
-- q, rotate_half(q), k, rotate_half(k), v come out of ONE fused matmul: rotate_half is linear,
-  so it is folded into copies of the q/k columns (RoPE then costs two Mul and one Add);
-- partial rotary (GPT-NeoX) uses zero frequencies on the pass-through dims (cos 1, sin 0);
-- the query scale d**-0.5 is folded into the query feature map's weight (t2r).
+- q, k and v come out of ONE fused matmul whose columns are ordered per KV head (its G query
+  heads, then its key head), then every value head: the step reshapes q|k to
+  [B, T, H_kv, G+1, d] and rotates and feature-maps queries and keys together, in one op each;
+- RoPE is x*cos + (x @ R)*sin with one shared [d, d] rotate_half matrix R; partial rotary
+  (GPT-NeoX) uses zero frequencies on the pass-through dims (cos 1, sin 0);
+- the query scale d**-0.5 is folded into the query columns (weight and bias): every feature map
+  (and softmax) sees already-scaled queries, so queries and keys share one feature map weight.
 """
 
 from __future__ import annotations
@@ -31,10 +34,8 @@ class Norm:
 
 @dataclass
 class FeatureMapWeights:
-    kind: str                   # "t2r" | "elu" | "rfa"
-    q_scale: float              # applied to queries before phi (folded into q_weight for t2r)
-    q_weight: np.ndarray | None = None   # t2r: [H_kv, d, K] (already scaled); rfa: omega^T [H_kv, d, m]
-    k_weight: np.ndarray | None = None
+    kind: str                            # "t2r" | "elu" | "rfa" (| "softmax" for the bench's peer graph)
+    weight: np.ndarray | None = None     # t2r: [H_kv, d, K]; rfa: omega^T [H_kv, d, m]; the same for q and k
     bias: np.ndarray | None = None       # t2r: [H_kv, 1, K]
 
 
@@ -42,7 +43,7 @@ class FeatureMapWeights:
 class LayerWeights:
     norm1: Norm
     norm2: Norm
-    qkv_weight: np.ndarray                 # [D, N]: q | q_rot | k | k_rot | v  (no *_rot without RoPE)
+    qkv_weight: np.ndarray                 # [D, (H + 2 H_kv) d]: per KV head (G scaled q heads, k), then v
     qkv_bias: np.ndarray | None
     o_weight: np.ndarray                   # [H*d, D]
     o_bias: np.ndarray | None
@@ -68,6 +69,7 @@ class DecoderWeights:
     pos_embed: np.ndarray | None           # [P, D] (learned positions) or None
     inv_freq: np.ndarray | None            # [d] full-width RoPE frequencies, zeros on pass-through dims
     rope_scale: float
+    rotate_half: np.ndarray | None         # [d, d]: x @ R == HF's rotate_half on the rotary dims, 0 elsewhere
     layers: list[LayerWeights] = field(default_factory=list)
     final_norm: Norm | None = None
     lm_head: np.ndarray | None = None      # [D, V]
@@ -101,34 +103,36 @@ def _rotate_half_matrix(head_dim: int, rotary_dim: int) -> np.ndarray:
     return r
 
 
-def _rotated(w: np.ndarray, b: np.ndarray | None, heads: int, rot: np.ndarray):
-    """Columns of x @ W (heads·d wide) with rotate_half folded in per head."""
-    d = rot.shape[0]
-    wr = (w.reshape(w.shape[0], heads, d) @ rot).reshape(w.shape)
-    br = None if b is None else (b.reshape(heads, d) @ rot).reshape(-1)
-    return wr, br
+def _fuse_qkv(q, k, v, heads: int, kv_heads: int, q_scale: float):
+    """Fuse (W, b) pairs into one [D, (H + 2 H_kv) d] matmul: per KV head its G query heads (scaled by
+    ``q_scale``) then its key head, then all value heads. Query head j reads KV head j // G (HF's repeat_kv)."""
+    d = k[0].shape[1] // kv_heads
+    groups = heads // kv_heads
+    q = (q[0] * np.float32(q_scale), None if q[1] is None else q[1] * np.float32(q_scale))
 
+    def cols(pair, first: int, count: int):
+        w, b = pair
+        sl = slice(first * d, (first + count) * d)
+        return w[:, sl], (np.zeros(count * d, np.float32) if b is None else b[sl])
 
-def _fuse_qkv(q, k, v, heads, kv_heads, rot):
-    """Fuse (W, b) pairs into one [D, N] matmul; with RoPE add the rotate_half copies."""
-    parts = [q, _rotated(*q, heads, rot), k, _rotated(*k, kv_heads, rot), v] if rot is not None else [q, k, v]
-    weight = np.concatenate([p[0] for p in parts], axis=1)
-    if all(p[1] is None for p in parts):
+    parts = []
+    for h in range(kv_heads):
+        parts += [cols(q, h * groups, groups), cols(k, h, 1)]
+    parts.append(cols(v, 0, kv_heads))
+    weight = np.ascontiguousarray(np.concatenate([w for w, _ in parts], axis=1))
+    if all(p[1] is None for p in (q, k, v)):
         return weight, None
-    bias = np.concatenate([p[1] if p[1] is not None else np.zeros(p[0].shape[1], np.float32) for p in parts])
-    return weight, bias
+    return weight, np.concatenate([b for _, b in parts])
 
 
-def _feature_map(attn, scaling: float) -> FeatureMapWeights:
+def _feature_map(attn) -> FeatureMapWeights:
     fm = getattr(attn, FEATURE_MAP_ATTR)
     if fm.kind == "t2r":
         w = _np(fm.weight).transpose(0, 2, 1).copy()          # [H_kv, d, K]
-        bias = _np(fm.bias)[:, None, :]                       # [H_kv, 1, K]
-        return FeatureMapWeights("t2r", scaling, q_weight=w * scaling, k_weight=w, bias=bias)
+        return FeatureMapWeights("t2r", w, _np(fm.bias)[:, None, :])   # bias [H_kv, 1, K]
     if fm.kind == "rfa":
-        omega_t = _np(fm.omega).transpose(0, 2, 1).copy()     # [H_kv, d, m]
-        return FeatureMapWeights("rfa", scaling, q_weight=omega_t, k_weight=omega_t)
-    return FeatureMapWeights("elu", scaling)
+        return FeatureMapWeights("rfa", _np(fm.omega).transpose(0, 2, 1).copy())   # [H_kv, d, m]
+    return FeatureMapWeights("elu")
 
 
 def _rope(rotary_emb, head_dim: int):
@@ -155,9 +159,9 @@ def _lm_head(model):
 def _base(model, embed, pos_embed, rope) -> DecoderWeights:
     heads, kv_heads, head_dim = attention_dims(model.config)
     fm = getattr(attention_modules(model)[0], FEATURE_MAP_ATTR)
-    inv, scale = (rope[0], rope[1]) if rope is not None else (None, 1.0)
+    inv, scale, rot = rope if rope is not None else (None, 1.0, None)
     return DecoderWeights(get_adapter(model.config.model_type).model_type, heads, kv_heads, head_dim,
-                          fm.feature_dim, float(fm.settings.eps), _np(embed), _np(pos_embed), inv, scale)
+                          fm.feature_dim, float(fm.settings.eps), _np(embed), _np(pos_embed), inv, scale, rot)
 
 
 def extract_llama(model) -> DecoderWeights:
@@ -168,13 +172,14 @@ def extract_llama(model) -> DecoderWeights:
     dec = _base(model, model.model.embed_tokens.weight, None, rope)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        qkv_w, qkv_b = _fuse_qkv(_linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj), heads, kv_heads, rope[2])
+        qkv_w, qkv_b = _fuse_qkv(_linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj), heads, kv_heads,
+                                 a.scaling)
         gate, up = _linear(m.gate_proj), _linear(m.up_proj)
         mlp_b = None if gate[1] is None else np.concatenate([gate[1], up[1]])
         dec.layers.append(LayerWeights(
             _norm(layer.input_layernorm, "rms"), _norm(layer.post_attention_layernorm, "rms"),
             qkv_w, qkv_b, *_linear(a.o_proj), "gated", np.concatenate([gate[0], up[0]], axis=1), mlp_b,
-            *_linear(m.down_proj), cfg.hidden_act, False, _feature_map(a, a.scaling)))
+            *_linear(m.down_proj), cfg.hidden_act, False, _feature_map(a)))
     dec.final_norm = _norm(model.model.norm, "rms")
     dec.lm_head, dec.lm_head_bias = _lm_head(model)
     return dec
@@ -184,14 +189,19 @@ def extract_gpt2(model) -> DecoderWeights:
     """GPT-2: LayerNorm, learned positions, Conv1D (already x @ W) fused c_attn, GELU MLP."""
     cfg = model.config
     t = model.transformer
+    heads, _, head_dim = attention_dims(cfg)
     dec = _base(model, t.wte.weight, t.wpe.weight, None)
     for block in t.h:
         a, m = block.attn, block.mlp
+        w, b = _np(a.c_attn.weight), _np(a.c_attn.bias)       # [D, 3D]: q | k | v
+        width = heads * head_dim
+        split = [(w[:, i * width:(i + 1) * width], None if b is None else b[i * width:(i + 1) * width])
+                 for i in range(3)]
         dec.layers.append(LayerWeights(
             _norm(block.ln_1, "layer"), _norm(block.ln_2, "layer"),
-            _np(a.c_attn.weight), _np(a.c_attn.bias), _np(a.c_proj.weight), _np(a.c_proj.bias),
+            *_fuse_qkv(*split, heads, heads, a.scaling), _np(a.c_proj.weight), _np(a.c_proj.bias),
             "plain", _np(m.c_fc.weight), _np(m.c_fc.bias), _np(m.c_proj.weight), _np(m.c_proj.bias),
-            cfg.activation_function, False, _feature_map(a, a.scaling)))
+            cfg.activation_function, False, _feature_map(a)))
     dec.final_norm = _norm(t.ln_f, "layer")
     dec.lm_head, dec.lm_head_bias = _lm_head(model)
     return dec
@@ -210,11 +220,11 @@ def extract_gpt_neox(model) -> DecoderWeights:
         w = w.reshape(w.shape[0], heads, 3, head_dim)
         b = b.reshape(heads, 3, head_dim) if b is not None else None
         split = [(w[:, :, i].reshape(w.shape[0], -1), None if b is None else b[:, i].reshape(-1)) for i in range(3)]
-        qkv_w, qkv_b = _fuse_qkv(*split, heads, heads, rope[2])
+        qkv_w, qkv_b = _fuse_qkv(*split, heads, heads, a.scaling)
         dec.layers.append(LayerWeights(
             _norm(layer.input_layernorm, "layer"), _norm(layer.post_attention_layernorm, "layer"),
             qkv_w, qkv_b, *_linear(a.dense), "plain", *_linear(m.dense_h_to_4h), *_linear(m.dense_4h_to_h),
-            cfg.hidden_act, bool(cfg.use_parallel_residual), _feature_map(a, a.scaling)))
+            cfg.hidden_act, bool(cfg.use_parallel_residual), _feature_map(a)))
     dec.final_norm = _norm(g.final_layer_norm, "layer")
     dec.lm_head, dec.lm_head_bias = _lm_head(model)
     return dec
