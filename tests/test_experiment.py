@@ -259,7 +259,8 @@ def test_seed_summary_bad_input_is_one_line_and_exit_2(seeded, tmp_path, capsys,
     from t2r_export.experiments.seeds import main
 
     a, b = (str(f) for f in seeded)
-    args = {"one": [a], "empty": [a, str(tmp_path)], "same-seed": [a, a], "bad-out": [a, b, "--out", str(tmp_path / "x.txt")]}
+    args = {"one": [a], "empty": [a, str(tmp_path)], "same-seed": [a, a],
+            "bad-out": [a, b, "--out", str(tmp_path / "x.txt")]}
     if case == "other-plan":
         other = tmp_path / "other"
         other.mkdir()

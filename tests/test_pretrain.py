@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from t2r_export.cli import pretrain_cmd
-from t2r_export.data.corpus import read_split, stdlib_token_stream
+from t2r_export.data.corpus import stdlib_token_stream
 from t2r_export.data.tokenizer import ENDOFTEXT, train_bpe_tokenizer
 from t2r_export.train.evaluate import perplexity
 from t2r_export.train.pretrain import PretrainConfig, lr_at, parse_args, pretrain_teacher

@@ -2,8 +2,8 @@
 
 Plain ONNX ops only (opset 17), no transposes on the decode path; per layer one fused q/k/v
 matmul, one RoPE rotation and one feature-map matmul for queries and keys together
-([B, T, H_kv, G+1, d]), and RMSNorm in the Pow form ONNX Runtime fuses into one kernel. Names and shapes of the graph I/O come from
-``contract``. Precision plans:
+([B, T, H_kv, G+1, d]), and RMSNorm in the Pow form ONNX Runtime fuses into one kernel. Names
+and shapes of the graph I/O come from ``contract``. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
   outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
@@ -217,7 +217,7 @@ class DecoderEmitter:
         return g.reshape(self.to_low(out), [0, 0, self.dec.num_heads * d])
 
     def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
-        g, dec, hkv, G, d = self.g, self.dec, self.hkv, self.groups, self.d
+        g, hkv, G, d = self.g, self.hkv, self.groups, self.d
         p = f"layers.{i}.attn"
         qkv = self.linear(x, layer.qkv_weight, layer.qkv_bias, p + ".qkv")
         qk, v = g.op("Split", qkv, g.const([hkv * (G + 1) * d, hkv * d], np.int64), axis=-1, outputs=2)
