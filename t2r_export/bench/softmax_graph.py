@@ -66,11 +66,6 @@ def extract_softmax_decoder(model) -> DecoderWeights:
     return dec
 
 
-def dense_qkv(dec: DecoderWeights, layer) -> np.ndarray:
-    """The model's own q|k|v weight [D, (H + 2 H_kv) d] (the fused weight is exactly that, reordered)."""
-    return layer.qkv_weight
-
-
 # -- graphs --------------------------------------------------------------------------------------
 
 class SoftmaxKVEmitter(DecoderEmitter):
@@ -161,7 +156,7 @@ class FloorEmitter(DecoderEmitter):
         g, dec = self.g, self.dec
         x = g.op("Gather", g.weight("embed", dec.embed), "input_ids", axis=0)           # [B, 1, D]
         for i, layer in enumerate(dec.layers):
-            qkv = self._matmul(x, dense_qkv(dec, layer), f"layers.{i}.attn.qkv")
+            qkv = self._matmul(x, layer.qkv_weight, f"layers.{i}.attn.qkv")
             attn = self._matmul(self._first(qkv, layer.o_weight.shape[0]), layer.o_weight, f"layers.{i}.attn.o")
             h = self._matmul(attn, layer.mlp_in, f"layers.{i}.mlp.in")
             x = self._matmul(self._first(h, layer.mlp_out.shape[0]), layer.mlp_out, f"layers.{i}.mlp.out")
@@ -191,7 +186,7 @@ def build_floor_graph(dec: DecoderWeights) -> onnx.ModelProto:
 
 def dense_weight_bytes(dec: DecoderWeights) -> int:
     """fp32 bytes the floor graph reads per token (its weights; the embedding contributes one row)."""
-    per_layer = sum(dense_qkv(dec, layer).size + layer.o_weight.size + layer.mlp_in.size + layer.mlp_out.size
+    per_layer = sum(layer.qkv_weight.size + layer.o_weight.size + layer.mlp_in.size + layer.mlp_out.size
                     for layer in dec.layers)
     return 4 * (per_layer + dec.lm_head.size + dec.embed.shape[1])
 
