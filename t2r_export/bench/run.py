@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..machine import cpu_model
 from .peers import PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
@@ -320,15 +321,7 @@ def machine_info(threads: int) -> dict:
     import torch
     import transformers
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": model, "cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "loadavg_start": list(os.getloadavg())}

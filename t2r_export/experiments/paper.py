@@ -35,6 +35,7 @@ import torch
 
 from t2r_export.atomic import atomic_write_text, check_writable
 from t2r_export.data.corpus import stdlib_token_stream
+from t2r_export.machine import cpu_model
 from t2r_export.models import attention_dims, load_causal_lm, swap_summary
 from t2r_export.models.swap import attention_modules
 from t2r_export.train.evaluate import perplexity
@@ -338,15 +339,7 @@ def _notify(progress: Progress | None, event: dict) -> None:
 def machine_record(num_threads: int | None) -> dict:
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": num_threads or torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": num_threads or torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
 
