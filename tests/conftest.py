@@ -60,3 +60,12 @@ def tiny_t2r_dir(tmp_path, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: CPU reductions, hence losses, become bit-reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

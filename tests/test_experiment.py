@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -31,12 +30,7 @@ FAST = ["--steps", "2", "--transfer-steps", "1", "--batch-size", "2", "--block-s
         "--num-threads", "1", "--max-files", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,7 @@ def tiny(tmp_path_factory):
     return make_tiny_files(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a fixed thread count makes CPU reductions, hence losses, bit-reproducible
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tiny, out: Path, **overrides) -> FinetuneConfig:
