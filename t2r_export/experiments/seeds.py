@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the Markdown here (and the JSON beside it, .json)")
     args = parser.parse_args(argv)
     try:
-        summary = seed_summary(load_results(args.folders))
         if args.out is not None and args.out.suffix != ".md":
             raise ValueError(f"--out must name a .md file, got {args.out}")
+        summary = seed_summary(load_results(args.folders))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
