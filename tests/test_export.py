@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # what TensorRT's ONNX parser and every ONNX runtime handle; no contrib ops
 ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "LayerNormalization",
-               "MatMul", "Max", "Mul", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin", "Slice",
-               "Split", "Sqrt", "Tanh", "Unsqueeze"}
+               "MatMul", "Max", "Mul", "Neg", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin",
+               "Slice", "Softmax", "Split", "Sqrt", "Tanh", "Unsqueeze"}
 
 
 def test_graphs_readme_is_generated_from_the_contract():
@@ -36,7 +36,7 @@ def _swapped(arch, feature_map="t2r"):
 
 
 @pytest.mark.parametrize("arch", sorted(ADAPTERS))
-@pytest.mark.parametrize("feature_map", ["t2r", "elu", "rfa"])
+@pytest.mark.parametrize("feature_map", ["t2r", "hedgehog", "elu", "rfa"])
 def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
     dec = extract_decoder(_swapped(arch, feature_map))
     shape = state_shape(dec)
@@ -59,7 +59,8 @@ def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
 
 # every architecture with the learned map; the fixed maps through the same joint q|k feature-map path
 @pytest.mark.parametrize("arch, feature_map", [(arch, "t2r") for arch in sorted(ADAPTERS)] +
-                         [("llama", "elu"), ("llama", "rfa"), ("gpt_neox", "rfa"), ("gpt2", "elu")])
+                         [("llama", "elu"), ("llama", "rfa"), ("gpt_neox", "rfa"), ("gpt2", "elu"),
+                          ("llama", "hedgehog"), ("gpt_neox", "hedgehog"), ("gpt2", "hedgehog")])
 def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tmp_path):
     model = _swapped(arch, feature_map)
     dec = extract_decoder(model)

@@ -23,6 +23,28 @@ def test_default_init_is_nn_linear_bound_and_identity_init_is_relu_of_first_dims
     torch.testing.assert_close(ident(x), torch.relu(x[..., :4]))
 
 
+def test_hedgehog_is_a_softmax_over_plus_and_minus_projections():
+    fm = FeatureMap("hedgehog", num_kv_heads=2, head_dim=8, feature_dim=4)
+    assert fm.feature_dim == 8 and fm.weight.shape == (2, 4, 8)
+    # the chosen init is LoLCATs' identity: phi(x) = softmax([x[:k], -x[:k]])
+    x = torch.randn(3, 2, 2, 5, 8)
+    torch.testing.assert_close(fm(x), torch.softmax(torch.cat([x[..., :4], -x[..., :4]], -1), -1))
+    with torch.no_grad():
+        fm.weight.normal_()
+        fm.bias.normal_()
+    y = fm(x)
+    assert (y > 0).all()
+    torch.testing.assert_close(y.sum(-1), torch.ones(3, 2, 2, 5))
+    proj = torch.einsum("bhgtd,hkd->bhgtk", x, fm.weight) + fm.bias[None, :, None, None]
+    torch.testing.assert_close(y, torch.softmax(torch.cat([proj, -proj], -1), -1))
+
+
+def test_attention_settings_are_constructor_arguments():
+    fm = FeatureMap("hedgehog", 2, 8, 4, eps=1e-3, chunk_size=16, window=7)
+    assert (fm.eps, fm.chunk_size, fm.window) == (1e-3, 16, 7)
+    assert FeatureMap("t2r", 2, 8, 4).window == 0
+
+
 def test_elu_uses_head_dim_and_is_positive():
     fm = FeatureMap("elu", 2, 8, 32)
     assert fm.feature_dim == 8 and not list(fm.parameters())
@@ -41,6 +63,7 @@ def test_rfa_features_are_fixed_by_seed_and_saved():
     (dict(kind="t2r", feature_dim=0), "feature dim must be > 0"),
     (dict(kind="rfa", feature_dim=7), "even feature dim"),
     (dict(kind="t2r", init="xavier"), "unknown feature-map init"),
+    (dict(kind="hedgehog", window=-1), "window must be >= 0"),
 ])
 def test_bad_arguments_are_one_clear_error(kwargs, message):
     kwargs = {"num_kv_heads": 2, "head_dim": 8, **kwargs}

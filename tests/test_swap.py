@@ -22,9 +22,16 @@ def _ids(b=2, t=21, seed=0):
     return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(params=ARCHS)
+# the paper's T2R, Hedgehog, and LoLCATs' sliding-window hybrid on both maps
+VARIANTS = {"t2r": dict(feature_dim=16), "hedgehog": dict(feature_map="hedgehog", feature_dim=8),
+            "t2r-w5": dict(feature_dim=16, window=5), "hedgehog-w4": dict(feature_map="hedgehog", feature_dim=8,
+                                                                          window=4)}
+
+
+@pytest.fixture(params=[(a, v) for a in ARCHS for v in VARIANTS], ids=lambda p: f"{p[0]}-{p[1]}")
 def swapped(request):
-    return request.param, swap_attention(make_tiny_model(request.param), T2RConfig(feature_dim=16)).eval()
+    arch, variant = request.param
+    return arch, swap_attention(make_tiny_model(arch), T2RConfig(**VARIANTS[variant])).eval()
 
 
 def test_swap_keeps_every_pretrained_weight_bit_identical(swapped):
@@ -50,7 +57,8 @@ def test_naive_parallel_recurrent_agree_on_the_whole_model(swapped):
         states[form] = state
     for form in ("parallel", "recurrent"):
         torch.testing.assert_close(logits[form], logits["naive"], atol=tol, rtol=tol)
-        for a, b in zip(states[form].s + states[form].z, states["naive"].s + states["naive"].z):
+        assert len(states[form].tensors()) == (10 if model.config.t2r["window"] else 4)
+        for a, b in zip(states[form].tensors(), states["naive"].tensors(), strict=True):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
@@ -63,7 +71,8 @@ def test_parallel_gradients_equal_naive_gradients(swapped):
         model(ids, labels=ids, t2r_form=form).loss.backward()
         grads[form] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     tol = TOLERANCES[("torch-grad", "fp32")]
-    assert any(FEATURE_MAP_ATTR in n for n in grads["naive"]) or model.config.t2r["feature_map"] != "t2r"
+    assert any(FEATURE_MAP_ATTR in n for n in grads["naive"]) or model.config.t2r["feature_map"] not in ("t2r",
+                                                                                                       "hedgehog")
     for name, grad in grads["naive"].items():
         torch.testing.assert_close(grads["parallel"][name], grad, atol=tol, rtol=tol, msg=name)
 

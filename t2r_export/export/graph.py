@@ -169,10 +169,14 @@ class DecoderEmitter:
 
         One op chain for queries and keys: the query scale is already in the q columns."""
         g = self.g
-        if fm.kind == "t2r":
+        if fm.kind in ("t2r", "hedgehog"):
             w = g.weight(prefix + ".weight", fm.weight)
             b = g.weight(prefix + ".bias", fm.bias)
-            return g.op("Relu", g.op("Add", g.op("MatMul", x, w), b))
+            y = g.op("Add", g.op("MatMul", x, w), b)
+            if fm.kind == "t2r":
+                return g.op("Relu", y)
+            # hedgehog: softmax over [y, -y], the 2k features
+            return g.op("Softmax", g.op("Concat", y, g.op("Neg", y), axis=-1), axis=-1)
         if fm.kind == "elu":
             return g.op("Add", g.op("Elu", x, alpha=1.0), g.const(1.0, self.low))
         # rfa: random Fourier features of the unit-normalised vector

@@ -34,9 +34,9 @@ class Norm:
 
 @dataclass
 class FeatureMapWeights:
-    kind: str                            # "t2r" | "elu" | "rfa" (| "softmax" for the bench's peer graph)
-    weight: np.ndarray | None = None     # t2r: [H_kv, d, K]; rfa: omega^T [H_kv, d, m]; the same for q and k
-    bias: np.ndarray | None = None       # t2r: [H_kv, 1, K]
+    kind: str                            # "t2r" | "hedgehog" | "elu" | "rfa" (| "softmax" for the bench's peer graph)
+    weight: np.ndarray | None = None     # t2r/hedgehog: [H_kv, d, k]; rfa: omega^T [H_kv, d, m]; the same for q and k
+    bias: np.ndarray | None = None       # t2r/hedgehog: [H_kv, 1, k]
 
 
 @dataclass
@@ -127,9 +127,9 @@ def _fuse_qkv(q, k, v, heads: int, kv_heads: int, q_scale: float):
 
 def _feature_map(attn) -> FeatureMapWeights:
     fm = getattr(attn, FEATURE_MAP_ATTR)
-    if fm.kind == "t2r":
-        w = _np(fm.weight).transpose(0, 2, 1).copy()          # [H_kv, d, K]
-        return FeatureMapWeights("t2r", w, _np(fm.bias)[:, None, :])   # bias [H_kv, 1, K]
+    if fm.kind in ("t2r", "hedgehog"):
+        w = _np(fm.weight).transpose(0, 2, 1).copy()          # [H_kv, d, k]
+        return FeatureMapWeights(fm.kind, w, _np(fm.bias)[:, None, :])   # bias [H_kv, 1, k]
     if fm.kind == "rfa":
         return FeatureMapWeights("rfa", _np(fm.omega).transpose(0, 2, 1).copy())   # [H_kv, d, m]
     return FeatureMapWeights("elu")
@@ -161,7 +161,7 @@ def _base(model, embed, pos_embed, rope) -> DecoderWeights:
     fm = getattr(attention_modules(model)[0], FEATURE_MAP_ATTR)
     inv, scale, rot = rope if rope is not None else (None, 1.0, None)
     return DecoderWeights(get_adapter(model.config.model_type).model_type, heads, kv_heads, head_dim,
-                          fm.feature_dim, float(fm.settings.eps), _np(embed), _np(pos_embed), inv, scale, rot)
+                          fm.feature_dim, float(fm.eps), _np(embed), _np(pos_embed), inv, scale, rot)
 
 
 def extract_llama(model) -> DecoderWeights:

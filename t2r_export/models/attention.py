@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.linear_attention import FORMS, zero_state
+from ..ops.window_attention import WINDOW_FORMS, zero_window_state
 
 ATTN_IMPLEMENTATION = "t2r"
 FEATURE_MAP_ATTR = "t2r_feature_map"
@@ -28,22 +29,48 @@ FEATURE_MAP_ATTR = "t2r_feature_map"
 
 @dataclass
 class RecurrentState:
-    """Per-layer state: s[i] [B, H_kv, K, Dv], z[i] [B, H_kv, K], fp32. No sequence axis."""
+    """Per-layer state, fp32, no sequence axis: s[i] [B, H_kv, K, Dv], z[i] [B, H_kv, K]; with a
+    sliding window W also wk[i] [B, H_kv, W, d], wv[i] [B, H_kv, W, Dv] and wm[i] [B, W] (slot filled)."""
 
     s: list
     z: list
+    wk: list | None = None
+    wv: list | None = None
+    wm: list | None = None
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, num_kv_heads: int, feature_dim: int, head_dim: int,
-              device=None) -> "RecurrentState":
+              device=None, window: int = 0) -> "RecurrentState":
+        if window:
+            parts = [zero_window_state(batch, num_kv_heads, feature_dim, head_dim, head_dim, window, device)
+                     for _ in range(num_layers)]
+            return cls(*(list(p) for p in zip(*parts)))
         pairs = [zero_state(batch, num_kv_heads, feature_dim, head_dim, device) for _ in range(num_layers)]
         return cls([p[0] for p in pairs], [p[1] for p in pairs])
 
+    @property
+    def window(self) -> int:
+        return 0 if self.wm is None else self.wm[0].shape[-1]
+
+    def tensors(self) -> list:
+        return [t for part in (self.s, self.z, self.wk, self.wv, self.wm) if part is not None for t in part]
+
+    def layer(self, i: int) -> tuple:
+        if self.wm is None:
+            return self.s[i], self.z[i]
+        return self.s[i], self.z[i], self.wk[i], self.wv[i], self.wm[i]
+
+    def set_layer(self, i: int, parts: tuple) -> None:
+        lists = (self.s, self.z) if self.wm is None else (self.s, self.z, self.wk, self.wv, self.wm)
+        for target, value in zip(lists, parts, strict=True):
+            target[i] = value
+
     def clone(self) -> "RecurrentState":
-        return RecurrentState([t.clone() for t in self.s], [t.clone() for t in self.z])
+        copy = lambda part: None if part is None else [t.clone() for t in part]  # noqa: E731
+        return RecurrentState(*(copy(p) for p in (self.s, self.z, self.wk, self.wv, self.wm)))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.s + self.z)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def _softmax_reference(query, key, value, scaling):
@@ -58,7 +85,6 @@ def t2r_attention_forward(module, query, key, value, attention_mask=None, scalin
                           t2r_transfer: list | None = None, **kwargs):
     """query [B, H, T, d] (after RoPE), key/value [B, H_kv, T, d] -> ([B, T, H, d], None)."""
     feature_map = getattr(module, FEATURE_MAP_ATTR)
-    settings = feature_map.settings
     b, h, t, d = query.shape
     h_kv = key.shape[1]
     if key.shape[2] != t:
@@ -69,19 +95,22 @@ def t2r_attention_forward(module, query, key, value, attention_mask=None, scalin
         scaling = d ** -0.5
     # queries are scaled before phi, keys are not (T2R, DESIGN §2)
     q = (query * scaling).view(b, h_kv, h // h_kv, t, d)
-    phi_q = feature_map(q)
-    phi_k = feature_map(key.unsqueeze(2)).squeeze(2)
-
     layer = module.layer_idx
-    state = None
-    if t2r_state is not None:
-        state = (t2r_state.s[layer], t2r_state.z[layer])
+    state = None if t2r_state is None else t2r_state.layer(layer)
     form = t2r_form or ("recurrent" if t == 1 and state is not None else "parallel")
-    fn = FORMS[form]
-    extra = {"chunk_size": settings.chunk_size} if form == "parallel" else {}
-    out, (s, z) = fn(phi_q, phi_k, value, state, eps=settings.eps, **extra)
+    extra = {"chunk_size": feature_map.chunk_size} if form == "parallel" else {}
+    if feature_map.window:
+        if t2r_state is not None and t2r_state.window != feature_map.window:
+            raise ValueError(f"the state holds a window of {t2r_state.window} keys, the model uses "
+                             f"{feature_map.window}; build it with t2r_export.models.new_state")
+        out, new = WINDOW_FORMS[form](q, key, value, feature_map, feature_map.window, state,
+                                      eps=feature_map.eps, **extra)
+    else:
+        phi_q = feature_map(q)
+        phi_k = feature_map(key.unsqueeze(2)).squeeze(2)
+        out, new = FORMS[form](phi_q, phi_k, value, state, eps=feature_map.eps, **extra)
     if t2r_state is not None:
-        t2r_state.s[layer], t2r_state.z[layer] = s, z
+        t2r_state.set_layer(layer, new)
     out = out.reshape(b, h, t, -1)
 
     if t2r_transfer is not None:

@@ -14,7 +14,8 @@ class T2RConfig:
     feature_map: str = "t2r"
     # k: the paper's default; state per layer is H_kv·k·(d_v+1) floats whatever the context
     feature_dim: int = 32
-    # "default" = nn.Linear's init as in the official code; "identity" = relu(x[:k]) start
+    # "default" = nn.Linear's init for t2r (the official code), the identity for hedgehog (LoLCATs);
+    # "identity" = W = eye(k, d), b = 0 for both
     init: str = "default"
     # denominator clamp, as in the official code (fp32)
     eps: float = DEFAULT_EPS
@@ -22,6 +23,9 @@ class T2RConfig:
     chunk_size: int = DEFAULT_CHUNK
     # seeds the random features of "rfa" (and nothing else)
     seed: int = 0
+    # 0 = off (the paper's T2R); W > 0 = LoLCATs' hybrid: exact softmax terms over the last W keys,
+    # phi terms over the older ones, one normalisation; the state grows by W keys and values per layer
+    window: int = 0
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -32,6 +36,8 @@ class T2RConfig:
             raise ValueError(f"feature dim must be a positive integer, got {self.feature_dim}")
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if int(self.window) < 0:
+            raise ValueError(f"window must be >= 0 (0 = off), got {self.window}")
         if self.chunk_size <= 0:
             raise ValueError(f"chunk size must be > 0, got {self.chunk_size}")
 

@@ -17,9 +17,10 @@ from .swap import attention_modules
 def new_state(model, batch: int = 1) -> RecurrentState:
     _, kv_heads, head_dim = attention_dims(model.config)
     attn = attention_modules(model)
-    k = getattr(attn[0], FEATURE_MAP_ATTR).feature_dim
+    fm = getattr(attn[0], FEATURE_MAP_ATTR)
     device = next(model.parameters()).device
-    return RecurrentState.zeros(len(attn), batch, kv_heads, k, head_dim, device=device)
+    return RecurrentState.zeros(len(attn), batch, kv_heads, fm.feature_dim, head_dim, device=device,
+                                window=fm.window)
 
 
 @torch.no_grad()

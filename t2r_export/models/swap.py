@@ -44,8 +44,8 @@ def _attach_feature_maps(model, cfg: T2RConfig) -> int:
     added = 0
     ref = next(model.parameters())
     for i, attn in enumerate(attention_modules(model)):
-        fm = FeatureMap(cfg.feature_map, kv_heads, head_dim, cfg.feature_dim, cfg.init, seed=cfg.seed + i)
-        fm.settings = cfg
+        fm = FeatureMap(cfg.feature_map, kv_heads, head_dim, cfg.feature_dim, cfg.init, seed=cfg.seed + i,
+                        eps=cfg.eps, chunk_size=cfg.chunk_size, window=cfg.window)
         fm.to(device=ref.device, dtype=ref.dtype)
         setattr(attn, FEATURE_MAP_ATTR, fm)
         added += sum(p.numel() for p in fm.parameters())

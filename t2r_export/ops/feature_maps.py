@@ -4,9 +4,16 @@ All maps act on the last axis and keep one set of parameters per KV head, so a q
 the map of the KV head its group reads from (GQA): phi is tied between queries and keys.
 
 - ``t2r``  (Kasai et al. 2021): phi(x) = relu(W x + b), W [H_kv, k, d], b [H_kv, k], learned.
+- ``hedgehog`` (Zhang et al. 2024, as in LoLCATs): phi(x) = softmax([W x + b, -(W x + b)]) over the
+  2k features, W [H_kv, k, d], b [H_kv, k], learned; feature size 2k. Its "default" init is the
+  identity (W = eye(k, d), b = 0), LoLCATs' choice: phi starts as a softmax over ±x, already
+  close to exp(q·k) for small inputs.
 - ``elu``  (Katharopoulos et al. 2020): phi(x) = elu(x) + 1, feature size = d, no parameters.
 - ``rfa``  (Peng et al. 2021): phi(x) = sqrt(1/m) [sin(W x̂), cos(W x̂)], x̂ = x / |x|,
   W [H_kv, m, d] ~ N(0, 1) drawn once from a seed and frozen; feature size k = 2m.
+
+The module also carries the attention settings that go with it (denominator clamp, chunk size,
+sliding window), as constructor arguments: the attention function reads them from here.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURE_MAPS = ("t2r", "elu", "rfa")
+from .linear_attention import DEFAULT_CHUNK, DEFAULT_EPS
+
+FEATURE_MAPS = ("t2r", "hedgehog", "elu", "rfa")
+LEARNED = ("t2r", "hedgehog")
 INITS = ("default", "identity")
 
 
@@ -25,6 +35,8 @@ def feature_size(kind: str, feature_dim: int, head_dim: int) -> int:
     """The state's feature axis k for a feature map."""
     if kind == "elu":
         return head_dim
+    if kind == "hedgehog":
+        return 2 * feature_dim
     return feature_dim
 
 
@@ -35,7 +47,8 @@ class FeatureMap(nn.Module):
     """
 
     def __init__(self, kind: str, num_kv_heads: int, head_dim: int, feature_dim: int = 32,
-                 init: str = "default", seed: int = 0):
+                 init: str = "default", seed: int = 0, eps: float = DEFAULT_EPS,
+                 chunk_size: int = DEFAULT_CHUNK, window: int = 0):
         super().__init__()
         if kind not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {kind!r}; expected one of {', '.join(FEATURE_MAPS)}")
@@ -45,11 +58,16 @@ class FeatureMap(nn.Module):
             raise ValueError(f"feature dim must be > 0, got {feature_dim}")
         if kind == "rfa" and feature_dim % 2:
             raise ValueError(f"rfa needs an even feature dim (sin and cos halves), got {feature_dim}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 (0 = off), got {window}")
         self.kind = kind
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.feature_dim = feature_size(kind, feature_dim, head_dim)
-        if kind == "t2r":
+        self.eps = float(eps)
+        self.chunk_size = int(chunk_size)
+        self.window = int(window)
+        if kind in LEARNED:
             self.weight = nn.Parameter(torch.empty(num_kv_heads, feature_dim, head_dim))
             self.bias = nn.Parameter(torch.empty(num_kv_heads, feature_dim))
             self.reset_parameters(init)
@@ -60,31 +78,39 @@ class FeatureMap(nn.Module):
             self.register_buffer("omega", omega, persistent=True)
 
     def reset_parameters(self, init: str = "default") -> None:
-        if self.kind != "t2r":
+        if self.kind not in LEARNED:
             return
         with torch.no_grad():
-            if init == "default":
+            if init == "default" and self.kind == "t2r":
                 # what nn.Linear does, per head: the official T2R code's start
                 bound = 1.0 / math.sqrt(self.head_dim)
                 self.weight.uniform_(-bound, bound)
                 self.bias.uniform_(-bound, bound)
             else:
-                # relu(x[:k]) (padded with zeros when k > d): starts close to the identity kernel
-                eye = torch.eye(self.feature_dim, self.head_dim)
+                # t2r: relu(x[:k]) (zero-padded when k > d), close to the identity kernel;
+                # hedgehog: softmax([x, -x]) — LoLCATs' identity start for every init
+                eye = torch.eye(self.weight.shape[1], self.head_dim)
                 self.weight.copy_(eye.expand_as(self.weight))
                 self.bias.zero_()
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, Hk, G, T, d] x [Hk, k, d] -> [B, Hk, G, T, k]
+        y = torch.einsum("bhgtd,hkd->bhgtk", x, self.weight.to(x.dtype))
+        return y + self.bias.to(x.dtype)[None, :, None, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "elu":
             return F.elu(x) + 1.0
         if self.kind == "t2r":
-            # [B, Hk, G, T, d] x [Hk, k, d] -> [B, Hk, G, T, k]
-            y = torch.einsum("bhgtd,hkd->bhgtk", x, self.weight.to(x.dtype))
-            return F.relu(y + self.bias.to(x.dtype)[None, :, None, None, :])
+            return F.relu(self._project(x))
+        if self.kind == "hedgehog":
+            y = self._project(x)
+            return torch.softmax(torch.cat([y, -y], dim=-1), dim=-1)
         xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         proj = torch.einsum("bhgtd,hmd->bhgtm", xn, self.omega.to(x.dtype))
         scale = 1.0 / math.sqrt(self.omega.shape[1])
         return torch.cat([proj.sin(), proj.cos()], dim=-1) * scale
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, k={self.feature_dim}"
+        return (f"kind={self.kind}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, k={self.feature_dim}, "
+                f"window={self.window}")

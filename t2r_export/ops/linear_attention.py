@@ -70,10 +70,9 @@ def recurrent_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT
     return torch.stack(outs, dim=3).to(v.dtype), (s, z)
 
 
-def chunked_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT_EPS,
-                             chunk_size: int = DEFAULT_CHUNK):
-    """Parallel causal form: memory O(T·C + (T/C)·K·Dv), differentiable. Returns (out, (s, z))."""
-    s0, z0 = _initial_state(phi_k, v, state)
+def chunked_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size: int = DEFAULT_CHUNK):
+    """The causal sums of the parallel form, before the division (fp32):
+    num [B, H_kv, G, T, Dv], den [B, H_kv, G, T], and the final (s, z)."""
     b, h, g, t, kdim = phi_q.shape
     dv = v.shape[-1]
     c = min(chunk_size, t)
@@ -103,9 +102,18 @@ def chunked_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT_E
     scores = torch.einsum("bhgnck,bhnsk->bhgncs", q, k).masked_fill(~mask, 0.0)
     num = num + torch.einsum("bhgncs,bhnsv->bhgncv", scores, vv)
     den = den + scores.sum(dim=-1)
+    num = num.reshape(b, h, g, n * c, dv)[:, :, :, :t]
+    den = den.reshape(b, h, g, n * c)[:, :, :, :t]
+    return num, den, s_incl[:, :, -1], z_incl[:, :, -1]
+
+
+def chunked_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT_EPS,
+                             chunk_size: int = DEFAULT_CHUNK):
+    """Parallel causal form: memory O(T·C + (T/C)·K·Dv), differentiable. Returns (out, (s, z))."""
+    s0, z0 = _initial_state(phi_k, v, state)
+    num, den, s, z = chunked_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size)
     out = num / den.clamp_min(eps).unsqueeze(-1)
-    out = out.reshape(b, h, g, n * c, dv)[:, :, :, :t]
-    return out.to(v.dtype), (s_incl[:, :, -1], z_incl[:, :, -1])
+    return out.to(v.dtype), (s, z)
 
 
 FORMS = {
