@@ -3,6 +3,7 @@ two processes == one, LoRA merged into a plain T2R model, bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -79,14 +80,15 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("train, transfer_steps, crash_stage", [
-    ("all", 0, "finetune"),
-    ("lora", 0, "finetune"),
-    ("attention", 5, "transfer"),
+@pytest.mark.parametrize("train, transfer_steps, crash_stage, variant", [
+    ("all", 0, "finetune", None),
+    ("lora", 0, "finetune", None),
+    ("attention", 5, "transfer", None),
+    ("all", 5, "transfer", dict(feature_map="hedgehog", window=4)),
 ])
-def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer_steps, crash_stage):
+def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer_steps, crash_stage, variant):
     settings = dict(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=2, train=train,
-                    attention_transfer_steps=transfer_steps)
+                    attention_transfer_steps=transfer_steps, **(variant or {}))
     full = finetune(config(tiny, tmp_path / "full", **settings))
 
     def crash_after_the_checkpoint(event):
@@ -107,11 +109,51 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer
         assert torch.equal(p, q), name
 
 
-def test_attention_transfer_loss_decreases(tiny, tmp_path):
-    record = finetune(config(tiny, tmp_path / "out", attention_transfer_steps=20, steps=1, batch_size=2))
+# hedgehog's identity start is already close on a random tiny model: less to gain, a higher lr
+@pytest.mark.parametrize("variant, ratio", [(dict(attention_transfer_lr=1e-2), 0.7),
+                                            (dict(feature_map="hedgehog", window=4, attention_transfer_lr=0.1), 0.8)])
+def test_attention_transfer_loss_decreases(tiny, tmp_path, variant, ratio):
+    record = finetune(config(tiny, tmp_path / "out", attention_transfer_steps=20, steps=1, batch_size=2, **variant))
     losses = record["losses"]["transfer"]
     assert len(losses) == 20
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-5:]) / 5 < ratio * sum(losses[:5]) / 5, losses
+    assert len(record["transfer_layer_mse"]) == 2 and all(x > 0 for x in record["transfer_layer_mse"])
+    assert load_t2r_model(tmp_path / "out").config.t2r["window"] == variant.get("window", 0)
+
+
+def test_transfer_trains_only_the_feature_maps(tiny, tmp_path):
+    finetune(config(tiny, tmp_path / "t", attention_transfer_steps=3, steps=1, lr=1e-12, feature_map="hedgehog",
+                    window=4))
+    model, source = load_t2r_model(tmp_path / "t"), LlamaForCausalLM.from_pretrained(tiny[0])
+    fm = model.model.layers[0].self_attn.t2r_feature_map
+    assert fm.kind == "hedgehog" and fm.window == 4
+    # identity start, moved by transfer; a 1e-12 finetune step cannot move anything visibly
+    assert not torch.allclose(fm.weight, torch.eye(8, 8).expand_as(fm.weight), atol=1e-4)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight,
+                               source.model.layers[0].self_attn.q_proj.weight, atol=1e-9, rtol=0)
+
+
+def test_transfer_loss_is_the_mean_of_the_layer_losses_against_softmax():
+    from transformers import LlamaConfig as Cfg
+
+    from t2r_export.models import T2RConfig
+    from t2r_export.train.transfer import attention_transfer_loss, layer_transfer_losses
+
+    torch.manual_seed(0)
+    cfg = Cfg(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64)
+    teacher = LlamaForCausalLM(cfg).eval()
+    batch = torch.randint(0, 64, (2, 17))
+    # a window as long as the sequence is exact softmax attention: every layer's loss is ~0
+    # swap changes the config it is given: each model gets its own copy
+    exact = swap_attention(LlamaForCausalLM(copy.deepcopy(cfg)).eval(), T2RConfig(window=16))
+    exact.load_state_dict(teacher.state_dict(), strict=False)
+    assert max(float(x) for x in layer_transfer_losses(exact, batch)) < 1e-10
+    hybrid = swap_attention(LlamaForCausalLM(copy.deepcopy(cfg)).eval(), T2RConfig(feature_map="hedgehog", window=4))
+    hybrid.load_state_dict(teacher.state_dict(), strict=False)
+    layers = layer_transfer_losses(hybrid, batch)
+    assert len(layers) == 2 and min(float(x) for x in layers) > 1e-6
+    assert float(attention_transfer_loss(hybrid, batch)) == pytest.approx(float(sum(layers)) / 2, rel=1e-6)
 
 
 TWO_PROCESS_SCRIPT = """
@@ -213,6 +255,7 @@ def test_lora_targets_only_attention_projections_per_architecture():
     (dict(block_size=4096), "exceeds the model's 128 positions"),
     (dict(batch_size=10_000), "too few for one batch"),
     (dict(feature_map="elu", attention_transfer_steps=2), "has no parameters to train"),
+    (dict(window=129), "window 129 exceeds the model's 128 positions"),
     (dict(fsdp=True, train="lora"), "FSDP does not support"),
 ])
 def test_bad_input_raises_one_clear_line_and_writes_nothing(tiny, tmp_path, overrides, message):

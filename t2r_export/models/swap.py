@@ -91,6 +91,19 @@ def is_t2r_model(model) -> bool:
     return getattr(model.config, "t2r", None) is not None
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions cover, or None when nothing bounds it."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_window(config, window: int) -> None:
+    """A window longer than the model's positions would never fill: one clear error."""
+    positions = max_positions(config)
+    if positions is not None and window > positions:
+        raise ValueError(f"window {window} exceeds the model's {positions} positions; expected 0 (off) to "
+                         f"{positions}")
+
+
 def swap_attention(model: PreTrainedModel, cfg: T2RConfig | None = None) -> PreTrainedModel:
     """Replace every self-attention of ``model`` by T2R linear attention, in place; returns it.
 
@@ -107,6 +120,7 @@ def swap_attention(model: PreTrainedModel, cfg: T2RConfig | None = None) -> PreT
     if type(model).__name__ != adapter.model_class:
         raise ValueError(f"expected a {adapter.model_class} for model_type {adapter.model_type!r}, "
                          f"got {type(model).__name__}")
+    check_window(model.config, cfg.window)
     register_auto_classes()
     config_cls, model_cls = _make_t2r_classes(adapter)
     added = _attach_feature_maps(model, cfg)

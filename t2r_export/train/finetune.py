@@ -10,6 +10,7 @@ under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``ac
 Stages (DESIGN §3):
 1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
    linear-attention output is pulled towards its softmax output (MSE, LoLCATs stage 1).
+   The loss lives in ``t2r_export.train.transfer``.
 2. ``finetune`` (``steps``): next-token loss on ``all`` parameters, the ``attention`` modules
    only, or ``lora`` adapters on the attention projections (merged before saving).
 
@@ -50,6 +51,7 @@ from t2r_export.models.adapters import get_adapter
 from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import attention_modules, decoder_layers
 from t2r_export.train.evaluate import perplexity
+from t2r_export.train.transfer import attention_transfer_loss, freeze_for_transfer, transfer_report
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ class FinetuneConfig:
     feature_map: str = "t2r"
     feature_dim: int = 32
     init: str = "default"
+    # 0 = off; W > 0 = LoLCATs' sliding-window + linear hybrid over the last W keys
+    window: int = 0
     # seeds the swap, the data order and the LoRA init: any fixed value makes runs repeatable
     seed: int = 0
     # LoRA rank 8 / alpha 16 on q, k, v, o: the common peft starting point (LoLCATs uses the same)
@@ -303,7 +307,7 @@ def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
         raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
     if not is_t2r_model(model):
         swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
-                                        init=cfg.init, seed=cfg.seed))
+                                        init=cfg.init, seed=cfg.seed, window=cfg.window))
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and cfg.block_size > positions:
         raise ValueError(f"block size {cfg.block_size} exceeds the model's {positions} positions; lower --block-size")
@@ -376,12 +380,7 @@ def prepare_trainable(model, mode: str, cfg: FinetuneConfig, adapter_dir: Path |
     """Set ``requires_grad`` for a stage ("transfer" or a train mode); returns the model to train."""
     model.requires_grad_(False)
     if mode == "transfer":
-        params = feature_map_parameters(model)
-        if not params:
-            raise ValueError(f"feature map {cfg.feature_map!r} has no parameters to train; "
-                             "attention transfer needs the learned 't2r' map")
-        for p in params:
-            p.requires_grad_(True)
+        freeze_for_transfer(model, cfg.feature_map)
     elif mode == "all":
         model.requires_grad_(True)
     elif mode == "attention":
@@ -538,32 +537,6 @@ def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Di
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     logits = model(batch[:, :-1]).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-
-class LayerLosses:
-    """Collects each layer's loss through the ``t2r_transfer`` keyword.
-
-    Not a list on purpose: FSDP, and DDP on GPUs, rebuild list/tuple/dict arguments on their way to
-    the modules, and appends to a rebuilt list are lost; an opaque object passes through as is.
-    """
-
-    def __init__(self):
-        self.values: list[torch.Tensor] = []
-
-    def append(self, loss: torch.Tensor) -> None:
-        self.values.append(loss)
-
-
-def attention_transfer_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of MSE(linear attention output, softmax attention output)."""
-    losses = LayerLosses()
-    # logits are not needed: keep only the last position's
-    model(batch[:, :-1], t2r_transfer=losses, logits_to_keep=1)
-    # counted by name, so it works through DDP / peft wrappers
-    expected = sum(name.endswith(FEATURE_MAP_ATTR) for name, _ in model.named_modules())
-    if len(losses.values) != expected:
-        raise RuntimeError(f"attention transfer collected {len(losses.values)} of {expected} layer losses")
-    return torch.stack(losses.values).mean()
 
 
 def micro_batches(batch: torch.Tensor, dist: Distributed, grad_accum: int):
@@ -738,6 +711,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     if state["stage"] == "transfer":
         model = run_stage("transfer", model, tokenizer, streams, state, cfg, dist, progress, checkpoint)
         model.requires_grad_(False)
+        # how close each layer got to its softmax output, on held-out text
+        held_out = torch.as_tensor(streams[1][: cfg.block_size + 1], dtype=torch.long)[None].to(dist.device)
+        state["transfer_layer_mse"] = transfer_report(model, held_out)
         state.update(stage="finetune", step=0)
         # the finetune stage starts fresh: its optimizer and adapters are not in the transfer checkpoint
         checkpoint = None
@@ -759,6 +735,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
             "global_batch": global_batch,
             "tokens_seen": state["tokens"],
             "losses": state["losses"],
+            "transfer_layer_mse": state.get("transfer_layer_mse"),
             "valid": state["valid"],
             "final_valid_loss": final["loss"],
             "final_valid_perplexity": final["perplexity"],
