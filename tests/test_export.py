@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
@@ -15,6 +17,7 @@ from t2r_export.export.graph import build_graph, state_shape
 from t2r_export.export.verify import VerificationReport, ort_session, verify_chained, verify_step_batches
 from t2r_export.export.weights import extract_decoder
 from t2r_export.models import ADAPTERS, T2RConfig, swap_attention
+from t2r_export.tolerances import check_close
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "LayerNormalization",
                "MatMul", "Max", "Mul", "Neg", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin",
                "Slice", "Softmax", "Split", "Sqrt", "Tanh", "Unsqueeze"}
+# the sliding window adds its masked softmax and, in the prefill, the band built from positions
+WINDOW_OPS = {"And", "Exp", "Greater", "Less", "ReduceMax", "Sub", "Transpose"}
 
 
 def test_graphs_readme_is_generated_from_the_contract():
@@ -31,21 +36,25 @@ def test_graphs_readme_is_generated_from_the_contract():
         "graphs/README.md is stale: run `python -m t2r_export.export.contract`"
 
 
-def _swapped(arch, feature_map="t2r"):
-    return swap_attention(make_tiny_model(arch), T2RConfig(feature_map=feature_map, feature_dim=16)).eval()
+def _swapped(arch, feature_map="t2r", window=0):
+    return swap_attention(make_tiny_model(arch), T2RConfig(feature_map=feature_map, feature_dim=16,
+                                                           window=window)).eval()
 
 
 @pytest.mark.parametrize("arch", sorted(ADAPTERS))
-@pytest.mark.parametrize("feature_map", ["t2r", "hedgehog", "elu", "rfa"])
-def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
-    dec = extract_decoder(_swapped(arch, feature_map))
+@pytest.mark.parametrize("feature_map, window", [("t2r", 0), ("hedgehog", 0), ("elu", 0), ("rfa", 0),
+                                                 ("hedgehog", 6)])
+def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map, window):
+    dec = extract_decoder(_swapped(arch, feature_map, window))
     shape = state_shape(dec)
     for kind in contract.GRAPH_KINDS:
         graph = build_graph(dec, kind)
         onnx.checker.check_model(graph, full_check=True)
         assert graph.opset_import[0].version >= 17
         ops = {node.op_type for node in graph.graph.node}
-        assert ops <= ALLOWED_OPS, f"{kind}: ops outside the allowlist: {ops - ALLOWED_OPS}"
+        allowed = ALLOWED_OPS | (WINDOW_OPS if window else set())
+        assert ops <= allowed, f"{kind}: ops outside the allowlist: {ops - allowed}"
+        assert len(graph.graph.input) == 2 + len(dec.layers) * (5 if window else 2)
         assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
         for specs, values in ((contract.graph_inputs(shape, kind), graph.graph.input),
                               (contract.graph_outputs(shape, kind), graph.graph.output)):
@@ -60,9 +69,16 @@ def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map):
 # every architecture with the learned map; the fixed maps through the same joint q|k feature-map path
 @pytest.mark.parametrize("arch, feature_map", [(arch, "t2r") for arch in sorted(ADAPTERS)] +
                          [("llama", "elu"), ("llama", "rfa"), ("gpt_neox", "rfa"), ("gpt2", "elu"),
-                          ("llama", "hedgehog"), ("gpt_neox", "hedgehog"), ("gpt2", "hedgehog")])
+                          ("llama", "hedgehog"), ("gpt_neox", "hedgehog"), ("gpt2", "hedgehog")] +
+                         [(arch, "hedgehog+w5") for arch in sorted(ADAPTERS)] + [("llama", "t2r+w5"),
+                                                                                  ("llama", "hedgehog+w12")])
 def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tmp_path):
-    model = _swapped(arch, feature_map)
+    window = 0
+    if "+w" in feature_map:
+        # 5 keys: the 24 chained steps and the 8-token prefill (longer than W) both cross the window;
+        # 12 keys: the prefill is shorter than W
+        feature_map, window = feature_map.split("+w")[0], int(feature_map.split("+w")[1])
+    model = _swapped(arch, feature_map, window)
     dec = extract_decoder(model)
     paths = {}
     for kind in contract.GRAPH_KINDS:
@@ -75,6 +91,27 @@ def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tm
     checks = {c for c, _, _ in report.checks}
     assert {"step batch 1", "step batch 3", "24 chained steps", "prefill 8 + 23 steps"} <= checks
     assert max(err for _, _, err in report.checks) < 1e-4
+
+
+@pytest.mark.parametrize("window", [5, 12])
+def test_window_prefill_graph_continues_from_a_partly_filled_state(window, tmp_path):
+    from t2r_export.export.verify import _run, _state_feeds
+    from t2r_export.models import new_state
+
+    model = _swapped("llama", "hedgehog", window)
+    dec = extract_decoder(model)
+    onnx.save(build_graph(dec, contract.PREFILL), tmp_path / "prefill.onnx")
+    session = ort_session(str(tmp_path / "prefill.onnx"))
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(3))
+    feeds = _state_feeds(new_state(model, 2), len(dec.layers))
+    # 3 tokens (the window not yet full), then 14 (past it): every piece from the state before it
+    for start, end in ((0, 3), (3, 17)):
+        pos = np.tile(np.arange(start, end, dtype=np.int64), (2, 1))
+        got, feeds = _run(session, ids[:, start:end].numpy(), pos, feeds, len(dec.layers))
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1].numpy()
+    check_close("two prefills: logits", got["logits"], expected, ("ort", "fp32"))
+    assert feeds["past_state.0.wm"].sum() == 2 * window
 
 
 def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path):
@@ -92,6 +129,27 @@ def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path)
     assert len(rt["source_checkpoint_sha256"]) == 64
     assert result.report is not None
     assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_a_window_bundle_decodes_in_the_runtime_with_no_special_case(tmp_path, tiny_tokenizer):
+    from t2r_export.runtime.ort_backend import OrtDecoder
+
+    model = _swapped("llama", "hedgehog", window=4)
+    result = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, chained_steps=16)
+    rt = result.runtime
+    assert rt["window"] == 4 and rt["feature_map"] == "hedgehog" and rt["t2r"]["window"] == 4
+    # per layer: s, z = H_kv·K·(d+1) with K = 2·16 (hedgehog); wk, wv, wm = W·(2·H_kv·d + 1); 2 layers, fp32
+    assert rt["state_bytes_per_sequence"] == 4 * 2 * (2 * 32 * (8 + 1) + 4 * (2 * 2 * 8 + 1))
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    for io_binding in (True, False):
+        with OrtDecoder(tmp_path / "b", io_binding=io_binding) as decoder:
+            decoder.reset(1)
+            got = [np.array(decoder.prefill(ids[:, :3].numpy(), np.arange(3)[None]))[0]]
+            for t in range(3, 12):
+                got.append(np.array(decoder.step(ids[:, t:t + 1].numpy(), np.array([[t]])))[0])
+        check_close(f"runtime io_binding={io_binding}: logits", np.stack(got), expected[2:], ("ort", "fp32"))
 
 
 def test_gpt2_bundle_records_its_maximum_position(tmp_path, tiny_tokenizer):

@@ -78,6 +78,31 @@ def test_fp16_plan_tracks_fp32_over_200_steps(graphs):
     check_close("logits", logits["fp16"], logits["fp32"], ("ort", "fp16"), relative=True)
 
 
+def test_window_fp16_plan_keeps_state_and_softmax_in_fp32_and_tracks_fp32(tmp_path):
+    model = swap_attention(make_tiny_model("llama"), T2RConfig(feature_map="hedgehog", feature_dim=16,
+                                                                window=8)).eval()
+    dec = extract_decoder(model)
+    paths = {}
+    for precision in ("fp32", "fp16"):
+        paths[precision] = tmp_path / f"{precision}.onnx"
+        onnx.save(build_graph(dec, contract.STEP, precision), paths[precision])
+    graph = onnx.load(str(paths["fp16"]))
+    types = _io_types(paths["fp16"])
+    assert all(types[n] == onnx.TensorProto.FLOAT for n in types if "state" in n)
+    assert {"past_state.0.wk", "past_state.0.wv", "past_state.0.wm"} <= set(types)
+    island = set(dict((p.key, p.value) for p in graph.metadata_props)["t2r.fp32_island"].split(","))
+    # the max, the exponentials and the division of the window run in the fp32 island
+    for op in ("ReduceMax", "Exp", "Div"):
+        nodes = [n.name for n in graph.graph.node if n.op_type == op and n.name.startswith("layers.0.state")]
+        assert nodes and set(nodes) <= island, op
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 300, (2, 41))
+    chains = {p: StepChain(paths[p], 2, threads=1) for p in ("fp32", "fp16")}
+    report = teacher_forced(chains, tokens)
+    assert report["fp16"]["nonfinite_step"] is None
+    assert report["fp16"]["max_abs_logit_err"] < 3e-2
+
+
 def test_free_running_and_nll_helpers(graphs):
     chains = {p: StepChain(graphs[p], 1, threads=1) for p in ("fp32", "fp16")}
     result = free_running(chains["fp16"], chains["fp32"], np.array([[5, 17, 42, 7]]), steps=24)

@@ -65,6 +65,16 @@ def test_other_feature_maps_pass_the_trt_check(feature_map):
         assert check_model(build_graph(dec, kind, "fp16"), kind) == []
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_window_graphs_pass_the_trt_check_in_every_precision(arch):
+    model = swap_attention(make_tiny_model(arch), T2RConfig(feature_map="hedgehog", feature_dim=16, window=6))
+    dec = extract_decoder(model)
+    for precision in PRECISIONS:
+        for kind in contract.GRAPH_KINDS:
+            findings = check_model(build_graph(dec, kind, precision), kind)
+            assert findings == [], f"{arch} {precision} {kind}: {[str(f) for f in findings]}"
+
+
 def _replace_node(model, index, node):
     nodes = list(model.graph.node)
     nodes[index] = node

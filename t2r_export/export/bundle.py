@@ -111,6 +111,7 @@ def runtime_config(model, dec, precision: str, sha: str) -> dict:
         "head_dim": dec.head_dim,
         "feature_map": dec.layers[0].feature_map.kind,
         "feature_dim": dec.feature_dim,
+        "window": dec.window,
         "vocab_size": dec.vocab_size,
         "max_position": max_position,
         "bos_token_id": cfg.bos_token_id,

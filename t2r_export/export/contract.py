@@ -8,6 +8,9 @@ Step graph:    input_ids int64 [B, 1], position_ids int64 [B, 1], past_state.{i}
 Prefill graph: input_ids int64 [B, T], position_ids int64 [B, T], past_state.{i}.s / .z
 Both return:   logits float32 [B, V] (last position only), present_state.{i}.s / .z
 State:         s float32 [B, H_kv, K, Dv], z float32 [B, H_kv, K] — no sequence axis.
+Sliding window W > 0 (runtime.json ``window``): each layer also carries the last W keys and values,
+               wk float32 [B, H_kv, W, Dv], wv float32 [B, H_kv, W, Dv], oldest first, and
+               wm float32 [B, W], 1.0 where a slot holds a key — still fixed in size.
 """
 
 from __future__ import annotations
@@ -37,6 +40,31 @@ class StateShape:
     feature_dim: int
     head_dim: int
     vocab_size: int
+    # sliding-window hybrid: W keys/values per layer in the state (0 = off, the paper's T2R)
+    window: int = 0
+
+
+# -- state-spec generalisation: the window's tensors are more state parts of the same kind -----
+LINEAR_PARTS = ("s", "z")
+WINDOW_PARTS = ("wk", "wv", "wm")
+
+
+def state_parts(window: int = 0) -> tuple[str, ...]:
+    """The state tensors of one layer, in graph order."""
+    return LINEAR_PARTS + WINDOW_PARTS if window else LINEAR_PARTS
+
+
+def _part_spec(shape: StateShape, part: str) -> tuple[tuple, str]:
+    """(shape, meaning) of one layer's state part."""
+    h, k, d, w = shape.num_kv_heads, shape.feature_dim, shape.head_dim, shape.window
+    return {
+        "s": ((BATCH, h, k, d), "sum of phi(k) v^T over the keys that left the window"
+              if w else "sum of phi(k) v^T"),
+        "z": ((BATCH, h, k), "sum of phi(k) over the keys that left the window" if w else "sum of phi(k)"),
+        "wk": ((BATCH, h, w, d), "the last W keys after RoPE, oldest first"),
+        "wv": ((BATCH, h, w, d), "the last W values, oldest first"),
+        "wm": ((BATCH, w), "1.0 where a window slot holds a key, 0.0 while empty"),
+    }[part]
 
 
 def past_name(layer: int, part: str) -> str:
@@ -50,11 +78,9 @@ def present_name(layer: int, part: str) -> str:
 def _state_specs(shape: StateShape, name_fn, verb: str) -> list[TensorSpec]:
     specs = []
     for i in range(shape.num_layers):
-        specs.append(TensorSpec(name_fn(i, "s"), "float32",
-                                (BATCH, shape.num_kv_heads, shape.feature_dim, shape.head_dim),
-                                f"layer {i} {verb} sum of phi(k) v^T"))
-        specs.append(TensorSpec(name_fn(i, "z"), "float32", (BATCH, shape.num_kv_heads, shape.feature_dim),
-                                f"layer {i} {verb} sum of phi(k)"))
+        for part in state_parts(shape.window):
+            dims, meaning = _part_spec(shape, part)
+            specs.append(TensorSpec(name_fn(i, part), "float32", dims, f"layer {i} {verb} {meaning}"))
     return specs
 
 
@@ -78,13 +104,15 @@ def graph_outputs(shape: StateShape, kind: str = STEP) -> list[TensorSpec]:
     ]
 
 
-def state_pairs(num_layers: int) -> list[tuple[str, str]]:
+def state_pairs(num_layers: int, window: int = 0) -> list[tuple[str, str]]:
     """(past name, present name) for every state tensor, in graph order."""
-    return [(past_name(i, p), present_name(i, p)) for i in range(num_layers) for p in ("s", "z")]
+    return [(past_name(i, p), present_name(i, p)) for i in range(num_layers) for p in state_parts(window)]
 
 
 def state_nbytes(shape: StateShape, batch: int = 1) -> int:
     per_layer = shape.num_kv_heads * shape.feature_dim * (shape.head_dim + 1)
+    if shape.window:
+        per_layer += shape.window * (2 * shape.num_kv_heads * shape.head_dim + 1)
     return 4 * batch * shape.num_layers * per_layer
 
 
@@ -115,6 +143,17 @@ def render_markdown(example: StateShape | None = None) -> str:
                 shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
                 lines.append(f"| {direction} | `{spec.name}` | {spec.dtype} | {shape} | {spec.doc} |")
         lines.append("")
+    windowed = StateShape(num_layers=1, num_kv_heads="H_kv", feature_dim="K", head_dim="Dv", vocab_size="V",
+                          window="W")
+    lines += ["## With a sliding window (runtime.json `window` = W > 0)", "",
+              "Each layer's state also holds the window, so it stays fixed in size (layer 0 shown; the same",
+              "tensors exist as `past_state.*` inputs and `present_state.*` outputs of both graphs). `s` and",
+              "`z` then sum only the keys that left the window.", "",
+              "| name | dtype | shape | meaning |", "| --- | --- | --- | --- |"]
+    for spec in _state_specs(windowed, past_name, "state before these tokens:")[2:]:
+        shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        lines.append(f"| `{spec.name}` | {spec.dtype} | {shape} | {spec.doc} |")
+    lines.append("")
     return "\n".join(lines)
 
 

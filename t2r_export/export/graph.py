@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import contract
 from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
+from .window import window_prefill, window_step
 
 PRECISIONS = ("fp32", "fp16", "fp16-all")
 INT64_MAX = np.iinfo(np.int64).max
@@ -230,6 +231,9 @@ class DecoderEmitter:
             cos, sin, rot = rope
             with g.scope(f"layers.{i}.rope"):
                 qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("MatMul", qk, rot), sin))
+        if self.dec.window:
+            out = self.window_attention(qk, g.reshape(v, [0, 0, hkv, 1, d]), layer, i)
+            return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
         with g.scope(f"layers.{i}.phi"):
             phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
             phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
@@ -238,6 +242,11 @@ class DecoderEmitter:
         with g.scope(f"layers.{i}.state", fp32_island=True):
             out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
+
+    def window_attention(self, qk: str, v: str, layer: LayerWeights, i: int) -> str:
+        """LoLCATs' hybrid (see ``window.py``): qk [B, T, H_kv, G+1, d] after RoPE, v [B, T, H_kv, 1, d]."""
+        emit = window_step if self.kind == contract.STEP else window_prefill
+        return emit(self, qk, v, layer, i)
 
     def mlp(self, x: str, layer: LayerWeights, i: int) -> str:
         g = self.g
@@ -311,7 +320,8 @@ class DecoderEmitter:
 
 
 def state_shape(dec: DecoderWeights) -> contract.StateShape:
-    return contract.StateShape(len(dec.layers), dec.num_kv_heads, dec.feature_dim, dec.head_dim, dec.vocab_size)
+    return contract.StateShape(len(dec.layers), dec.num_kv_heads, dec.feature_dim, dec.head_dim, dec.vocab_size,
+                               window=dec.window)
 
 
 def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32") -> onnx.ModelProto:

@@ -120,7 +120,7 @@ def record_calibration(bundle_dir: Path, prompts: list[str], recipe: Calibration
     bundle = load_bundle(bundle_dir)
     tokenizer = tokenizer or bundle.load_tokenizer()
     step = _session(bundle.graph_path(contract.STEP))
-    pairs = contract.state_pairs(bundle.config.num_layers)
+    pairs = contract.state_pairs(bundle.config.num_layers, bundle.config.window)
     outputs = ["logits"] + [present for _, present in pairs]
     zero = {past: np.zeros((1, *s.shape[1:]), np.float32)
             for (past, _), s in zip(pairs, contract.graph_inputs(bundle.config.state_shape)[2:])}

@@ -45,18 +45,22 @@ def ort_session(path_or_bytes, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
+def _state_parts(state, i: int) -> dict:
+    """Layer i's state tensors by contract part name (s, z, and wk, wv, wm with a window)."""
+    return dict(zip(contract.state_parts(state.window), state.layer(i), strict=True))
+
+
 def _state_feeds(state, num_layers: int) -> dict:
-    feeds = {}
-    for i in range(num_layers):
-        feeds[contract.past_name(i, "s")] = state.s[i].detach().cpu().numpy().astype(np.float32)
-        feeds[contract.past_name(i, "z")] = state.z[i].detach().cpu().numpy().astype(np.float32)
-    return feeds
+    return {contract.past_name(i, part): tensor.detach().cpu().numpy().astype(np.float32)
+            for i in range(num_layers) for part, tensor in _state_parts(state, i).items()}
 
 
 def _run(session, input_ids: np.ndarray, positions: np.ndarray, state_feeds: dict, num_layers: int):
-    outputs = ["logits"] + [present for _, present in contract.state_pairs(num_layers)]
+    wm = state_feeds.get(contract.past_name(0, "wm"))
+    pairs = contract.state_pairs(num_layers, 0 if wm is None else wm.shape[-1])
+    outputs = ["logits"] + [present for _, present in pairs]
     values = session.run(outputs, {"input_ids": input_ids, "position_ids": positions, **state_feeds})
-    next_feeds = {past: v for (past, _), v in zip(contract.state_pairs(num_layers), values[1:])}
+    next_feeds = {past: v for (past, _), v in zip(pairs, values[1:])}
     return dict(zip(outputs, values)), next_feeds
 
 
@@ -75,7 +79,7 @@ def verify_step_batches(model, step, num_layers: int, vocab: int, report: Verifi
         report.add(check, "logits", check_close(f"{check}: logits", got["logits"], expected_logits.numpy(),
                                                 ("ort", "fp32")))
         for i in range(num_layers):
-            for part, tensor in (("s", state.s[i]), ("z", state.z[i])):
+            for part, tensor in _state_parts(state, i).items():
                 name = contract.present_name(i, part)
                 report.add(check, name, check_close(f"{check}: {name}", got[name], tensor.numpy(),
                                                     ("ort-state", "fp32"), relative=True))

@@ -74,6 +74,8 @@ class DecoderWeights:
     final_norm: Norm | None = None
     lm_head: np.ndarray | None = None      # [D, V]
     lm_head_bias: np.ndarray | None = None
+    # sliding-window hybrid: the last W keys/values per layer are part of the state (0 = off)
+    window: int = 0
 
     @property
     def vocab_size(self) -> int:
@@ -161,7 +163,8 @@ def _base(model, embed, pos_embed, rope) -> DecoderWeights:
     fm = getattr(attention_modules(model)[0], FEATURE_MAP_ATTR)
     inv, scale, rot = rope if rope is not None else (None, 1.0, None)
     return DecoderWeights(get_adapter(model.config.model_type).model_type, heads, kv_heads, head_dim,
-                          fm.feature_dim, float(fm.eps), _np(embed), _np(pos_embed), inv, scale, rot)
+                          fm.feature_dim, float(fm.eps), _np(embed), _np(pos_embed), inv, scale, rot,
+                          window=fm.window)
 
 
 def extract_llama(model) -> DecoderWeights:

@@ -31,10 +31,13 @@ REQUIRED_FIELDS = ("format", "format_version", "architecture", "num_layers", "nu
                    "head_dim", "feature_dim", "vocab_size", "max_position", "bos_token_id", "eos_token_id",
                    "pad_token_id", "state_dtype", "precision", "opset", "graphs")
 
-_PAST_RE = re.compile(r"past_state\.(\d+)\.(s|z)")
+_PAST_RE = re.compile(r"past_state\.(\d+)\.(s|z|wk|wv|wm)")
 # which runtime.json field each static axis of a contract tensor reflects
 _AXIS_FIELDS = {"s": {1: "num_kv_heads", 2: "feature_dim", 3: "head_dim"},
                 "z": {1: "num_kv_heads", 2: "feature_dim"},
+                "wk": {1: "num_kv_heads", 2: "window", 3: "head_dim"},
+                "wv": {1: "num_kv_heads", 2: "window", 3: "head_dim"},
+                "wm": {1: "window"},
                 "logits": {1: "vocab_size"}}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
@@ -83,12 +86,13 @@ class RuntimeConfig:
     tools: dict = field(default_factory=dict)
     source_checkpoint_sha256: str | None = None
     state_bytes_per_sequence: int | None = None     # optional; checked once the graph confirmed the shape fields
+    window: int = 0                                 # sliding-window keys per layer in the state (0 = none)
 
     @property
     def state_shape(self) -> contract.StateShape:
         return contract.StateShape(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                                    feature_dim=self.feature_dim, head_dim=self.head_dim,
-                                   vocab_size=self.vocab_size)
+                                   vocab_size=self.vocab_size, window=self.window)
 
     @property
     def filler_token_id(self) -> int:
@@ -243,6 +247,7 @@ def parse_runtime_config(raw: Any) -> RuntimeConfig:
     state_bytes = raw.get("state_bytes_per_sequence")
     if state_bytes is not None:
         state_bytes = _int(raw, "state_bytes_per_sequence", 1)
+    window = _int(raw, "window", 0) if "window" in raw else 0
     sha = raw.get("source_checkpoint_sha256")
     if sha is not None and not isinstance(sha, str):
         raise _field_error("source_checkpoint_sha256", sha, "expected a hex string")
@@ -255,7 +260,7 @@ def parse_runtime_config(raw: Any) -> RuntimeConfig:
         pad_token_id=_check_token("pad_token_id", raw["pad_token_id"], vocab_size, nullable=True),
         precision=raw["precision"], opset=_int(raw, "opset", 1), graphs=_parse_graphs(raw["graphs"]),
         format_version=version, state_dtype=raw["state_dtype"], tools=tools, source_checkpoint_sha256=sha,
-        state_bytes_per_sequence=state_bytes)
+        state_bytes_per_sequence=state_bytes, window=window)
 
 
 def _parse_graphs(graphs: Any) -> dict[str, GraphEntry]:

@@ -128,7 +128,7 @@ class OrtDecoder:
         providers = resolve_providers(provider)
         options = session_options(threads, optimization)
         self._device = _DEVICES[provider]
-        self._pairs = contract.state_pairs(self.config.num_layers)
+        self._pairs = contract.state_pairs(self.config.num_layers, self.config.window)
         self._sessions = {kind: self._open(kind, options, providers) for kind in contract.GRAPH_KINDS}
         self._batch = 0
         self._parity = 0

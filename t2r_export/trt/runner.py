@@ -166,7 +166,7 @@ class TrtDecoder:
         self._runtime = trt.Runtime(self._logger)
         self._engines = {kind: self._load(path) for kind, path in plans.items()}
         self._stream = cuda_call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
-        self._pairs = contract.state_pairs(self.config.num_layers)
+        self._pairs = contract.state_pairs(self.config.num_layers, self.config.window)
         self._check_io()
         self._batch = 0
         self._parity = 0

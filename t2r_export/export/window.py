@@ -1,0 +1,134 @@
+"""Graph emission of LoLCATs' sliding-window + linear hybrid (the math: ops/window_attention.py).
+
+Per layer the state holds s, z (the keys that left the window) and the window itself: wk, wv
+[B, H_kv, W, d] (keys after RoPE and values, oldest first) and wm [B, W] (1.0 = slot filled).
+Plain ONNX ops only and nothing data-dependent in shape: the window shifts by Slice + Concat, the
+band of the prefill is built from CumSum over ones, masked slots get -1e9 added to their score.
+Everything after the feature map runs in the fp32 island (the max, the exponentials, both sums).
+
+- step: slot 0 leaves the window (into S and z, if filled), the new key enters at slot W-1.
+- prefill: the whole sequence is [window; T new keys]; query t reads the W keys ending at its own
+  in the exact part and everything before them in the linear part (CumSum, as without a window).
+  The exact part is a T × (W+T) band: memory grows with T² for one call; long prompts can be fed
+  in pieces, since prefill continues from any state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import contract
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _names(i: int, io) -> dict:
+    return {part: io(i, part) for part in contract.state_parts(window=1)}
+
+
+def _mask_bias(e, filled: str) -> str:
+    """0 where a slot holds a key, a large negative number where not: exp() of it is 0."""
+    big = 1e9 if e.state_dtype == np.float32 else 3e4
+    return e.g.op("Mul", e.g.op("Add", filled, e.g.const(-1.0, e.state_dtype)), e.g.const(big, e.state_dtype))
+
+
+def _combine(e, scores: str, values: str, num_l: str, den_l: str) -> str:
+    """(Σ exp(score - max) v + num_l) / max(Σ exp(score - max) + den_l, eps)."""
+    g = e.g
+    ex = g.op("Exp", g.op("Sub", scores, g.op("ReduceMax", scores, axes=[-1], keepdims=1)))
+    num = g.op("Add", g.op("MatMul", ex, values), num_l)
+    den = g.op("Add", g.op("ReduceSum", ex, g.const([-1], np.int64), keepdims=1), den_l)
+    return g.op("Div", num, g.op("Max", den, g.const(e.dec.eps, e.state_dtype)))
+
+
+def _slice(e, x: str, start: int, end: int, axis: int, outputs=1) -> str:
+    c = e.g.const
+    return e.g.op("Slice", x, c([start], np.int64), c([end], np.int64), c([axis], np.int64), outputs=outputs)
+
+
+def _fp32_to_state(e, x: str) -> str:
+    """An fp32 tensor in the state's dtype (a cast only in the all-fp16 plan)."""
+    return x if e.state_dtype == np.float32 else e.g.cast(x, e.state_dtype)
+
+
+def window_step(e, qk: str, v: str, layer, i: int) -> str:
+    """One token: qk [B, 1, H_kv, G+1, d], v [B, 1, H_kv, 1, d] -> [B, 1, H·d]."""
+    g, hkv, G, d, k, W = e.g, e.hkv, e.groups, e.d, e.k, e.dec.window
+    past, present = _names(i, contract.past_name), _names(i, contract.present_name)
+    q, key = g.op("Split", qk, g.const([G, 1], np.int64), axis=3, outputs=2)
+    with g.scope(f"layers.{i}.phi"):
+        # one feature-map chain for the queries and the key leaving the window
+        old_k = e.to_low(g.reshape(_slice(e, past["wk"], 0, 1, 2), [-1, 1, hkv, 1, d]))
+        phi = e.feature_map(g.op("Concat", q, old_k, axis=3), layer.feature_map, f"layers.{i}.phi")
+        phi_q, phi_old = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
+    with g.scope(f"layers.{i}.state", fp32_island=True):
+        m0 = _slice(e, past["wm"], 0, 1, 1)                                          # [B, 1]
+        pk = g.op("Mul", e.to_state(g.reshape(phi_old, [-1, hkv, k, 1])), g.reshape(m0, [-1, 1, 1, 1]))
+        s_out = g.op("Add", past["s"], g.op("Mul", pk, _slice(e, past["wv"], 0, 1, 2)), outputs=[present["s"]])
+        z_out = g.op("Add", past["z"], g.reshape(pk, [-1, hkv, k]), outputs=[present["z"]])
+        k_new = e.to_state(g.reshape(key, [-1, hkv, 1, d]))
+        v_new = e.to_state(g.reshape(v, [-1, hkv, 1, d]))
+        wk = g.op("Concat", _slice(e, past["wk"], 1, INT64_MAX, 2), k_new, axis=2, outputs=[present["wk"]])
+        wv = g.op("Concat", _slice(e, past["wv"], 1, INT64_MAX, 2), v_new, axis=2, outputs=[present["wv"]])
+        one = g.op("Add", g.op("Mul", m0, g.const(0.0, e.state_dtype)), g.const(1.0, e.state_dtype))
+        wm = g.op("Concat", _slice(e, past["wm"], 1, INT64_MAX, 1), one, axis=1, outputs=[present["wm"]])
+        qs = e.to_state(g.reshape(q, [-1, hkv, G, d]))
+        scores = g.op("MatMul", qs, g.op("Transpose", wk, perm=[0, 1, 3, 2]))        # [B, H_kv, G, W]
+        scores = g.op("Add", scores, g.reshape(_mask_bias(e, wm), [-1, 1, 1, W]))
+        pq = e.to_state(g.reshape(phi_q, [-1, hkv, G, k]))
+        out = _combine(e, scores, wv, g.op("MatMul", pq, s_out), g.op("MatMul", pq, g.unsqueeze(z_out, [-1])))
+    return g.reshape(e.to_low(out), [-1, 1, e.dec.num_heads * d])
+
+
+def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
+    """T tokens: qk [B, T, H_kv, G+1, d], v [B, T, H_kv, 1, d] -> [B, T, H·d]."""
+    g, hkv, G, d, k, W = e.g, e.hkv, e.groups, e.d, e.k, e.dec.window
+    past, present = _names(i, contract.past_name), _names(i, contract.present_name)
+    q, key = g.op("Split", qk, g.const([G, 1], np.int64), axis=3, outputs=2)
+    with g.scope(f"layers.{i}.state", fp32_island=True):
+        # the whole sequence [window; new], [B, W+T, H_kv, d]; its first T entries end up in S and z
+        keys = g.op("Concat", g.op("Transpose", past["wk"], perm=[0, 2, 1, 3]),
+                    e.to_state(g.reshape(key, [0, 0, hkv, d])), axis=1)
+        vals = g.op("Concat", g.op("Transpose", past["wv"], perm=[0, 2, 1, 3]),
+                    e.to_state(g.reshape(v, [0, 0, hkv, d])), axis=1)
+        # positions are counted in fp32 whatever the plan: fp16 integers stop being exact at 2048
+        ones_t = g.op("Add", g.op("Mul", g.cast("position_ids", np.float32), g.const(0.0, np.float32)),
+                      g.const(1.0, np.float32))                                         # [B, T]
+        filled32 = g.op("Concat", g.cast(past["wm"], np.float32) if e.state_dtype != np.float32 else past["wm"],
+                        ones_t, axis=1)                                                 # [B, W+T]
+        filled = _fp32_to_state(e, filled32)
+        g.op("Transpose", _slice(e, keys, -W, INT64_MAX, 1), perm=[0, 2, 1, 3], outputs=[present["wk"]])
+        g.op("Transpose", _slice(e, vals, -W, INT64_MAX, 1), perm=[0, 2, 1, 3], outputs=[present["wv"]])
+        _slice(e, filled, -W, INT64_MAX, 1, outputs=[present["wm"]])
+        lin_k = _slice(e, keys, 0, -W, 1)                                               # [B, T, H_kv, d]
+    with g.scope(f"layers.{i}.phi"):
+        phi = e.feature_map(g.op("Concat", q, g.reshape(e.to_low(lin_k), [0, 0, hkv, 1, d]), axis=3), layer.feature_map,
+                            f"layers.{i}.phi")
+        phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
+    with g.scope(f"layers.{i}.state", fp32_island=True):
+        lin_m = g.reshape(_slice(e, filled, 0, -W, 1), [0, 0, 1, 1, 1])
+        pk = g.op("Mul", e.to_state(g.reshape(phi_k, [0, 0, hkv, k, 1])), lin_m)     # [B, T, H_kv, K, 1]
+        vv = g.reshape(_slice(e, vals, 0, -W, 1), [0, 0, hkv, 1, d])
+        axis = g.const(1, np.int64)
+        s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(past["s"], [1]))
+        z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(past["z"], [1]))
+        g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64), outputs=[present["s"]])
+        g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64), outputs=[present["z"]])
+        pq = e.to_state(phi_q)                                                           # [B, T, H_kv, G, K]
+        num_l = g.op("MatMul", pq, s_all)
+        den_l = g.op("MatMul", pq, g.unsqueeze(z_all, [-1]))
+        # the band: key j (1-based over W+T) is in query t's window when W+t-W < j <= W+t
+        jpos = g.op("CumSum", g.op("Add", g.op("Mul", filled32, g.const(0.0, np.float32)), g.const(1.0, np.float32)),
+                    axis)
+        own = g.op("Add", g.op("CumSum", ones_t, axis), g.const(float(W), np.float32))
+        rel = g.op("Sub", g.unsqueeze(jpos, [1]), g.unsqueeze(own, [2]))                 # [B, T, W+T]
+        band = g.op("And", g.op("Greater", rel, g.const(-W + 0.5, np.float32)),
+                    g.op("Less", rel, g.const(0.5, np.float32)))
+        valid = g.op("Mul", g.cast(band, np.float32), g.unsqueeze(filled32, [1]))
+        valid = _fp32_to_state(e, valid)
+        bias = g.unsqueeze(_mask_bias(e, valid), [2, 3])                                 # [B, T, 1, 1, W+T]
+        k_t = g.unsqueeze(g.op("Transpose", keys, perm=[0, 2, 3, 1]), [1])              # [B, 1, H_kv, d, W+T]
+        v_t = g.unsqueeze(g.op("Transpose", vals, perm=[0, 2, 1, 3]), [1])              # [B, 1, H_kv, W+T, d]
+        scores = g.op("Add", g.op("MatMul", e.to_state(q), k_t), bias)                  # [B, T, H_kv, G, W+T]
+        out = _combine(e, scores, v_t, num_l, den_l)
+    return g.reshape(e.to_low(out), [0, 0, e.dec.num_heads * d])
