@@ -47,6 +47,31 @@ def _bad(args):
     return result.output
 
 
+def test_swap_hedgehog_with_a_window(softmax_dir, tmp_path):
+    out = tmp_path / "t2r"
+    result = runner.invoke(app, ["swap", str(softmax_dir), "-o", str(out), "--feature-map", "hedgehog",
+                                 "--feature-dim", "8", "--window", "16"])
+    assert result.exit_code == 0, result.output
+    model = load_t2r_model(out)
+    assert model.config.t2r["feature_map"] == "hedgehog" and model.config.t2r["window"] == 16
+    fm = model.model.layers[0].self_attn.t2r_feature_map
+    assert fm.window == 16 and fm.feature_dim == 16
+    # state per sequence: 2 layers × 4 bytes × (2 KV heads × 16 features × 9 + 16 × (2 × 2 × 8 + 1))
+    assert f"{2 * 4 * (2 * 16 * 9 + 16 * 33):,}" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "-1"], "window must be >= 0"),
+    (["--window", "100000"], "window 100000 exceeds the model's"),
+    (["--feature-map", "hedgehogs"], "unknown feature map 'hedgehogs'"),
+])
+def test_bad_window_or_feature_map_is_one_line(softmax_dir, tmp_path, args, message):
+    out = tmp_path / "t2r"
+    output = _bad([str(softmax_dir), "-o", str(out), *args])
+    assert message in output and len(output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_missing_model_dir(tmp_path):
     out = _bad([str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
     assert "model directory not found" in out and not (tmp_path / "out").exists()

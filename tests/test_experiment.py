@@ -44,8 +44,9 @@ def cache(tmp_path_factory):
 
 
 def experiment_config(teacher, out, cache, **overrides) -> ExperimentConfig:
+    # a window of 8 within the 32-token blocks: the window rows use both of their parts
     settings = dict(out_dir=out, budget_name="tiny", budget=TINY_BUDGET, teacher=teacher, num_threads=1,
-                    max_files=3, cache_dir=cache)
+                    max_files=3, cache_dir=cache, window=8)
     settings.update(overrides)
     return ExperimentConfig(**settings)
 
@@ -97,6 +98,14 @@ def test_the_table_has_every_run_with_equal_budgets(finished):
     assert {name: rows[name]["feature_dim"] for name in ("elu", "t2r-k8", "t2r-k16", "t2r", "t2r-k64")} == \
         {"elu": 8, "t2r-k8": 8, "t2r-k16": 16, "t2r": 32, "t2r-k64": 64}
     assert rows["t2r-k64"]["state_bytes_per_sequence"] == 2 * 2 * 64 * (8 + 1) * 4
+    # the quality rows: hedgehog's k = 32 gives 64 features; the window adds W keys, values and marks
+    assert rows["hedgehog"]["feature_dim"] == 64 and rows["hedgehog"]["window"] == 0
+    for name in ("t2r-window", "t2r-window-transfer", "hedgehog-window", "hedgehog-window-transfer"):
+        assert rows[name]["window"] == 8, name
+    assert rows["hedgehog-window"]["state_bytes_per_sequence"] == \
+        2 * 4 * (2 * 64 * (8 + 1) + 8 * (2 * 2 * 8 + 1))
+    for name in ("hedgehog-transfer", "t2r-window-transfer", "hedgehog-window-transfer"):
+        assert rows[name]["transfer_tokens"] == rows["t2r-transfer"]["transfer_tokens"] > 0, name
     # the models are deleted after evaluation, the table stays
     assert not any((out / "models").iterdir())
 
@@ -187,6 +196,8 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
     (["paper", "--steps", "0"], "steps must be a positive integer"),
     (["paper", "--teacher", "/nonexistent/teacher"], "is not a model directory"),
     (["paper", "--seed", "-1"], "--seed must be a non-negative integer"),
+    (["paper", "--runs", "hedgehog-window", "--window", "0"], "window must be a positive integer"),
+    (["paper", "--runs", "t2r-window", "--window", "100000"], "window 100000 exceeds the model's"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     out = tmp_path / "out"

@@ -78,6 +78,9 @@ def empty_file(tmp_path):
     ("zero steps", "steps must be a positive integer"),
     ("unwritable output", "cannot be created"),
     ("unknown train mode", "unknown train mode"),
+    ("negative window", "window must be >= 0"),
+    ("window past the positions", "window 129 exceeds the model's 128 positions"),
+    ("unknown feature map", "unknown feature map 'hedgehogs'"),
 ])
 def test_finetune_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, empty_file, case, message):
     model_dir, data = tiny
@@ -86,7 +89,10 @@ def test_finetune_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_p
             "empty corpus": ["--data", str(empty_file)],
             "zero steps": ["--data", str(data), "--steps", "0"],
             "unwritable output": ["--data", str(data)],
-            "unknown train mode": ["--data", str(data), "--train", "everything"]}[case]
+            "unknown train mode": ["--data", str(data), "--train", "everything"],
+            "negative window": ["--data", str(data), "--window", "-1"],
+            "window past the positions": ["--data", str(data), "--window", "129"],
+            "unknown feature map": ["--data", str(data), "--feature-map", "hedgehogs"]}[case]
     if case == "unwritable output":
         # tests run as root, where chmod does not stop writes; a path under a regular file can never be a directory
         out = empty_file / "out"

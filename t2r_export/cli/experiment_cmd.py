@@ -38,6 +38,7 @@ def experiment(
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep each run's model in OUT/models."),
     num_threads: Optional[int] = typer.Option(None, help="CPU threads (1 is faster on a busy 2-core machine)."),
     seed: int = typer.Option(0, help="Seed of every run (swap init, batch order); another seed needs another --out."),
+    window: int = typer.Option(64, help="W of the sliding-window rows (t2r-window, hedgehog-window, ...)."),
     max_files: Optional[int] = typer.Option(None, hidden=True, help="Only the first N files of each stdlib split."),
 ) -> None:
     import dataclasses
@@ -60,7 +61,7 @@ def experiment(
     subset = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
     cfg = ExperimentConfig(out_dir=out, budget_name=budget_name + (" (custom)" if overrides else ""), budget=chosen,
                            teacher=teacher, runs=subset, keep_models=keep_models, num_threads=num_threads,
-                           seed=seed, max_files=max_files)
+                           seed=seed, window=window, max_files=max_files)
     _quiet_transformers()
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     try:

@@ -7,25 +7,32 @@ from pathlib import Path
 import typer
 
 from .common import atomic_output_dir, console, fail
+from .train_cmd import _quiet_transformers
 
 
 def swap(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face causal LM directory (safetensors)."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the T2R model."),
-    feature_map: str = typer.Option("t2r", help="t2r (learned, the paper's) | elu | rfa (baselines)."),
+    feature_map: str = typer.Option("t2r", help="t2r (learned, the paper's) | hedgehog (learned, softmax over "
+                                    "±Wx: 2k features) | elu | rfa (baselines)."),
     feature_dim: int = typer.Option(32, help="Feature size k of phi (ignored by elu, which uses head_dim)."),
-    init: str = typer.Option("default", help="Feature-map init: default (nn.Linear's) | identity."),
+    init: str = typer.Option("default", help="Feature-map init: default (nn.Linear's for t2r, the identity for "
+                             "hedgehog) | identity."),
+    window: int = typer.Option(0, help="Sliding window W: exact softmax over the last W keys plus phi over the "
+                               "older ones, one normalisation (LoLCATs); 0 = off."),
     seed: int = typer.Option(0, help="Seed for the feature-map init and rfa's random features."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
 ) -> None:
     from ..models import T2RConfig, load_causal_lm, swap_attention, swap_summary
 
     try:
-        cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed)
+        cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed, window=window)
     except ValueError as err:
         fail(str(err))
     if out.resolve() == model_dir.resolve():
         fail(f"output directory {out} is the input model directory; choose another --out")
+    # a bad --window is found once the model is loaded: its error must stay the only line
+    _quiet_transformers()
     try:
         import torch
 

@@ -45,9 +45,11 @@ def finetune(
     batch_size: int = typer.Option(8, help="Blocks per process per micro-step."),
     block_size: int = typer.Option(256, help="Tokens per block."),
     grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
-    feature_map: str = typer.Option("t2r", help="t2r | elu | rfa (used when MODEL is a softmax model)."),
+    feature_map: str = typer.Option("t2r", help="t2r | hedgehog | elu | rfa (used when MODEL is a softmax model)."),
     feature_dim: int = typer.Option(32, help="Feature size k of phi."),
     init: str = typer.Option("default", help="Feature-map init: default | identity."),
+    window: int = typer.Option(0, help="Sliding window W of the hybrid (0 = off; used when MODEL is a softmax "
+                               "model)."),
     seed: int = typer.Option(0, help="Seed of the swap, the data order and LoRA."),
     out: Path = typer.Option(Path("runs/t2r"), "-o", "--out", help="Where to write the finetuned T2R model."),
     save_every: int = typer.Option(200, help="Checkpoint to OUT/checkpoint every this many steps (0 = never)."),
@@ -70,7 +72,7 @@ def finetune(
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
-        save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens, resume=resume, fsdp=fsdp,
+        window=window, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens, resume=resume, fsdp=fsdp,
         lora_r=lora_r, lora_alpha=lora_alpha, num_threads=num_threads, trust_remote_code=trust_remote_code,
     )
     import shlex

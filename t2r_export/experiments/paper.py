@@ -8,7 +8,10 @@ transfer, so transfer + finetune tokens equal the others' finetune tokens. Runs,
 - ``t2r``, ``elu``, ``rfa``: swap with that feature map, then finetune every weight;
 - ``t2r-scratch``: the same T2R architecture with every weight randomly initialised, same budget;
 - ``t2r-transfer``: swap, attention transfer, then finetune;
-- ``t2r-k8``, ``t2r-k16``, ``t2r-k64`` (with ``t2r`` as k=32): the feature-size sweep.
+- ``t2r-k8``, ``t2r-k16``, ``t2r-k64`` (with ``t2r`` as k=32): the feature-size sweep;
+- ``hedgehog``, ``t2r-window``, ``hedgehog-window`` and each ``...-transfer`` (LoLCATs' stage 1
+  first): the quality variants (docs/quality.md); the window rows keep the last ``window`` keys
+  exact. Hedgehog's k = 32 gives 64 features (softmax over ±Wx), so its S and z are twice T2R's.
 
 All are scored on one fixed token stream: the first ``test_tokens`` of the stdlib test split,
 made with the teacher's tokenizer. ``run_paper_experiment`` runs them sequentially, records each
@@ -37,7 +40,7 @@ from t2r_export.atomic import atomic_write_text, check_writable
 from t2r_export.data.corpus import stdlib_token_stream
 from t2r_export.machine import cpu_model
 from t2r_export.models import attention_dims, load_causal_lm, swap_summary
-from t2r_export.models.swap import attention_modules
+from t2r_export.models.swap import attention_modules, check_window
 from t2r_export.train.evaluate import perplexity
 from t2r_export.train.finetune import FinetuneConfig, bundled_teacher, finetune
 
@@ -87,6 +90,8 @@ class RunSpec:
     kind: str
     feature_map: str = "t2r"
     feature_dim: int = 32
+    # True: the sliding-window hybrid with the experiment's ``window``
+    windowed: bool = False
 
 
 PAPER_RUNS = (
@@ -99,6 +104,12 @@ PAPER_RUNS = (
     RunSpec("t2r-k8", "swap", feature_dim=8),
     RunSpec("t2r-k16", "swap", feature_dim=16),
     RunSpec("t2r-k64", "swap", feature_dim=64),
+    RunSpec("hedgehog", "swap", "hedgehog"),
+    RunSpec("hedgehog-transfer", "transfer", "hedgehog"),
+    RunSpec("t2r-window", "swap", windowed=True),
+    RunSpec("t2r-window-transfer", "transfer", windowed=True),
+    RunSpec("hedgehog-window", "swap", "hedgehog", windowed=True),
+    RunSpec("hedgehog-window-transfer", "transfer", "hedgehog", windowed=True),
 )
 
 
@@ -118,6 +129,8 @@ class ExperimentConfig:
     transfer_lr: float = 1e-2
     # one seed for every run: same swap seeds, same batches in the same order
     seed: int = 0
+    # the window rows' W: LoLCATs' 64, a quarter of the teacher's 256-token context
+    window: int = 64
     # None = every run of PAPER_RUNS; the teacher always runs (every ratio needs it)
     runs: tuple[str, ...] | None = None
     # model directories are deleted after evaluation unless kept
@@ -159,11 +172,17 @@ def check_experiment_config(cfg: ExperimentConfig) -> list[RunSpec]:
         raise ValueError(f"transfer steps must be between 1 and steps - 1 ({b.steps - 1}), got {b.transfer_steps}")
     if min(cfg.lr, cfg.scratch_lr, cfg.transfer_lr) <= 0:
         raise ValueError("learning rates must be > 0")
+    if any(s.windowed for s in specs) and cfg.window <= 0:
+        raise ValueError(f"window must be a positive integer for the window runs, got {cfg.window}")
     if cfg.kv_context <= 0:
         raise ValueError(f"kv context must be a positive integer, got {cfg.kv_context}")
     teacher = Path(cfg.teacher) if cfg.teacher is not None else bundled_teacher()
     if not (teacher / "config.json").is_file():
         raise ValueError(f"teacher {teacher} is not a model directory (no config.json)")
+    if any(s.windowed for s in specs):
+        from transformers import AutoConfig
+
+        check_window(AutoConfig.from_pretrained(teacher), cfg.window)
     check_writable(Path(cfg.out_dir))
     return specs
 
@@ -231,7 +250,8 @@ def finetune_and_evaluate(spec: RunSpec, ctx: RunContext, source: Path, transfer
     record = finetune(FinetuneConfig(
         model=source, out_dir=out, steps=budget.steps - transfer_steps, attention_transfer_steps=transfer_steps,
         lr=lr, attention_transfer_lr=cfg.transfer_lr, batch_size=budget.batch_size, block_size=budget.block_size,
-        feature_map=spec.feature_map, feature_dim=spec.feature_dim, seed=cfg.seed, save_every=0, eval_every=0,
+        feature_map=spec.feature_map, feature_dim=spec.feature_dim, window=cfg.window if spec.windowed else 0,
+        seed=cfg.seed, save_every=0, eval_every=0,
         eval_max_tokens=budget.valid_tokens, eval_batch_size=cfg.eval_batch_size, num_threads=cfg.num_threads,
         max_files=cfg.max_files, cache_dir=cfg.cache_dir), progress=relay, command=ctx.command)
     model = load_causal_lm(out)
@@ -242,7 +262,9 @@ def finetune_and_evaluate(spec: RunSpec, ctx: RunContext, source: Path, transfer
     tokens = (record["tokens_seen"]["transfer"], record["tokens_seen"]["finetune"])
     return run_record(spec, score, start, feature_dim=summary["feature_dim"], init=init, lr=lr, tokens=tokens,
                       parameters=summary["parameters_total"], state_bytes=summary["state_bytes_per_sequence"],
-                      state_note="S and z, fp32, any context length",
+                      state_note=("S, z and the window's keys and values, fp32, any context length"
+                                  if summary["window"] else "S and z, fp32, any context length"),
+                      window=summary["window"],
                       train_time_s=record["wall_time_s"], valid_perplexity=record["final_valid_perplexity"],
                       final_train_loss=record["losses"]["finetune"][-1])
 
@@ -275,7 +297,7 @@ def plan_record(cfg: ExperimentConfig, teacher: Path) -> dict:
     """What makes results comparable: a partial.json from another plan must not be mixed in."""
     return {"experiment": "paper", "teacher": str(teacher.resolve()), "budget_name": cfg.budget_name,
             "budget": dataclasses.asdict(cfg.budget), "lr": cfg.lr, "scratch_lr": cfg.scratch_lr,
-            "transfer_lr": cfg.transfer_lr, "seed": cfg.seed, "kv_context": cfg.kv_context,
+            "transfer_lr": cfg.transfer_lr, "seed": cfg.seed, "window": cfg.window, "kv_context": cfg.kv_context,
             "eval_batch_size": cfg.eval_batch_size, "max_files": cfg.max_files}
 
 
@@ -414,8 +436,9 @@ def render_markdown(results: dict) -> str:
          f"teacher, {plan['scratch_lr']:g} from scratch; seed {plan['seed']}"),
         (f"- test: the first {budget['test_tokens']:,} tokens of the stdlib test split (teacher tokenizer), "
          f"blocks of {budget['block_size']}; ratio = test perplexity / the teacher's, both measured here"),
-        (f"- decode state: T2R keeps S and z (fp32) whatever the context; the teacher's KV cache (fp32) is "
-         f"priced at {plan['kv_context']:,} tokens of context"),
+        (f"- decode state: T2R keeps S and z (fp32) whatever the context, the window rows also the last "
+         f"{plan.get('window', 0)} keys and values; the teacher's KV cache (fp32) is priced at "
+         f"{plan['kv_context']:,} tokens of context"),
         ("- times: wall and CPU seconds of each whole run (load, swap, train, validate, save, test); on a "
          "shared machine the CPU time is the comparable one"),
         "",
@@ -429,7 +452,8 @@ def render_markdown(results: dict) -> str:
                      f"{_fmt(row['ratio_to_teacher'], '.3f')} | {row['wall_time_s']:.0f} | "
                      f"{_fmt(row.get('cpu_time_s'), '.0f')} | "
                      f"{row['state_bytes_per_sequence']:,} |")
-    sweep = sorted((r for r in results["rows"] if r["kind"] == "swap" and r["feature_map"] == "t2r"),
+    sweep = sorted((r for r in results["rows"] if r["kind"] == "swap" and r["feature_map"] == "t2r"
+                    and not r.get("window")),
                    key=lambda r: r["feature_dim"])
     if len(sweep) > 1:
         lines += ["", "Feature size (pretrained `t2r`, swap + finetune; `t2r` is k = 32):", "",

@@ -147,7 +147,10 @@ def swap_summary(model) -> dict:
         "parameters_added": sum(p.numel() for fm in fms for p in fm.parameters()),
         "parameters_total": sum(p.numel() for p in model.parameters()),
         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "feature_dim": k,
-        "state_bytes_per_sequence": len(fms) * kv_heads * k * (head_dim + 1) * 4,
+        "window": fms[0].window,
+        # S, z and, with a window, its keys, values and fill marks: all fp32
+        "state_bytes_per_sequence": len(fms) * 4 * (kv_heads * k * (head_dim + 1)
+                                                    + fms[0].window * (2 * kv_heads * head_dim + 1)),
         **{f"t2r.{key}": v for key, v in model.config.t2r.items()},
     }
 

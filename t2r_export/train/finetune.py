@@ -150,6 +150,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     """One clear ``ValueError`` line for settings that cannot work."""
     if cfg.steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {cfg.steps}")
+    # the swap settings, checked before any model is loaded
+    T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim, init=cfg.init, window=cfg.window)
     if cfg.attention_transfer_steps < 0:
         raise ValueError(f"attention transfer steps must be >= 0, got {cfg.attention_transfer_steps}")
     if cfg.train not in TRAIN_MODES:
@@ -305,6 +307,9 @@ def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
+    if is_t2r_model(model) and cfg.window != model.config.t2r.get("window", 0):
+        raise ValueError(f"{path} is already a T2R model with window {model.config.t2r.get('window', 0)}; "
+                         f"--window {cfg.window} applies to a softmax model (pass the T2R model's own window)")
     if not is_t2r_model(model):
         swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
                                         init=cfg.init, seed=cfg.seed, window=cfg.window))
