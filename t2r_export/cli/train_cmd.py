@@ -162,11 +162,22 @@ def evaluate(
     batch_size: int = typer.Option(8, help="Blocks per forward pass."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first this many tokens (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of a table."),
+    positions: bool = typer.Option(False, "--positions", help="Perplexity by position bucket (0-256, 256-1k, "
+                                   "1k-4k, 4k-16k) over long sequences, state carried across chunks; window models "
+                                   "also with each part alone."),
+    positions_length: int = typer.Option(16384, help="--positions: tokens per sequence (at most 16384)."),
+    sequences: int = typer.Option(1, help="--positions: consecutive sequences of the stream to average over."),
+    plot: Optional[Path] = typer.Option(None, help="--positions: write a PNG plot here."),
 ) -> None:
     _quiet_transformers()
     paths = list(models) if models else default_eval_models()
     if not models and not paths[0].is_dir():
         fail(f"the bundled teacher is missing at {paths[0]}; name the model directories to compare")
+    if positions:
+        from .positions_cmd import evaluate_positions
+
+        evaluate_positions(paths, data, positions_length, sequences, block_size, plot, json_out)
+        return
     try:
         rows = _evaluate_models(paths, data, block_size, batch_size, max_tokens)
     except ValueError as err:

@@ -8,6 +8,8 @@ Extra keyword arguments, passed through the model's ``forward`` by HF:
 - ``t2r_state``: a ``RecurrentState``; the layer reads its state from it and writes the new one
   back (decode / resume). Without it, each call starts from a zero state (training).
 - ``t2r_form``: "parallel" (default), "naive" or "recurrent" — which form computes it (tests).
+- ``t2r_parts``: "both" (default), "linear" or "window": with a sliding window, keep only one part's
+  terms (the evaluation ablations of ``eval --positions``; parallel form only).
 - ``t2r_transfer``: any object with ``.append``; when given, the layer appends MSE(linear, softmax)
   and returns the softmax output, so later layers see the teacher's activations (attention
   transfer). Not a plain list under FSDP or DDP on GPUs, which rebuild list arguments.
@@ -82,7 +84,7 @@ def _softmax_reference(query, key, value, scaling):
 
 def t2r_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                           t2r_state: RecurrentState | None = None, t2r_form: str | None = None,
-                          t2r_transfer: list | None = None, **kwargs):
+                          t2r_transfer: list | None = None, t2r_parts: str | None = None, **kwargs):
     """query [B, H, T, d] (after RoPE), key/value [B, H_kv, T, d] -> ([B, T, H, d], None)."""
     feature_map = getattr(module, FEATURE_MAP_ATTR)
     b, h, t, d = query.shape
@@ -99,6 +101,10 @@ def t2r_attention_forward(module, query, key, value, attention_mask=None, scalin
     state = None if t2r_state is None else t2r_state.layer(layer)
     form = t2r_form or ("recurrent" if t == 1 and state is not None else "parallel")
     extra = {"chunk_size": feature_map.chunk_size} if form == "parallel" else {}
+    if t2r_parts not in (None, "both"):
+        if not feature_map.window or form != "parallel":
+            raise ValueError(f"t2r_parts={t2r_parts!r} needs a sliding window and the parallel form")
+        extra["parts"] = t2r_parts
     if feature_map.window:
         if t2r_state is not None and t2r_state.window != feature_map.window:
             raise ValueError(f"the state holds a window of {t2r_state.window} keys, the model uses "

@@ -33,6 +33,8 @@ from .linear_attention import DEFAULT_CHUNK, DEFAULT_EPS, chunked_linear_sums, z
 
 # masked window slots get this added to their score: exp() of it is exactly 0 in fp32
 MASK_OFFSET = -1e9
+# which terms enter the sums: both (the model), or one part alone (evaluation ablations)
+ABLATIONS = ("both", "linear", "window")
 
 
 def zero_window_state(batch: int, num_kv_heads: int, feature_dim: int, head_dim: int, value_dim: int,
@@ -114,8 +116,13 @@ def recurrent_window_attention(q, k, v, feature_map, window: int, state=None, ep
 
 
 def chunked_window_attention(q, k, v, feature_map, window: int, state=None, eps: float = DEFAULT_EPS,
-                             chunk_size: int = DEFAULT_CHUNK):
-    """Parallel form: memory O(T·(C + W)), differentiable. Returns (out, (s, z, wk, wv, wm))."""
+                             chunk_size: int = DEFAULT_CHUNK, parts: str = "both"):
+    """Parallel form: memory O(T·(C + W)), differentiable. Returns (out, (s, z, wk, wv, wm)).
+
+    ``parts`` is an evaluation ablation: "linear" drops the window's terms from the sums, "window"
+    the linear part's (the state is updated as usual either way)."""
+    if parts not in ABLATIONS:
+        raise ValueError(f"unknown attention parts {parts!r}; expected one of {', '.join(ABLATIONS)}")
     s0, z0, wk, wv, wm = _initial(q, k, v, feature_map, window, state)
     b, h, g, t_len, d = q.shape
     dv = v.shape[-1]
@@ -145,6 +152,10 @@ def chunked_window_attention(q, k, v, feature_map, window: int, state=None, eps:
     e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     num_w = torch.einsum("bhgnir,bhnvr->bhgniv", e, vp).reshape(b, h, g, n * c, dv)[:, :, :, :t_len]
     den_w = e.sum(-1).reshape(b, h, g, n * c)[:, :, :, :t_len]
+    if parts == "linear":
+        num_w, den_w = torch.zeros_like(num_w), torch.zeros_like(den_w)
+    elif parts == "window":
+        num_l, den_l = torch.zeros_like(num_l), torch.zeros_like(den_l)
     out = _combine(num_w, den_w, num_l, den_l, eps)
     return out.to(v.dtype), (s, z, keys[:, :, t_len:], values[:, :, t_len:], filled[:, t_len:])
 
