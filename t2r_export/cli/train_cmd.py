@@ -72,7 +72,8 @@ def finetune(
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
-        window=window, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens, resume=resume, fsdp=fsdp,
+        window=window, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens,
+        resume=resume, fsdp=fsdp,
         lora_r=lora_r, lora_alpha=lora_alpha, num_threads=num_threads, trust_remote_code=trust_remote_code,
     )
     import shlex
