@@ -254,3 +254,23 @@ def test_the_cached_default_bundle_is_rebuilt_when_the_exporter_changes(tiny_t2r
     monkeypatch.setattr(bench_run, "exporter_fingerprint", lambda: "f" * 64)   # the emitter's source changed
     second = bench_run.default_bundle(tiny_t2r_dir, tmp_path)
     assert second != first and (second / "runtime.json").is_file()
+
+
+def test_torch_t2r_path_rewinds_a_window_state():
+    from t2r_export.bench.peers import T2RTorchPath
+    from t2r_export.models import T2RConfig, swap_attention
+
+    model = swap_attention(make_tiny_model("llama"), T2RConfig(feature_map="hedgehog", feature_dim=8, window=4))
+    path = T2RTorchPath(model, prefill_chunk=5)
+    path.prefill(np.arange(1, 12))
+    path.mark()
+    for token in (3, 4, 5):
+        path.step(token)
+    after = [t.clone() for t in path.state.tensors()]
+    assert len(after) == 2 * 5
+    path.rewind()
+    assert path.position == 11
+    for token in (3, 4, 5):
+        path.step(token)
+    for a, b in zip(path.state.tensors(), after, strict=True):
+        torch.testing.assert_close(a, b)

@@ -396,9 +396,9 @@ class T2RTorchPath:
             graph = torch.cuda.CUDAGraph()
             work = static.clone()
             with torch.cuda.graph(graph):
-                work.s, work.z = list(static.s), list(static.z)
+                work = static.shallow()
                 decode_step(self.model, self._ids, self._pos, work)
-                for dst, src in zip(static.s + static.z, work.s + work.z, strict=True):
+                for dst, src in zip(static.tensors(), work.tensors(), strict=True):
                     dst.copy_(src)
             self.state, self._graph = static, graph
         except Exception as err:  # capture is best effort: eager steps stay correct
@@ -418,7 +418,7 @@ class T2RTorchPath:
 
     def rewind(self) -> None:
         state, self.position = self._marked
-        for dst, src in zip(self.state.s + self.state.z, state.s + state.z, strict=True):
+        for dst, src in zip(self.state.tensors(), state.tensors(), strict=True):
             dst.copy_(src)
 
     def close(self) -> None:

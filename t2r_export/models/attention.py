@@ -67,6 +67,11 @@ class RecurrentState:
         for target, value in zip(lists, parts, strict=True):
             target[i] = value
 
+    def shallow(self) -> "RecurrentState":
+        """New lists holding the same tensors: a layer's update replaces its entry, not the tensor."""
+        copy = lambda part: None if part is None else list(part)  # noqa: E731
+        return RecurrentState(*(copy(p) for p in (self.s, self.z, self.wk, self.wv, self.wm)))
+
     def clone(self) -> "RecurrentState":
         copy = lambda part: None if part is None else [t.clone() for t in part]  # noqa: E731
         return RecurrentState(*(copy(p) for p in (self.s, self.z, self.wk, self.wv, self.wm)))
