@@ -179,14 +179,16 @@ dist.destroy_process_group()
 """
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+@pytest.mark.parametrize("variant", [{}, dict(feature_map="hedgehog", window=4)], ids=["t2r", "hedgehog-w4"])
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, variant):
     # one torchrun launch for DDP, FSDP and an FSDP resume, in the group the script creates:
     # importing torch in two processes is most of the ~25 s this test takes
     script = tmp_path / "run.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     model_dir, data = tiny
     settings = dict(model=str(model_dir), data=[str(data)], steps=3, attention_transfer_steps=2, batch_size=2,
-                    grad_accum=2, block_size=32, feature_dim=8, eval_max_tokens=256, save_every=2, eval_every=1)
+                    grad_accum=2, block_size=32, feature_dim=8, eval_max_tokens=256, save_every=2, eval_every=1,
+                    **variant)
     args = [dict(settings, out_dir=str(tmp_path / "ddp")), dict(settings, out_dir=str(tmp_path / "fsdp"), fsdp=True),
             str(tmp_path / "resumed"), str(tmp_path / "losses.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -198,7 +200,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
 
     # one process, the same global batch of 2 x 2 x 2 = 8 blocks
     one = finetune(config(tiny, tmp_path / "one", steps=3, attention_transfer_steps=2, batch_size=8,
-                          eval_max_tokens=256))["losses"]
+                          eval_max_tokens=256, **variant))["losses"]
     for two in (ddp, fsdp, resumed):
         for stage in ("transfer", "finetune"):
             assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
