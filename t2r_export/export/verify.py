@@ -128,6 +128,13 @@ def verify_bundle_graphs(model, step_path, prefill_path, num_layers: int, vocab:
     step, pre = ort_session(str(step_path)), ort_session(str(prefill_path))
     verify_step_batches(model, step, num_layers, vocab, report)
     verify_chained(model, step, pre, num_layers, vocab, report, steps=chained_steps)
+    window = new_state(model, 1).window
+    if window:
+        # the same from a state whose window is full and has spilled into S and z: a step that
+        # evicts, and a prompt longer than the window through the prefill graph
+        verify_step_batches(model, step, num_layers, vocab, report, batches=(2,), prompt_len=window + 5)
+        verify_chained(model, step, pre, num_layers, vocab, report, steps=min(chained_steps, 32),
+                       prompt_len=window + 8)
     for check, err in report.worst().items():
         logger.info("verified %s: max |diff| %.2e", check, err)
     return report
