@@ -3,14 +3,14 @@
 Per layer the state holds s, z (the keys that left the window) and the window itself: wk, wv
 [B, H_kv, W, d] (keys after RoPE and values, oldest first) and wm [B, W] (1.0 = slot filled).
 Plain ONNX ops only and nothing data-dependent in shape: the window shifts by Slice + Concat, the
-band of the prefill is built from CumSum over ones, masked slots get -1e9 added to their score.
+prefill gathers each query's W keys with indices built from CumSum over ones, masked slots get
+-1e9 added to their score.
 Everything after the feature map runs in the fp32 island (the max, the exponentials, both sums).
 
 - step: slot 0 leaves the window (into S and z, if filled), the new key enters at slot W-1.
 - prefill: the whole sequence is [window; T new keys]; query t reads the W keys ending at its own
-  in the exact part and everything before them in the linear part (CumSum, as without a window).
-  The exact part is a T × (W+T) band: memory grows with T² for one call; long prompts can be fed
-  in pieces, since prefill continues from any state.
+  in the exact part (a Gather of W keys per query: memory T·W, not T²) and everything before them
+  in the linear part (CumSum, as without a window).
 """
 
 from __future__ import annotations
@@ -94,9 +94,8 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
         # positions are counted in fp32 whatever the plan: fp16 integers stop being exact at 2048
         ones_t = g.op("Add", g.op("Mul", g.cast("position_ids", np.float32), g.const(0.0, np.float32)),
                       g.const(1.0, np.float32))                                         # [B, T]
-        filled32 = g.op("Concat", g.cast(past["wm"], np.float32) if e.state_dtype != np.float32 else past["wm"],
-                        ones_t, axis=1)                                                 # [B, W+T]
-        filled = _fp32_to_state(e, filled32)
+        wm32 = g.cast(past["wm"], np.float32) if e.state_dtype != np.float32 else past["wm"]
+        filled = _fp32_to_state(e, g.op("Concat", wm32, ones_t, axis=1))              # [B, W+T]
         g.op("Transpose", _slice(e, keys, -W, INT64_MAX, 1), perm=[0, 2, 1, 3], outputs=[present["wk"]])
         g.op("Transpose", _slice(e, vals, -W, INT64_MAX, 1), perm=[0, 2, 1, 3], outputs=[present["wv"]])
         _slice(e, filled, -W, INT64_MAX, 1, outputs=[present["wm"]])
@@ -117,18 +116,15 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
         pq = e.to_state(phi_q)                                                           # [B, T, H_kv, G, K]
         num_l = g.op("MatMul", pq, s_all)
         den_l = g.op("MatMul", pq, g.unsqueeze(z_all, [-1]))
-        # the band: key j (1-based over W+T) is in query t's window when W+t-W < j <= W+t
-        jpos = g.op("CumSum", g.op("Add", g.op("Mul", filled32, g.const(0.0, np.float32)), g.const(1.0, np.float32)),
-                    axis)
-        own = g.op("Add", g.op("CumSum", ones_t, axis), g.const(float(W), np.float32))
-        rel = g.op("Sub", g.unsqueeze(jpos, [1]), g.unsqueeze(own, [2]))                 # [B, T, W+T]
-        band = g.op("And", g.op("Greater", rel, g.const(-W + 0.5, np.float32)),
-                    g.op("Less", rel, g.const(0.5, np.float32)))
-        valid = g.op("Mul", g.cast(band, np.float32), g.unsqueeze(filled32, [1]))
-        valid = _fp32_to_state(e, valid)
-        bias = g.unsqueeze(_mask_bias(e, valid), [2, 3])                                 # [B, T, 1, 1, W+T]
-        k_t = g.unsqueeze(g.op("Transpose", keys, perm=[0, 2, 3, 1]), [1])              # [B, 1, H_kv, d, W+T]
-        v_t = g.unsqueeze(g.op("Transpose", vals, perm=[0, 2, 1, 3]), [1])              # [B, 1, H_kv, W+T, d]
-        scores = g.op("Add", g.op("MatMul", e.to_state(q), k_t), bias)                  # [B, T, H_kv, G, W+T]
-        out = _combine(e, scores, v_t, num_l, den_l)
+        # query t's window is whole-sequence indices t+1 .. t+W: gather those W keys per query,
+        # [B, T, W, H_kv, d], so memory grows as T·W (no T × T matrix); the indices come from a
+        # CumSum over ones (their shape follows T, their values are computed; counted in fp32)
+        first = g.op("CumSum", _slice(e, ones_t, 0, 1, 0), axis)                     # [1, T]: 1 .. T
+        offsets = g.const(np.arange(W, dtype=np.float32), np.float32)               # 0 .. W-1
+        index = g.cast(g.reshape(g.op("Add", g.unsqueeze(first, [-1]), offsets), [-1, W]), np.int64)   # [T, W]
+        win_k = g.op("Transpose", g.op("Gather", keys, index, axis=1), perm=[0, 1, 3, 4, 2])   # [B, T, H_kv, d, W]
+        win_v = g.op("Transpose", g.op("Gather", vals, index, axis=1), perm=[0, 1, 3, 2, 4])   # [B, T, H_kv, W, d]
+        win_m = g.unsqueeze(g.op("Gather", filled, index, axis=1), [2, 3])         # [B, T, 1, 1, W]
+        scores = g.op("Add", g.op("MatMul", e.to_state(q), win_k), _mask_bias(e, win_m))   # [B, T, H_kv, G, W]
+        out = _combine(e, scores, win_v, num_l, den_l)
     return g.reshape(e.to_low(out), [0, 0, e.dec.num_heads * d])
