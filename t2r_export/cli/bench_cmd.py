@@ -71,7 +71,7 @@ def bench(
             _check_early(cfg, cfg.bundle)
     except ValueError as err:
         fail(str(err))
-    result = _run(cfg)
+    result = run_with_progress(cfg)
     with atomic_output_dir(out) as tmp:
         from ..bench.plots import write_report
 
@@ -92,7 +92,7 @@ def _check_early(cfg, bundle: Path | None) -> None:
             raise ValueError(f"{what} {path} is not a model directory (no config.json)")
 
 
-def _run(cfg) -> dict:
+def run_with_progress(cfg) -> dict:
     from ..bench.run import run_bench
 
     if cfg.device == "cuda":
@@ -180,7 +180,7 @@ def print_result(result: dict) -> None:
                         _fmt(row.get("prefill_graph/fastest_softmax"), 2) + "×")
     console.print(prefill)
 
-    goals = Table(title="goals (issue 6)")
+    goals = Table(title="goals")
     for col in ("goal", "measured", "met"):
         goals.add_column(col)
     for goal in result["summary"]["goals"]:

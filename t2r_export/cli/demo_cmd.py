@@ -40,7 +40,7 @@ def demo(
     except ValueError as err:
         fail(str(err))
     from ..export.bundle import export_bundle
-    from .export_cmd import _print_result
+    from .export_cmd import print_export_result
 
     with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
         if finetune_steps:
@@ -48,7 +48,7 @@ def demo(
         console.rule("[bold]1. export + verify")
         with console.status(f"exporting {model_dir} → {out}"):
             result = export_bundle(model_dir, out)
-        _print_result(result)
+        print_export_result(result)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
         tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)
         if speed:
@@ -97,9 +97,9 @@ def _speed(bundle: Path, t2r_dir: Path, threads: int) -> None:
     """The bench command's quick run on three paths: T2R step graph, softmax KV graph, transformers."""
     from ..bench.run import BenchConfig
     from ..teacher import bundled_model_dir
-    from .bench_cmd import _run, print_result
+    from .bench_cmd import print_result, run_with_progress
 
     cfg = BenchConfig.quick(bundle=bundle, softmax_model=bundled_model_dir("softmax"), t2r_model=t2r_dir,
                             threads=threads, positions=(128, 2048), prefill_lengths=(1024,), rss_tokens=1000,
                             paths=("t2r-ort", "softmax-ort", "transformers"))
-    print_result(_run(cfg))
+    print_result(run_with_progress(cfg))

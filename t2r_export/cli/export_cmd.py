@@ -41,7 +41,7 @@ def onnx_export(
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
         fail(str(err))
-    _print_result(result)
+    print_export_result(result)
 
 
 def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
@@ -63,7 +63,7 @@ def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Pa
     return dataclasses.replace(fp32, out=out, runtime=runtime)
 
 
-def _print_result(result) -> None:
+def print_export_result(result) -> None:
     from rich.table import Table
 
     rt = result.runtime

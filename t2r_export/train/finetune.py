@@ -4,8 +4,8 @@ One explicit file: setup (model, tokenizer, swap, data) / train (one loop, two s
 save_checkpoint / load_checkpoint / save the final model. The same code runs on one CPU,
 under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``accelerate launch``::
 
-    python -m t2r_export.train.finetune --out runs/t2r --steps 500
-    torchrun --nproc_per_node 2 -m t2r_export.train.finetune --out runs/t2r --batch-size 4
+    t2r-export finetune --out runs/t2r --steps 500
+    torchrun --nproc_per_node 2 -m t2r_export finetune --out runs/t2r --batch-size 4
 
 Stages (DESIGN §3):
 1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
@@ -21,7 +21,6 @@ resumed run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import dataclasses
@@ -783,36 +782,3 @@ def save_final(model, tokenizer, record: dict, out_dir: Path, state_dict: dict |
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
-
-
-def parse_args(argv: list[str]) -> FinetuneConfig:
-    """Every FinetuneConfig field as a ``--dash-case`` option (``--out`` for ``out_dir``)."""
-    parser = argparse.ArgumentParser(prog="python -m t2r_export.train.finetune", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true")
-        elif kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, type=Path, nargs="+", default=None)
-        else:
-            base = kind.split(" |")[0]
-            convert = {"int": int, "float": float, "str": str, "Path": Path}[base]
-            parser.add_argument(flag, dest=f.name, type=convert, default=f.default, help=f"default: {f.default}")
-    return FinetuneConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    command = shlex.join(["python", "-m", "t2r_export.train.finetune", *argv])
-    try:
-        finetune(parse_args(argv), command=command)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

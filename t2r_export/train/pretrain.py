@@ -3,7 +3,7 @@
 One explicit file: setup (tokenizer, token streams, model, optimizer) / train / evaluate / save.
 Rerun the bundled teacher with the command recorded in its ``training.json``, e.g.::
 
-    python -m t2r_export.train.pretrain --out t2r_export/teacher/softmax --steps 550 --batch-size 16 \
+    t2r-export pretrain --out t2r_export/teacher/softmax --steps 550 --batch-size 16 \
         --warmup-steps 50 --num-threads 1 --seed 1337
 
 The run is deterministic for a given seed, machine and library versions: the tokenizer, the file
@@ -12,7 +12,6 @@ split, the block order (``iter_blocks``) and the initialization are all seeded o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -292,40 +291,3 @@ def pretrain_teacher(cfg: PretrainConfig, progress: Progress | None = None, comm
     save_atomically(model, tokenizer, cfg.out_dir, record, cfg.save_dtype)
     logger.info("saved teacher to %s (valid ppl %.3f, test ppl %.3f)", cfg.out_dir, scores["valid"]["perplexity"], scores["test"]["perplexity"])
     return record
-
-
-def _optional(kind):
-    """An argparse type that also takes ``none`` (for fields whose None means "all" or "default")."""
-    return lambda text: None if text.lower() == "none" else kind(text)
-
-
-# type names as they read under `from __future__ import annotations`
-_ARG_TYPES = {
-    "int": int, "float": float, "str": str, "Path": Path,
-    "int | None": _optional(int), "float | None": _optional(float), "Path | None": _optional(Path),
-}
-
-
-def parse_args(argv: list[str]) -> PretrainConfig:
-    """Every PretrainConfig field as a ``--dash-case`` option (``--out`` for ``out_dir``)."""
-    parser = argparse.ArgumentParser(prog="python -m t2r_export.train.pretrain", description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(PretrainConfig):
-        flag = "--out" if field.name == "out_dir" else "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, type=_ARG_TYPES[field.type], default=field.default, help=f"default: {field.default}")
-    return PretrainConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_args(argv)
-    command = shlex.join(["python", "-m", "t2r_export.train.pretrain", *argv])
-    try:
-        pretrain_teacher(cfg, command=command)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
