@@ -18,11 +18,11 @@ RECORDS = ("finetune.json", "training.json", "tokenizer.json", "tokenizer_config
 
 def ship(src: Path, dst: Path) -> None:
     from ..models import load_causal_lm
-    from ..train.pretrain import _save_model
+    from ..train.checkpoint import save_weights
 
     model = load_causal_lm(src)
     with atomic_dir(dst) as tmp:
-        _save_model(model, tmp, "float16")
+        save_weights(model, tmp, "float16")
         for name in RECORDS:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
