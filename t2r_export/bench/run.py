@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from ..machine import cpu_model
-from .peers import PathUnavailable, T2ROrtPath
+from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,6 @@ class BenchConfig:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def _sync(path) -> None:
-    if hasattr(path, "sync"):
-        path.sync()
-
-
 def _failure(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
@@ -130,11 +125,11 @@ def _reach(path, stream: np.ndarray, p: int, warmup: int) -> None:
     if path.position > p:
         path.reset()
     path.prefill(stream[path.position:p])
-    _sync(path)
+    path.sync()
     path.mark()
     for token in stream[p:p + warmup]:
         path.step(int(token))
-    _sync(path)
+    path.sync()
     path.rewind()
 
 
@@ -144,7 +139,7 @@ def _time_steps(path, stream: np.ndarray, steps: int) -> tuple[float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     for token in stream[first:first + steps]:
         path.step(int(token))
-    _sync(path)
+    path.sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     path.rewind()
     return wall, cpu
@@ -197,7 +192,7 @@ def _time_prefill(path, prompt: np.ndarray) -> float:
     path.reset()
     t0 = time.perf_counter()
     path.prefill(prompt)
-    _sync(path)
+    path.sync()
     return time.perf_counter() - t0
 
 
@@ -372,14 +367,18 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
                          "the model the bundle was exported from")
 
 
-def exporter_fingerprint() -> str:
-    """sha256 of the exporter's source (graph emitter, weight extraction, contract): a cached bundle
-    from an older exporter must not be timed as if it were today's graph."""
-    from ..export import contract, graph, weights
-
+def exporter_fingerprint(package: Path | None = None) -> str:
+    """sha256 of the whole exporter's source: every file of ``t2r_export/export/`` and the bundle
+    contract, so a cached bundle from an older exporter is never timed as if it were today's graph.
+    ``package``: the package directory (default: this one)."""
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
+    files = sorted((package / "export").rglob("*.py"))
+    # the contract is the exporter's too, wherever the package keeps it
+    files += [f for f in (package / "contract.py",) if f.is_file()]
     h = hashlib.sha256()
-    for module in (contract, graph, weights):
-        h.update(Path(module.__file__).read_bytes())
+    for path in files:
+        h.update(path.relative_to(package).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -441,7 +440,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     # the genai generator preallocates its cache to max_length: the run's longest context
     max_length = int(max(max(cfg.positions) + max(cfg.warmup, cfg.steps) + 8, max(cfg.prefill_lengths) + 8))
 
-    def open_path(name: str):
+    def open_path(name: str) -> DecodePath:
         if name == "t2r-ort":
             return T2ROrtPath(bundle, cfg.threads)
         if name == "floor":
