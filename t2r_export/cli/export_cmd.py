@@ -1,4 +1,8 @@
-"""`t2r-export onnx [MODEL] -o graphs/NAME`: step + prefill graphs, tokenizer, runtime.json; verified."""
+"""`t2r-export onnx [MODEL] -o DIR`: step + prefill graphs, tokenizer, runtime.json; verified.
+
+``-o`` is required: the command writes only where it is told. Every cheap precondition (model
+folder, config, architecture, tokenizer, output path) is checked before torch is imported.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,14 @@ from typing import Optional
 import typer
 
 from .common import check_writable_parent, console, fail
+from .progress import log_to_status
 
 
 def onnx_export(
     model: Optional[Path] = typer.Argument(None, help="T2R model directory (default: the bundled T2R teacher)."),
-    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Bundle directory to write."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory to write (required)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) to ship in the "
+                                                        "bundle; default: the model folder's own."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
                                                "calibrated on recorded decode states) | fp16-all (overflow demo)."),
     calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: "
@@ -20,23 +27,34 @@ def onnx_export(
     verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
+    from ..preflight import check_model_and_tokenizer
+    from ..teacher import bundled_model_dir
+
+    if out is None:
+        fail("pass -o/--out DIR: the folder the bundle is written to (nothing is written anywhere by default)")
+    if chained_steps < 1:
+        fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
+    check_writable_parent(out, "bundle directory")
+    model = model or bundled_model_dir("t2r")
+    try:
+        check_model_and_tokenizer(model, tokenizer, need_t2r=True)
+    except ValueError as err:
+        fail(str(err))
+
     from ..export.bundle import export_bundle
     from ..export.graph import PRECISIONS
-    from ..teacher import bundled_model_dir
     from ..tolerances import ToleranceError
 
     if precision not in (*PRECISIONS, "int8"):
         fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
-    if chained_steps < 1:
-        fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
-    check_writable_parent(out, "bundle directory")
     try:
-        model = model or bundled_model_dir("t2r")
-        with console.status(f"exporting {model} → {out}"):
+        shipped = _load_tokenizer(tokenizer) if tokenizer is not None else None
+        with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
             if precision == "int8":
-                result = _export_int8(model, out, verify, chained_steps, calibration_prompts)
+                result = _export_int8(model, out, verify, chained_steps, calibration_prompts, shipped)
             else:
-                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
+                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                                       tokenizer=shipped)
     except ToleranceError as err:
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
@@ -44,7 +62,13 @@ def onnx_export(
     print_export_result(result)
 
 
-def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
+def _load_tokenizer(path: Path):
+    from ..data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None, tokenizer=None):
     """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
     import dataclasses
     import json
@@ -57,7 +81,8 @@ def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Pa
         fail(f"calibration prompts file not found: {prompts}")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
-        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
+        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,
+                             tokenizer=tokenizer)
         export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
     runtime = json.loads((out / "runtime.json").read_text())
     return dataclasses.replace(fp32, out=out, runtime=runtime)

@@ -6,15 +6,46 @@ these classes turn those events into bars on stderr, so stdout stays free for re
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 from .common import err_console
 
 
+@contextmanager
+def log_to_status(status, logger_name: str = "t2r_export"):
+    """Show every INFO message the library logs under ``logger_name`` on a rich status line.
+
+    The library reports its stages (graph building per layer, writing, each verification stage,
+    calibration) through ``logging``; this keeps the CLI's display out of the library.
+    """
+    class _StatusHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            status.update(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler = _StatusHandler(logging.INFO)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def quiet_transformers() -> None:
-    """Silence transformers' own bars and advisory messages: they would interleave with ours."""
+    """Silence transformers' own bars, advisory messages and deprecation warnings (peft calls APIs
+    transformers has deprecated): they would interleave with ours and say nothing the user can act on."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 
 class TrainProgress:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from ..atomic import check_writable
 from .common import console, fail
 from .progress import EvalProgress, TrainProgress, quiet_transformers
 
@@ -26,6 +27,8 @@ def _rank() -> int:
 
 def finetune(
     model: Optional[Path] = typer.Argument(None, metavar="MODEL_DIR", help=f"Local HF causal LM (softmax or T2R); default: {TEACHER_HELP}."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it); default: the "
+                                                        "model folder's own."),
     data: Optional[list[Path]] = typer.Option(None, "--data", metavar="PATH", help="Local .txt/.py/.md/.jsonl "
                                               "file or dir, repeatable (last 5% of tokens held out); default: "
                                               "the stdlib corpus."),
@@ -67,12 +70,25 @@ def finetune(
     max_files: Optional[int] = typer.Option(None, hidden=True, help="Only the first N files of each stdlib split."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
 ) -> None:
+    from ..preflight import check_model_and_tokenizer
+    from ..teacher import bundled_model_dir
+
+    main = _rank() == 0
+    # every cheap check before torch is imported: a wrong path fails in a second, not after loading
+    try:
+        check_model_and_tokenizer(model or bundled_model_dir("softmax"), tokenizer)
+        if not resume:
+            check_writable(out, "output directory")
+    except ValueError as err:
+        if not main:
+            raise typer.Exit(2)
+        fail(str(err))
+
     from ..train.finetune import FinetuneConfig, finetune as run_finetune
 
     quiet_transformers()
-    main = _rank() == 0
     cfg = FinetuneConfig(
-        model=model, out_dir=out, data=list(data) if data else None, dataset=dataset, steps=steps,
+        model=model, tokenizer=tokenizer, out_dir=out, data=list(data) if data else None, dataset=dataset, steps=steps,
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
@@ -135,16 +151,36 @@ def evaluate(
     batch_size: int = typer.Option(8, help="Blocks per forward pass."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first this many tokens (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of a table."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) for every model; "
+                                                        "default: the first model's own."),
 ) -> None:
-    quiet_transformers()
+    from ..preflight import check_model_dir, check_tokenizer, tokenizer_file
+
     paths = list(models) if models else default_eval_models()
     if not models and not paths[0].is_dir():
         fail(f"the bundled teacher is missing at {paths[0]}; name the model directories to compare")
+    # every cheap check before torch is imported
+    try:
+        if block_size <= 0:
+            raise ValueError(f"block size must be a positive integer, got {block_size}")
+        infos = [check_model_dir(path) for path in paths]
+        # a shared --tokenizer must fit every model; a model's own tokenizer its own model (the others must
+        # share its vocabulary, checked with the tokenizers themselves before any weights load)
+        sizes = [i.vocab_size for i in (infos if tokenizer is not None else infos[:1]) if i.vocab_size is not None]
+        check_tokenizer(tokenizer_file(paths[0], tokenizer), min(sizes, default=None))
+        for path in data or []:
+            if not path.exists():
+                raise ValueError(f"data path {path} does not exist: expected a file or directory of "
+                                 ".txt/.py/.md/.jsonl")
+    except ValueError as err:
+        fail(str(err))
+    quiet_transformers()
     from ..train.evaluate import evaluate_models
 
     try:
         with EvalProgress() as progress:
-            rows = evaluate_models(paths, data, block_size, batch_size, max_tokens, progress=progress.update)
+            rows = evaluate_models(paths, data, block_size, batch_size, max_tokens, progress=progress.update,
+                                   tokenizer=tokenizer)
     except ValueError as err:
         fail(str(err))
     if json_out:

@@ -58,6 +58,9 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
+    # a tokenizer.json beside its tokenizer_config.json loads with its special tokens (eos, pad, ...)
+    if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        path = path.parent
     if path.is_file() and path.name == "tokenizer.json":
         try:
             return PreTrainedTokenizerFast(tokenizer_file=str(path))

@@ -150,7 +150,10 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
     report = None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         for kind in contract.GRAPH_KINDS:
-            _save_graph(build_graph(dec, kind, precision), tmp / f"{kind}.onnx")
+            graph = build_graph(dec, kind, precision)
+            logger.info("writing and checking %s.onnx", kind)
+            _save_graph(graph, tmp / f"{kind}.onnx")
+            del graph
         _copy_tokenizer(model_dir, tokenizer, tmp)
         if verify and precision == "fp32":
             report = verify_bundle_graphs(model, tmp / "step.onnx", tmp / "prefill.onnx", len(dec.layers),

@@ -12,6 +12,7 @@ and shapes of the graph I/O come from ``contract``. Precision plans:
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,6 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import contract
 from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "fp16-all")
 INT64_MAX = np.iinfo(np.int64).max
@@ -269,6 +272,7 @@ class DecoderEmitter:
             x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
         rope = self.rope_tables() if dec.rope else None
         for i, layer in enumerate(dec.layers):
+            logger.info("building the %s graph: layer %d/%d", self.kind, i + 1, len(dec.layers))
             h = self.norm(x, layer.norm1, f"layers.{i}.norm1")
             attn = self.attention(h, layer, i, rope)
             if layer.parallel_residual:

@@ -122,7 +122,9 @@ def verify_bundle_graphs(model, step_path, prefill_path, num_layers: int, vocab:
     model.eval()
     report = VerificationReport()
     step, pre = ort_session(str(step_path)), ort_session(str(prefill_path))
+    logger.info("verifying: the step graph at batch 1 and 3 against torch")
     verify_step_batches(model, step, num_layers, vocab, report)
+    logger.info("verifying: %d chained greedy steps and the prefill graph against torch", chained_steps)
     verify_chained(model, step, pre, num_layers, vocab, report, steps=chained_steps)
     for check, err in report.worst().items():
         logger.info("verified %s: max |diff| %.2e", check, err)

@@ -41,6 +41,7 @@ from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_st
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import attention_modules
+from t2r_export.preflight import check_model_and_tokenizer
 from t2r_export.train.checkpoint import (ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, load_optimizer_state,
                                          read_checkpoint_state, save_checkpoint, save_final, set_rng_state)
 from t2r_export.train.distributed import (Distributed, clip_gradients, feature_map_parameters, gather_model_state,
@@ -71,6 +72,8 @@ def bundled_teacher() -> Path:
 class FinetuneConfig:
     # None = the bundled softmax teacher (DESIGN §7), so a bare run works offline
     model: Path | None = None
+    # None = the model folder's own tokenizer; else a tokenizer.json (or a folder holding one)
+    tokenizer: Path | None = None
     # outside the package by default, so a casual run never overwrites anything bundled
     out_dir: Path = Path("runs/t2r")
     # None = the stdlib corpus (train/valid splits); else local .txt/.py/.md/.jsonl files or dirs
@@ -183,11 +186,17 @@ def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
     """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
     from transformers import AutoTokenizer
 
+    if cfg.tokenizer is not None:
+        from t2r_export.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the "
+                             "model or pass --tokenizer") from None
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
     if not is_t2r_model(model):
         swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
                                         init=cfg.init, seed=cfg.seed))
@@ -471,13 +480,16 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     source = Path(cfg.model) if cfg.model is not None else bundled_teacher()
     if cfg.model is None and not source.is_dir():
         raise ValueError(f"the bundled teacher is missing at {source}; pass a model directory")
+    check_model_and_tokenizer(source, cfg.tokenizer)
     state = {"stage": "transfer" if cfg.attention_transfer_steps else "finetune", "step": 0,
              "world_size": dist.world_size, "global_batch": global_batch, "config": _config_record(cfg),
              "tokens": {"transfer": 0, "finetune": 0}, "losses": {"transfer": [], "finetune": []}, "valid": []}
     if checkpoint is not None:
         state = resume_state(out_dir, cfg, global_batch)
         state["world_size"] = dist.world_size
+    _notify(progress, dist, {"phase": "setup", "what": f"loading {source}"})
     model, tokenizer = load_model_and_tokenizer(checkpoint or source, cfg)
+    _notify(progress, dist, {"phase": "setup", "what": "tokenizing the training data (cached after the first run)"})
     streams = load_token_streams(cfg, tokenizer)
     model.to(dist.device)
     if dist.fsdp:
