@@ -168,3 +168,11 @@ def test_the_checks_take_well_under_two_seconds(tiny_t2r_dir):
     start = time.perf_counter()
     check_model_and_tokenizer(tiny_t2r_dir, need_t2r=True)
     assert time.perf_counter() - start < 2.0
+
+
+def test_demo_without_out_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--no-speed", "--max-new-tokens", "4", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "the bundle was temporary" in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ the torch-free runtime → a short speed and memory comparison against the softm
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,7 +17,8 @@ DEFAULT_PROMPT = "def read_config(path):\n"
 
 
 def demo(
-    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Where the bundle is written."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where the bundle is kept (default: a temporary "
+                                                                 "folder, removed at the end)."),
     finetune_steps: int = typer.Option(0, help="First finetune the softmax teacher for this many steps (0: use "
                                                "the bundled T2R model)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, help="Prompt for the generation step."),
@@ -34,7 +36,8 @@ def demo(
         fail(f"--finetune-steps must be ≥ 0, got {finetune_steps}")
     if not prompt:
         fail("the prompt is empty; give at least one character of text")
-    check_writable_parent(out, "bundle directory")
+    if out is not None:
+        check_writable_parent(out, "bundle directory")
     try:
         model_dir = bundled_model_dir("t2r")
     except ValueError as err:
@@ -43,6 +46,9 @@ def demo(
     from .export_cmd import print_export_result
 
     with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
+        # nothing is written anywhere the user did not name: without -o the bundle lives in the scratch folder
+        keep = out is not None
+        out = out if keep else Path(scratch) / "bundle"
         if finetune_steps:
             model_dir = _finetune(Path(scratch) / "t2r", finetune_steps)
         console.rule("[bold]1. export + verify")
@@ -54,8 +60,12 @@ def demo(
         if speed:
             console.rule("[bold]3. speed and memory vs the softmax teacher (bench --quick, 3 paths)")
             _speed(out, model_dir, threads)
-    console.print(f"[bold green]done[/]: bundle at {out}; try `t2r-export generate {out} --prompt 'import '`"
-                  f" ({tokens_per_s:.0f} tokens/s above)")
+    if keep:
+        console.print(f"[bold green]done[/]: bundle at {out}; try `t2r-export generate {out} --prompt 'import '`"
+                      f" ({tokens_per_s:.0f} tokens/s above)")
+    else:
+        console.print(f"[bold green]done[/] ({tokens_per_s:.0f} tokens/s above); the bundle was temporary: pass "
+                      "-o DIR to keep it")
 
 
 def _finetune(out: Path, steps: int) -> Path:
