@@ -33,3 +33,13 @@ def test_latency_command_prints_the_table_and_writes_json(tiny_t2r_dir, tmp_path
 def test_latency_bad_positions_is_one_line_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["bench", "latency", str(tmp_path), "--positions", "8,x"])
     assert result.exit_code == 2 and "--positions" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_without_a_subcommand_is_bench_run(tmp_path):
+    # `bench BUNDLE` and `bench run BUNDLE` are one command: same one-line refusal of a missing bundle
+    missing = str(tmp_path / "missing-bundle")
+    bare = CliRunner().invoke(app, ["bench", missing, "--quick"])
+    named = CliRunner().invoke(app, ["bench", "run", missing, "--quick"])
+    assert bare.exit_code == named.exit_code == 2
+    assert bare.stderr == named.stderr and "missing-bundle" in bare.stderr
+    assert len(bare.stderr.strip().splitlines()) == 1

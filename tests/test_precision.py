@@ -205,15 +205,22 @@ def test_quantize_graph_refuses_a_graph_without_weight_matmuls(tmp_path):
         quantize_graph(tmp_path / "g.onnx", tmp_path / "q.onnx", [], CalibrationRecipe())
 
 
-def test_precision_command_end_to_end(tiny_t2r_dir, tmp_path, monkeypatch, capsys):
-    from t2r_export.bench.precision import main
+def test_precision_command_end_to_end(tiny_t2r_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from t2r_export.cli import app
 
     monkeypatch.setenv("T2R_EXPORT_CACHE", str(tmp_path / "cache"))
-    report = main([str(tiny_t2r_dir), "--steps", "24", "--rows", "2", "--greedy-steps", "8", "--long-steps", "64",
-                   "--threads", "1", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(app, ["bench", "precision", str(tiny_t2r_dir), "--steps", "24", "--rows", "2",
+                                      "--greedy-steps", "8", "--long-steps", "64", "--threads", "1",
+                                      "--work", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["teacher_forced"]) == {"fp32", "fp16", "fp16-all", "int8"}
     assert report["teacher_forced"]["fp32"]["top1_agreement_pct"] == 100.0
     assert report["overflow"]["fp16_plan"]["nonfinite_step"] is None
-    assert (tmp_path / "r.json").is_file() and (tmp_path / "work" / "int8" / "runtime.json").is_file()
-    out = capsys.readouterr().out
+    assert (tmp_path / "work" / "int8" / "runtime.json").is_file()
+    out = result.stdout
     assert "verdict:" in out and "fp16 plan top-1 agreement" in out
