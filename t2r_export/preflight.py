@@ -18,6 +18,8 @@ from .atomic import check_writable
 
 T2R_PREFIX = "t2r_"
 TOKENIZER_FILE = "tokenizer.json"
+# what a slow (python) tokenizer saves instead of tokenizer.json; transformers can still load those
+SLOW_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,16 @@ def check_tokenizer(path: Path, vocab_size: int | None) -> int:
 
 
 def check_model_and_tokenizer(model_dir: Path, tokenizer: Path | None = None, what: str = "model",
-                              need_t2r: bool = False) -> ModelInfo:
-    """Model folder and tokenizer together (the tokenizer must fit the model's vocabulary)."""
+                              need_t2r: bool = False, need_fast: bool = True) -> ModelInfo:
+    """Model folder and tokenizer together (the tokenizer must fit the model's vocabulary).
+
+    ``need_fast`` False (training, evaluation) also accepts a slow tokenizer's files without a
+    tokenizer.json; transformers checks those when it loads them. A bundle always needs the fast one.
+    """
     info = check_model_dir(model_dir, what, need_t2r)
+    slow = any((Path(model_dir) / name).is_file() for name in SLOW_TOKENIZER_FILES)
+    if tokenizer is None and not need_fast and slow and not (Path(model_dir) / TOKENIZER_FILE).is_file():
+        return info
     check_tokenizer(tokenizer_file(model_dir, tokenizer), info.vocab_size)
     return info
 

@@ -176,3 +176,11 @@ def test_demo_without_out_writes_nothing(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "the bundle was temporary" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_accepts_a_slow_tokenizer_the_bundle_does_not(tmp_path):
+    path = _config_dir(tmp_path, model_type="llama", vocab_size=100)
+    (path / "vocab.json").write_text("{}")
+    check_model_and_tokenizer(path, need_fast=False)
+    with pytest.raises(ValueError, match="no tokenizer.json in"):
+        check_model_and_tokenizer(path)

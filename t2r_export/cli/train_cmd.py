@@ -76,7 +76,7 @@ def finetune(
     main = _rank() == 0
     # every cheap check before torch is imported: a wrong path fails in a second, not after loading
     try:
-        check_model_and_tokenizer(model or bundled_model_dir("softmax"), tokenizer)
+        check_model_and_tokenizer(model or bundled_model_dir("softmax"), tokenizer, need_fast=False)
         if not resume:
             check_writable(out, "output directory")
     except ValueError as err:
@@ -154,7 +154,7 @@ def evaluate(
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) for every model; "
                                                         "default: the first model's own."),
 ) -> None:
-    from ..preflight import check_model_dir, check_tokenizer, tokenizer_file
+    from ..preflight import SLOW_TOKENIZER_FILES, check_model_dir, check_tokenizer, tokenizer_file
 
     paths = list(models) if models else default_eval_models()
     if not models and not paths[0].is_dir():
@@ -167,7 +167,10 @@ def evaluate(
         # a shared --tokenizer must fit every model; a model's own tokenizer its own model (the others must
         # share its vocabulary, checked with the tokenizers themselves before any weights load)
         sizes = [i.vocab_size for i in (infos if tokenizer is not None else infos[:1]) if i.vocab_size is not None]
-        check_tokenizer(tokenizer_file(paths[0], tokenizer), min(sizes, default=None))
+        slow_only = tokenizer is None and not (paths[0] / "tokenizer.json").is_file() and any(
+            (paths[0] / name).is_file() for name in SLOW_TOKENIZER_FILES)
+        if not slow_only:
+            check_tokenizer(tokenizer_file(paths[0], tokenizer), min(sizes, default=None))
         for path in data or []:
             if not path.exists():
                 raise ValueError(f"data path {path} does not exist: expected a file or directory of "

@@ -480,7 +480,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     source = Path(cfg.model) if cfg.model is not None else bundled_teacher()
     if cfg.model is None and not source.is_dir():
         raise ValueError(f"the bundled teacher is missing at {source}; pass a model directory")
-    check_model_and_tokenizer(source, cfg.tokenizer)
+    check_model_and_tokenizer(source, cfg.tokenizer, need_fast=False)
     state = {"stage": "transfer" if cfg.attention_transfer_steps else "finetune", "step": 0,
              "world_size": dist.world_size, "global_batch": global_batch, "config": _config_record(cfg),
              "tokens": {"transfer": 0, "finetune": 0}, "losses": {"transfer": [], "finetune": []}, "valid": []}
