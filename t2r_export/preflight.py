@@ -70,7 +70,8 @@ def check_model_dir(path: Path, what: str = "model", need_t2r: bool = False) -> 
     base = model_type[len(T2R_PREFIX):] if model_type.startswith(T2R_PREFIX) else model_type
     supported = _supported_model_types()
     if supported is not None and base not in supported:
-        raise ValueError(f"unsupported architecture {model_type!r} in {path}; supported: {', '.join(sorted(supported))}")
+        raise ValueError(f"unsupported architecture {model_type!r} in {path}; "
+                         f"supported: {', '.join(sorted(supported))}")
     is_t2r = config.get("t2r") is not None
     if need_t2r and not is_t2r:
         raise ValueError(f"{path} is a softmax model, not a T2R model (its config has no t2r settings); "

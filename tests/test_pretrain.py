@@ -133,7 +133,8 @@ def test_pretrain_rejects_bad_config(tmp_path):
 def test_cli_has_every_config_field_with_its_default():
     import inspect
 
-    options = {name: param.default.default for name, param in inspect.signature(pretrain_cmd.pretrain).parameters.items()}
+    parameters = inspect.signature(pretrain_cmd.pretrain).parameters
+    options = {name: param.default.default for name, param in parameters.items()}
     options["out_dir"] = options.pop("out")
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     assert options == defaults
