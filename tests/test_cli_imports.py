@@ -83,3 +83,25 @@ def test_models_registers_the_auto_classes():
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["unregistered", "before", "T2RLlamaConfig"]
+
+
+def _package_imports():
+    import ast
+
+    for path in sorted((REPO / "t2r_export").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("t2r_export")):
+                yield path.relative_to(REPO), node
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [(str(path), node.module, alias.name) for path, node in _package_imports() for alias in node.names
+               if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert private == []
+
+
+def test_no_argparse_entry_points_left():
+    # every command is a typer subcommand of `t2r-export`
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "t2r_export").rglob("*.py")
+                 if "import argparse" in p.read_text()]
+    assert offenders == []
