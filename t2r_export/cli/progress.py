@@ -72,8 +72,9 @@ class TrainProgress:
     def _status(self, text: str) -> None:
         # one indeterminate line for the phases without a step count (set-up, saving)
         if "status" not in self.tasks:
-            self.tasks["status"] = self.bar.add_task("", total=None, info="")
-        self.bar.update(self.tasks["status"], description=text, info="")
+            self.tasks["status"] = self.bar.add_task(text, total=None, info="")
+        else:
+            self.bar.update(self.tasks["status"], description=text)
 
     def _end_status(self) -> None:
         if "status" in self.tasks:
