@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from t2r_export import contract
 from t2r_export.bench.precision import StepChain, free_running, nll, overflow_run, teacher_forced
-from t2r_export.export import contract
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.graph import build_graph
 from t2r_export.export.quantize import (CalibrationRecipe, export_int8_bundle, load_prompts, quantize_graph,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from t2r_export.cli import runtime_cmd
 from t2r_export.runtime import (BundleError, GenerationError, NonFiniteLogitsError, OrtDecoder, ProviderError,
                                 SamplingParams, generate, generate_ids, inspect_bundle, load_bundle, sample_row)
-from t2r_export.runtime.bundle import REQUIRED_FIELDS
+from t2r_export.contract import REQUIRED_FIELDS
 from t2r_export.runtime.generate import _RowStream
 from t2r_export.runtime.sampling import Sampler, _filtered_distribution
 
@@ -333,7 +333,7 @@ def test_positions_beyond_max_position_are_rejected(decoder, tokenizer):
 # ---- the bundle ----------------------------------------------------------------------------------
 
 TAMPERED = [
-    ("format", "onnx-bundle"), ("format_version", 2), ("architecture", ""), ("num_layers", 3),
+    ("format", "onnx-bundle"), ("format_version", 1), ("format_version", 3), ("architecture", ""), ("num_layers", 3),
     ("num_heads", 3), ("num_kv_heads", 1), ("head_dim", 5), ("feature_dim", 9), ("vocab_size", 299),
     ("max_position", 0), ("max_position", "long"), ("bos_token_id", 10_000), ("eos_token_id", [EOS_ID, 10_000]),
     ("pad_token_id", -1), ("state_dtype", "float16"), ("precision", "fp8"), ("opset", 13), ("opset", "17"),

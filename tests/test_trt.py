@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
+from t2r_export import contract
 from t2r_export.cli import trt_cmd
-from t2r_export.export import contract
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.graph import PRECISIONS, build_graph, state_shape
 from t2r_export.export.weights import extract_decoder

@@ -276,7 +276,7 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
 
 def profile_step_and_floor(bundle, dec, threads: int) -> dict:
     """Where the T2R step graph's time goes, beside the floor's (ORT profiling)."""
-    from ..export import contract
+    from .. import contract
     from .softmax_graph import build_floor_graph
 
     shape = bundle.config.state_shape
@@ -375,7 +375,8 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
 def exporter_fingerprint() -> str:
     """sha256 of the exporter's source (graph emitter, weight extraction, contract): a cached bundle
     from an older exporter must not be timed as if it were today's graph."""
-    from ..export import contract, graph, weights
+    from .. import contract
+    from ..export import graph, weights
 
     h = hashlib.sha256()
     for module in (contract, graph, weights):

@@ -21,12 +21,12 @@ def onnx_export(
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
     from ..export.bundle import export_bundle
-    from ..export.graph import PRECISIONS
+    from ..contract import PRECISIONS
     from ..teacher import bundled_model_dir
     from ..tolerances import ToleranceError
 
-    if precision not in (*PRECISIONS, "int8"):
-        fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
     check_writable_parent(out, "bundle directory")
@@ -47,7 +47,6 @@ def onnx_export(
 def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
     """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
     import dataclasses
-    import json
     import tempfile
 
     from ..export.bundle import export_bundle
@@ -59,17 +58,18 @@ def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Pa
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
         fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
         export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
-    runtime = json.loads((out / "runtime.json").read_text())
-    return dataclasses.replace(fp32, out=out, runtime=runtime)
+    from ..runtime.bundle import load_bundle
+
+    return dataclasses.replace(fp32, out=out, runtime=load_bundle(out).config)
 
 
 def _print_result(result) -> None:
     from rich.table import Table
 
     rt = result.runtime
-    console.print(f"[bold green]bundle[/] {result.out}: {rt['architecture']}, {rt['num_layers']} layers, "
-                  f"{rt['num_kv_heads']} KV heads × k={rt['feature_dim']} × d={rt['head_dim']}, "
-                  f"state {rt['state_bytes_per_sequence']:,} bytes/sequence, precision {rt['precision']}")
+    console.print(f"[bold green]bundle[/] {result.out}: {rt.architecture}, {rt.num_layers} layers, "
+                  f"{rt.num_kv_heads} KV heads × k={rt.feature_dim} × d={rt.head_dim}, "
+                  f"state {rt.state_bytes_per_sequence:,} bytes/sequence, precision {rt.precision}")
     if result.report is not None:
         table = Table(title="verification: ONNX Runtime vs torch (max |diff| per output)")
         for col in ("check", "output", "max |diff|"):

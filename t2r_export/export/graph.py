@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import contract
+from .. import contract
 from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
 
 PRECISIONS = ("fp32", "fp16", "fp16-all")
@@ -301,8 +301,8 @@ class DecoderEmitter:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.OPSET)],
                                   producer_name="t2r-export")
         model.ir_version = 8  # readable by ONNX Runtime ≥ 1.14 and TensorRT 10's parser
-        helper.set_model_props(model, {"t2r.precision": self.precision,
-                                       "t2r.fp32_island": ",".join(self.g.fp32_island)})
+        helper.set_model_props(model, {contract.PRECISION_KEY: self.precision,
+                                       contract.ISLAND_KEY: ",".join(self.g.fp32_island)})
         return model
 
 

@@ -18,6 +18,7 @@ The result runs in ONNX Runtime on a CPU and parses in TensorRT (explicit quanti
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -31,13 +32,11 @@ import numpy as np
 import onnx
 
 from ..atomic import atomic_dir
-from . import contract
+from .. import contract
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
-ISLAND_KEY = "t2r.fp32_island"
-BUNDLE_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 @dataclass
@@ -161,7 +160,9 @@ def _ids_feed(ids: list[int], start: int, state: dict) -> dict:
 
 def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: CalibrationRecipe) -> str:
     h = hashlib.sha256()
-    h.update((Path(bundle_dir) / "step.onnx").read_bytes())
+    from ..runtime.bundle import load_bundle
+
+    h.update(load_bundle(bundle_dir).graph_path(contract.STEP).read_bytes())
     h.update("\0".join(prompts).encode())
     recording = {k: getattr(recipe, k) for k in ("max_prompt_tokens", "greedy_steps_per_prompt", "max_step_samples",
                                                   "calibration_batch")}
@@ -204,7 +205,7 @@ def _unpack(arrays: dict) -> CalibrationData:
 # ---- selecting and quantizing ------------------------------------------------------------------------
 
 def island(model: onnx.ModelProto) -> set[str]:
-    value = next((p.value for p in model.metadata_props if p.key == ISLAND_KEY), "")
+    value = next((p.value for p in model.metadata_props if p.key == contract.ISLAND_KEY), "")
     return {name for name in value.split(",") if name}
 
 
@@ -272,7 +273,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
     # quantize_static may raise the IR version; keep what TensorRT 10's parser and older runtimes read
     quantized.ir_version = model.ir_version
     onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props
-                                               if p.key != "onnx.infer"}, "t2r.precision": "int8"})
+                                               if p.key != "onnx.infer"}, contract.PRECISION_KEY: "int8"})
     onnx.save(quantized, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return nodes
@@ -303,7 +304,7 @@ def _name_qdq_by_consumer(model: onnx.ModelProto) -> None:
 @dataclass
 class Int8Result:
     out: Path
-    runtime: dict
+    runtime: contract.RuntimeConfig
     quantized: dict[str, list[str]]
     calibration: CalibrationData
 
@@ -329,25 +330,24 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
         prompt_list = load_prompts(prompts or CALIBRATION_DIR / recipe.prompts, recipe.prompt_separator)
     progress(f"recording calibration states from {len(prompt_list)} prompts")
     data = cached_calibration(fp32_bundle_dir, prompt_list, recipe, cache_dir)
-    runtime = json.loads((fp32_bundle_dir / "runtime.json").read_text())
     quantized = {}
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        graphs = {}
         for kind, feeds in ((contract.STEP, data.step), (contract.PREFILL, data.prefill)):
             progress(f"quantizing {kind}.onnx on {len(feeds)} calibration feeds")
-            file = runtime["graphs"][kind]["file"]
-            quantized[kind] = quantize_graph(fp32_bundle_dir / file, tmp / file, feeds, recipe)
-        for name in BUNDLE_COPY:
-            if (fp32_bundle_dir / name).is_file():
-                shutil.copy2(fp32_bundle_dir / name, tmp / name)
-        runtime["precision"] = "int8"
-        runtime.pop("verification", None)
-        runtime["quantization"] = {
+            graphs[kind] = dataclasses.replace(source.config.graphs[kind], file=f"{kind}.onnx")
+            quantized[kind] = quantize_graph(source.graph_path(kind), tmp / graphs[kind].file, feeds, recipe)
+        for name in contract.TOKENIZER_FILES:
+            if source.file(name).is_file():
+                shutil.copy2(source.file(name), tmp / name)
+        runtime = source.config.replace(precision="int8", state_dtype=contract.STATE_DTYPES["int8"], graphs=graphs,
+                                        verification=None, quantization={
             "tool": recipe.tool, "onnxruntime": onnxruntime.__version__, "recipe": asdict(recipe),
             "prompts": len(prompt_list),
             "prompts_sha256": hashlib.sha256("\0".join(prompt_list).encode()).hexdigest(),
             "step_samples": data.step_samples, "prefill_samples": len(data.prefill),
             "quantized_matmuls": {kind: len(names) for kind, names in quantized.items()},
-        }
-        (tmp / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+        })
+        (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
     logger.info("wrote int8 bundle %s", out)
     return Int8Result(Path(out), runtime, quantized, data)

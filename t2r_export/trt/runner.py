@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import contract
+from .. import contract
 from ..runtime.bundle import Bundle, load_bundle
 from . import TensorRTUnavailable
 
@@ -142,7 +142,7 @@ def engine_paths(bundle: Bundle, precision: str | None = None) -> tuple[str, dic
     manifest = read_manifest(bundle.path)
     precision = precision or next(iter(manifest.get("engines", {})), None)
     entry = check_manifest(manifest, precision, trt.__version__, name, capability, bundle_dir=bundle.path)
-    return precision, {kind: bundle.path / ENGINE_DIR / g["file"] for kind, g in entry["graphs"].items()}
+    return precision, {kind: bundle.file(f"{ENGINE_DIR}/{g['file']}") for kind, g in entry["graphs"].items()}
 
 
 class TrtDecoder:
