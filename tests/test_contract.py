@@ -119,3 +119,24 @@ def test_state_parts_drive_names_and_sizes():
     wider = contract.StateShape(2, 3, 4, 5, 7, parts=(*contract.STATE_PARTS, extra))
     assert contract.state_nbytes(wider) == contract.state_nbytes(shape) + 4 * 2 * 3 * 5
     assert [s.name for s in contract.graph_outputs(wider)][-1] == "present_state.1.w"
+
+
+@pytest.mark.parametrize("source,claim", [("fp16", "fp16-all"), ("fp16-all", "fp16")])
+def test_state_dtype_is_checked_against_the_graphs(every_precision, tmp_path, source, claim):
+    import shutil
+
+    import onnx
+
+    path = shutil.copytree(every_precision[source], tmp_path / "b")
+    for kind in contract.GRAPH_KINDS:
+        # without the metadata only the graphs' real state dtype can tell the plans apart
+        model = onnx.load(str(path / f"{kind}.onnx"))
+        del model.metadata_props[:]
+        onnx.save(model, str(path / f"{kind}.onnx"))
+    raw = json.loads((path / contract.RUNTIME_JSON).read_text())
+    raw.update(precision=claim, state_dtype=contract.STATE_DTYPES[claim])
+    (path / contract.RUNTIME_JSON).write_text(json.dumps(raw))
+    with pytest.raises(contract.BundleError, match=f"'state_dtype' = \"{contract.STATE_DTYPES[claim]}\" is wrong"):
+        inspect_bundle(path)
+    with pytest.raises(contract.BundleError, match="'state_dtype'"):
+        OrtDecoder(path, threads=1)
