@@ -15,8 +15,8 @@ def onnx_export(
     out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Bundle directory to write."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
                                                "calibrated on recorded decode states) | fp16-all (overflow demo)."),
-    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: "
-                                                                   "calibration/prompts.txt of the repository)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: the packaged "
+                                                                   "calibration prompts)."),
     verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:

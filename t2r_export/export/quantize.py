@@ -1,9 +1,9 @@
 """int8 plan: explicit Q/DQ on the weight matmuls, calibrated on decode states recorded from real prompts.
 
-    export_int8_bundle("bundles/fp32", "bundles/int8")      # prompts and recipe from calibration/
+    export_int8_bundle("bundles/fp32", "bundles/int8")      # the packaged prompts and recipe
 
 1. record: the fp32 bundle's step graph runs in ONNX Runtime over every prompt of
-   ``calibration/prompts.txt`` (teacher-forced through the prompt, then greedy for a few steps); the
+   the packaged ``calibration/prompts.txt`` (teacher-forced through the prompt, then greedy for a few steps); the
    feeds of those steps, with their real ``past_state`` tensors and positions, are the step graph's
    calibration data. The prefill graph gets each prompt's first half from a zero state (how a fresh
    prompt is prefilled) and its second half from the state the first half left.
@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,25 @@ from .. import contract
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
+# the recipe and prompts ship inside the package (calibration/ at the repository root, mapped to
+# t2r_export.calibration by pyproject.toml); read them as package resources, never beside the source
+CALIBRATION_PACKAGE = "t2r_export.calibration"
+
+
+def calibration_resource(name: str):
+    """A packaged calibration file (an importlib.resources Traversable)."""
+    from importlib import resources
+
+    return resources.files(CALIBRATION_PACKAGE).joinpath(name)
+
+
+def calibration_cache_dir() -> Path:
+    """Recorded calibration feeds: ``$T2R_EXPORT_CACHE/calibration``, else the user cache directory
+    (``$XDG_CACHE_HOME`` or ``~/.cache``) ``/t2r-export/calibration``; never the install tree."""
+    if os.environ.get("T2R_EXPORT_CACHE"):
+        return Path(os.environ["T2R_EXPORT_CACHE"]) / "calibration"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "t2r-export" / "calibration"
 
 
 @dataclass
@@ -62,10 +81,17 @@ class CalibrationRecipe:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> CalibrationRecipe:
-        path = Path(path) if path else CALIBRATION_DIR / "recipe.json"
-        if not path.is_file():
-            raise ValueError(f"calibration recipe {path} is missing (expected calibration/recipe.json)")
-        raw = json.loads(path.read_text())
+        """``path``, or the packaged recipe.json."""
+        source = Path(path) if path else calibration_resource("recipe.json")
+        if not source.is_file():
+            raise ValueError(f"calibration recipe {source} is missing (expected a recipe.json like the packaged one)")
+        try:
+            raw = json.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"calibration recipe {source} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"calibration recipe {source} must hold a JSON object")
+        path = source
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
@@ -84,13 +110,21 @@ class CalibrationData:
         return sum(len(feed["input_ids"]) for feed in self.step)
 
 
-def load_prompts(path: str | Path | None = None, separator: str = "=====") -> list[str]:
-    """Prompts from a text file, separated by lines that are exactly ``separator``."""
-    path = Path(path) if path else CALIBRATION_DIR / "prompts.txt"
+def load_prompts(path: str | Path | None = None, separator: str = "=====",
+                 packaged: str = "prompts.txt") -> list[str]:
+    """Prompts from a text file (default: the packaged ``packaged``), separated by lines that are exactly
+    ``separator``."""
+    if not path and (not packaged or Path(packaged).name != packaged):
+        raise ValueError(f"recipe field 'prompts' = {packaged!r} must name a packaged prompts file, e.g. prompts.txt")
+    path = Path(path) if path else calibration_resource(packaged)
     if not path.is_file():
-        raise ValueError(f"calibration prompts {path} are missing (expected calibration/prompts.txt)")
+        raise ValueError(f"calibration prompts {path} are missing (expected a text file of prompts)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"calibration prompts {path} cannot be read as UTF-8 text: {err}") from None
     prompts, current = [], []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip() == separator:
             prompts.append("\n".join(current).strip("\n"))
             current = []
@@ -172,8 +206,8 @@ def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: Calibrat
 
 def cached_calibration(bundle_dir: Path, prompts: list[str], recipe: CalibrationRecipe,
                        cache_dir: Path | None = None) -> CalibrationData:
-    """:func:`record_calibration`, stored as ``cache_dir/calib-<key>.npz`` (default calibration/cache/)."""
-    cache_dir = Path(cache_dir) if cache_dir else CALIBRATION_DIR / "cache"
+    """:func:`record_calibration`, stored as ``cache_dir/calib-<key>.npz`` (default :func:`calibration_cache_dir`)."""
+    cache_dir = Path(cache_dir) if cache_dir else calibration_cache_dir()
     path = cache_dir / f"calib-{calibration_cache_key(bundle_dir, prompts, recipe)}.npz"
     if path.is_file():
         with np.load(path) as archive:
@@ -327,7 +361,7 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
     if isinstance(prompts, list):
         prompt_list = prompts
     else:
-        prompt_list = load_prompts(prompts or CALIBRATION_DIR / recipe.prompts, recipe.prompt_separator)
+        prompt_list = load_prompts(prompts, recipe.prompt_separator, packaged=recipe.prompts)
     progress(f"recording calibration states from {len(prompt_list)} prompts")
     data = cached_calibration(fp32_bundle_dir, prompt_list, recipe, cache_dir)
     quantized = {}
