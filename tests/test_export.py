@@ -108,7 +108,10 @@ def test_cli_onnx_exports_and_prints_verification(tiny_t2r_dir, tmp_path):
     out = tmp_path / "graphs" / "tiny"
     result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--chained-steps", "32"])
     assert result.exit_code == 0, result.output
-    assert "32 chained steps" in result.output and "present_state.1.z" in result.output
+    # compact: one row per check and output group (worst over layers), the tolerance beside it
+    assert "32 chained steps: logits" in result.output and "step batch 3: state (relative)" in result.output
+    assert "present_state" not in result.output and f"≤ {TOLERANCES[('ort', 'fp32')]:.3g}" in result.output
+    assert "PASS: 6/6 figures within tolerance; greedy tokens identical" in result.output
     assert (out / "step.onnx").is_file()
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from . import (bench_cmd, demo_cmd, experiment_cmd, export_cmd, pretrain_cmd, runtime_cmd, swap_cmd,
-               train_cmd, trt_cmd)
+from . import (bench_cmd, demo_cmd, experiment_cmd, export_cmd, info_cmd, pretrain_cmd, runtime_cmd,
+               swap_cmd, train_cmd, trt_cmd)
 
 app = typer.Typer(
     name="t2r-export",
@@ -35,6 +35,8 @@ COMMANDS = [
                                      "bundle."),
     ("check", trt_cmd.check, "Static checks of a bundle's graphs (--trt: TensorRT 10 ONNX-parser compatibility)."),
     ("trt", trt_cmd.trt, "Build TensorRT engines (fp16 / int8, fp32 state) into a bundle. Needs TensorRT + GPU."),
+    ("info", info_cmd.info, "What a bundle holds: contract, precision, sizes, weight sharing, verification, "
+                            "provenance."),
     ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
     ("bench", bench_cmd.bench, "Decode/prefill speed and memory of T2R vs the softmax original, one run."),
     ("experiment", experiment_cmd.experiment, "The paper's comparison on the bundled teacher (T2R vs ELU vs RFA vs "

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .common import check_writable_parent, console, fail
+from .verification import print_verification
 
 
 def onnx_export(
@@ -17,11 +18,14 @@ def onnx_export(
                                                "calibrated on recorded decode states) | fp16-all (overflow demo)."),
     calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: the packaged "
                                                                    "calibration prompts)."),
-    verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
+    verify_text: Optional[Path] = typer.Option(None, help="fp16/int8: UTF-8 text the bundle is checked on against "
+                                                           "the fp32 model (default: the calibration prompts)."),
+    verify: bool = typer.Option(True, help="Check the graphs against the fp32 torch model before writing; a "
+                                           "failed check writes no bundle (exit 1)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
-    from ..export.bundle import export_bundle
     from ..contract import PRECISIONS
+    from ..export.plans import export_plan
     from ..teacher import bundled_model_dir
     from ..tolerances import ToleranceError
 
@@ -29,14 +33,14 @@ def onnx_export(
         fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
+    texts = _read_text(verify_text) if verify_text is not None else None
     check_writable_parent(out, "bundle directory")
     try:
         model = model or bundled_model_dir("t2r")
-        with console.status(f"exporting {model} → {out}"):
-            if precision == "int8":
-                result = _export_int8(model, out, verify, chained_steps, calibration_prompts)
-            else:
-                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
+        with console.status(f"exporting {model} → {out}") as status:
+            result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                                 calibration_prompts=calibration_prompts, verify_texts=texts,
+                                 progress=lambda message: status.update(message))
     except ToleranceError as err:
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
@@ -44,36 +48,19 @@ def onnx_export(
     _print_result(result)
 
 
-def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
-    """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
-    import dataclasses
-    import tempfile
-
-    from ..export.bundle import export_bundle
-    from ..export.quantize import export_int8_bundle
-
-    if prompts is not None and not prompts.is_file():
-        fail(f"calibration prompts file not found: {prompts}")
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
-        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
-        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
-    from ..runtime.bundle import load_bundle
-
-    return dataclasses.replace(fp32, out=out, runtime=load_bundle(out).config)
+def _read_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"--verify-text {path} cannot be read as UTF-8 text: {err}")
+    if not text.strip():
+        fail(f"--verify-text {path} is empty; give a few lines of text")
+    return [text]
 
 
 def _print_result(result) -> None:
-    from rich.table import Table
-
     rt = result.runtime
     console.print(f"[bold green]bundle[/] {result.out}: {rt.architecture}, {rt.num_layers} layers, "
                   f"{rt.num_kv_heads} KV heads × k={rt.feature_dim} × d={rt.head_dim}, "
-                  f"state {rt.state_bytes_per_sequence:,} bytes/sequence, precision {rt.precision}")
-    if result.report is not None:
-        table = Table(title="verification: ONNX Runtime vs torch (max |diff| per output)")
-        for col in ("check", "output", "max |diff|"):
-            table.add_column(col)
-        for check, name, err in result.report.checks:
-            table.add_row(check, name, f"{err:.2e}")
-        console.print(table)
+                  f"state {rt.state_bytes_per_sequence:,} bytes/sequence, precision {rt.precision}", soft_wrap=True)
+    print_verification(rt)

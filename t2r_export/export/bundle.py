@@ -30,6 +30,19 @@ logger = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+def check_plan(model, bundle_dir: Path, runtime: contract.RuntimeConfig,
+               texts: list[str] | None = None) -> contract.VerificationRecord:
+    """A reduced-precision bundle against the fp32 model; ToleranceError naming each failed figure."""
+    from ..tolerances import ToleranceError
+    from .plan_check import failures, verify_plan
+    from .quantize import load_prompts
+
+    record = verify_plan(model, bundle_dir, runtime, texts or load_prompts())
+    if not record.passed:
+        raise ToleranceError(f"{runtime.precision} bundle against the fp32 model: {failures(record)}")
+    return record
+
+
 @dataclass
 class ExportResult:
     out: Path
@@ -109,15 +122,18 @@ def runtime_config(model, dec, precision: str, sha: str) -> contract.RuntimeConf
 
 
 def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
-                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True) -> ExportResult:
+                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True,
+                  verify_texts: list[str] | None = None, model_dir: Path | None = None) -> ExportResult:
     """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
 
-    The bundle is assembled in a temporary sibling directory and renamed into place only after
-    every check passed; on failure nothing is left at ``out``.
+    fp32 is checked against the torch model (batches, chained steps, prefill); fp16 and fp16-all
+    against the fp32 torch model teacher-forced on ``verify_texts`` (default: the calibration
+    prompts). The bundle is assembled in a temporary sibling directory and renamed into place only
+    after every check passed; on failure (ToleranceError) nothing is left at ``out``. ``model_dir``
+    names the directory an in-memory model was loaded from (tokenizer, checkpoint hash).
     """
     from .verify import verify_bundle_graphs
 
-    model_dir = None
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
         model = load_t2r_model(model_dir)
@@ -137,6 +153,8 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
             report = verify_bundle_graphs(model, tmp / "step.onnx", tmp / "prefill.onnx", len(dec.layers),
                                           dec.vocab_size, chained_steps=chained_steps)
             runtime = runtime.replace(verification=report.record())
+        elif verify:
+            runtime = runtime.replace(verification=check_plan(model, tmp, runtime, verify_texts))
         (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
     logger.info("wrote bundle %s", out)
     return ExportResult(Path(out), runtime, report)

@@ -345,8 +345,14 @@ class Int8Result:
 
 def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: str | Path | list[str] | None = None,
                        recipe: str | Path | CalibrationRecipe | None = None, cache_dir: Path | None = None,
-                       overwrite: bool = True, progress: Callable[[str], None] | None = None) -> Int8Result:
-    """An int8 bundle at ``out`` from a verified fp32 bundle, written atomically."""
+                       overwrite: bool = True, progress: Callable[[str], None] | None = None,
+                       check: Callable[[Path, contract.RuntimeConfig], contract.VerificationRecord] | None = None,
+                       ) -> Int8Result:
+    """An int8 bundle at ``out`` from a verified fp32 bundle, written atomically.
+
+    ``check(folder, runtime)`` verifies the assembled bundle before it is moved into place and
+    returns the record runtime.json keeps; raising stops the export with nothing left at ``out``.
+    """
     import onnxruntime
 
     from ..runtime.bundle import load_bundle
@@ -382,6 +388,9 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
             "step_samples": data.step_samples, "prefill_samples": len(data.prefill),
             "quantized_matmuls": {kind: len(names) for kind, names in quantized.items()},
         })
+        if check is not None:
+            progress("verifying the int8 bundle against the fp32 model")
+            runtime = runtime.replace(verification=check(tmp, runtime))
         (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
     logger.info("wrote int8 bundle %s", out)
     return Int8Result(Path(out), runtime, quantized, data)
