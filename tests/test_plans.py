@@ -78,7 +78,7 @@ def test_a_failing_check_writes_no_bundle(int8_bundle, tmp_path, monkeypatch, pr
                                  "--chained-steps", "8"])
     assert result.exit_code == 1, result.output
     assert "verification failed, no bundle written" in result.output
-    assert f"top-1 agreement" in result.output and "< 1.01" in result.output
+    assert "top-1 agreement" in result.output and "< 1.01" in result.output
     assert "Traceback" not in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # --no-verify writes it, says so, and records no verification
@@ -127,7 +127,8 @@ def test_info_is_torch_free_and_shows_everything(int8_bundle):
     runtime = RuntimeConfig.read(out / contract.RUNTIME_JSON)
     for needle in ("precision: int8", "format version 2", "step.onnx", "prefill.onnx", "tokenizer.json",
                    "int8 bundle vs fp32 torch model", "PASS", "weights: inside each graph",
-                   f"checkpoint sha256 {runtime.source_checkpoint_sha256}", f"onnxruntime {runtime.tools['onnxruntime']}"):
+                   f"checkpoint sha256 {runtime.source_checkpoint_sha256}",
+                   f"onnxruntime {runtime.tools['onnxruntime']}"):
         assert needle in text, needle
 
 

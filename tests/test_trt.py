@@ -25,6 +25,7 @@ from t2r_export.trt import build as trt_build
 from t2r_export.trt.build import (EngineManifestError, check_manifest, engine_entry, island_from_metadata,
                                   island_layers, new_manifest, plan_build, profile_shapes, read_manifest)
 from t2r_export.trt.compat import check_bundle, check_model, errors
+from t2r_export.tolerances import TOLERANCES
 
 runner = CliRunner()
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -323,7 +324,7 @@ def test_trt_engines_match_onnx_runtime(precision, tmp_path, tiny_tokenizer):
     build_engines(bundle, fp16=precision == "fp16", max_batch=4, max_sequence=64, workspace_mb=256)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 300, (1, 9))
-    tol = 1e-3 if precision == "fp32" else 3e-2
+    tol = TOLERANCES[("trt", "fp32" if precision == "fp32" else "fp16")]
     for cuda_graphs in (False, True):
         with OrtDecoder(bundle) as ort_dec, TrtDecoder(bundle, precision, cuda_graphs=cuda_graphs) as trt_dec:
             for dec in (ort_dec, trt_dec):

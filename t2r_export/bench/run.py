@@ -50,7 +50,7 @@ SOFTMAX_PATHS = ("softmax-ort", "genai", "transformers")
 TORCH_PATHS = ("transformers", "t2r-torch")
 DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
-# the goals for the T2R step against the fastest softmax peer at these positions
+# goals for the T2R step's speed-up over the fastest softmax peer at these positions
 SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
 FLOOR_GOAL = 1.10
 

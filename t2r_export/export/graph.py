@@ -6,7 +6,7 @@ matmul, one RoPE rotation and one feature-map matmul for queries and keys togeth
 and shapes of the graph I/O come from ``contract``. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
-  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
+  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (docs/design.md#precision-plan).
 - fp16-all: the same but the state and the denominator too: the overflow demonstration.
 """
 
@@ -230,7 +230,7 @@ class DecoderEmitter:
             phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
             phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
-        # the running sums, phi(q)·z and the division stay fp32 in every plan (DESIGN §5)
+        # the running sums, phi(q)·z and the division stay fp32 in every plan (docs/design.md#precision-plan)
         with g.scope(f"layers.{i}.state", fp32_island=True):
             out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")

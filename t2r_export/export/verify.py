@@ -1,4 +1,4 @@
-"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (DESIGN §8 rungs 3-4).
+"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (docs/design.md#verification, rungs 3-4).
 
 1. step graph vs torch decode step at batch 1 and 3 (not the export's shapes), from a non-zero
    state, every output compared by name;

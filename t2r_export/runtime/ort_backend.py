@@ -3,7 +3,7 @@
 With IO binding (the default) two full state sets are allocated once per batch size on the
 session's device. Step t reads set A as ``past_state.*`` and writes set B as ``present_state.*``;
 step t+1 the reverse. Both parities get their own ``IOBinding``, bound once, so a decode step binds
-nothing, allocates nothing and copies no state (DESIGN §6, §9). ``input_ids``/``position_ids`` are
+nothing, allocates nothing and copies no state (docs/design.md#runtime). ``input_ids``/``position_ids`` are
 small preallocated host buffers and ``logits`` lands in a preallocated host buffer.
 
 ``io_binding=False`` runs the plain ``session.run`` path (numpy state fed and returned each step):

@@ -7,7 +7,7 @@ under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``ac
     python -m t2r_export.train.finetune --out runs/t2r --steps 500
     torchrun --nproc_per_node 2 -m t2r_export.train.finetune --out runs/t2r --batch-size 4
 
-Stages (DESIGN §3):
+Stages (docs/design.md#training):
 1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
    linear-attention output is pulled towards its softmax output (MSE, LoLCATs stage 1).
 2. ``finetune`` (``steps``): next-token loss on ``all`` parameters, the ``attention`` modules
@@ -74,7 +74,7 @@ def bundled_teacher() -> Path:
 
 @dataclass
 class FinetuneConfig:
-    # None = the bundled softmax teacher (DESIGN §7), so a bare run works offline
+    # None = the bundled softmax teacher (docs/design.md#bundled-teacher), so a bare run works offline
     model: Path | None = None
     # outside the package by default, so a casual run never overwrites anything bundled
     out_dir: Path = Path("runs/t2r")
@@ -110,7 +110,7 @@ class FinetuneConfig:
     block_size: int = 256
     # raise to grow the global batch without more memory
     grad_accum: int = 1
-    # T2R swap settings (DESIGN §2); ignored when the model is already a T2R model
+    # T2R swap settings (docs/design.md#feature-maps); ignored when the model is already a T2R model
     feature_map: str = "t2r"
     feature_dim: int = 32
     init: str = "default"
