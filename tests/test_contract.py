@@ -106,8 +106,9 @@ def test_contract_page_generator_writes_where_told(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert target.read_text() == contract.render_markdown() + "\n"
-    usage = subprocess.run([sys.executable, "-m", "t2r_export.contract"], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage" in usage.stderr
+
+def test_contract_page_generator_needs_a_target(capsys):
+    assert contract.main([]) == 2 and "usage" in capsys.readouterr().err
 
 
 def test_state_parts_drive_names_and_sizes():

@@ -40,7 +40,7 @@ def demo(
     except ValueError as err:
         fail(str(err))
     from ..export.bundle import export_bundle
-    from .export_cmd import _print_result
+    from .verification import print_bundle
 
     with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
         if finetune_steps:
@@ -48,7 +48,7 @@ def demo(
         console.rule("[bold]1. export + verify")
         with console.status(f"exporting {model_dir} → {out}"):
             result = export_bundle(model_dir, out)
-        _print_result(result)
+        print_bundle(result.out, result.runtime)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
         tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)
         if speed:

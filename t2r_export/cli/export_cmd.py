@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import check_writable_parent, console, fail
-from .verification import print_verification
+from .verification import print_bundle
 
 
 def onnx_export(
@@ -45,7 +45,7 @@ def onnx_export(
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
         fail(str(err))
-    _print_result(result)
+    print_bundle(result.out, result.runtime)
 
 
 def _read_text(path: Path) -> list[str]:
@@ -56,11 +56,3 @@ def _read_text(path: Path) -> list[str]:
     if not text.strip():
         fail(f"--verify-text {path} is empty; give a few lines of text")
     return [text]
-
-
-def _print_result(result) -> None:
-    rt = result.runtime
-    console.print(f"[bold green]bundle[/] {result.out}: {rt.architecture}, {rt.num_layers} layers, "
-                  f"{rt.num_kv_heads} KV heads × k={rt.feature_dim} × d={rt.head_dim}, "
-                  f"state {rt.state_bytes_per_sequence:,} bytes/sequence, precision {rt.precision}", soft_wrap=True)
-    print_verification(rt)

@@ -1,8 +1,16 @@
-"""The verification record of a bundle as the CLI shows it (`onnx`, `info`)."""
+"""A written bundle and its verification record as the CLI shows them (`onnx`, `demo`, `info`)."""
 
 from __future__ import annotations
 
 from .common import console
+
+
+def print_bundle(out, rt) -> None:
+    """One line about the bundle at ``out``, then its verification record."""
+    console.print(f"[bold green]bundle[/] {out}: {rt.architecture}, {rt.num_layers} layers, "
+                  f"{rt.num_kv_heads} KV heads × k={rt.feature_dim} × d={rt.head_dim}, "
+                  f"state {rt.state_bytes_per_sequence:,} bytes/sequence, precision {rt.precision}", soft_wrap=True)
+    print_verification(rt)
 
 
 def print_verification(rt) -> None:
