@@ -50,6 +50,7 @@ def _fake_package(root: Path) -> Path:
     (root / "export").mkdir(parents=True)
     for name in ("graph.py", "weights.py", "bundle.py"):
         (root / "export" / name).write_text(f"# {name}\n")
+    (root / "contract.py").write_text("# the contract\n")
     return root
 
 
@@ -65,7 +66,7 @@ def test_the_fingerprint_covers_every_exporter_file(tmp_path, change):
     elif change == "rename a file":
         shutil.move(package / "export" / "weights.py", package / "export" / "weights2.py")
     else:
-        (package / "contract.py").write_text("# the contract as a leaf module\n")
+        (package / "contract.py").write_text("# the contract, edited\n")
     assert exporter_fingerprint(package) != before
 
 

@@ -8,13 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
+from t2r_export import contract
 from t2r_export.cli import app
-from t2r_export.export import contract
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.graph import build_graph, state_shape
 from t2r_export.export.verify import VerificationReport, ort_session, verify_chained, verify_step_batches
 from t2r_export.export.weights import extract_decoder
 from t2r_export.models import ADAPTERS, T2RConfig, swap_attention
+from t2r_export.tolerances import TOLERANCES
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "G
 def test_graphs_readme_is_generated_from_the_contract():
     committed = (REPO / "graphs" / "README.md").read_text()
     assert committed == contract.render_markdown() + "\n", \
-        "graphs/README.md is stale: run `python -m t2r_export.export.contract`"
+        "graphs/README.md is stale: run `python -m t2r_export.contract graphs/README.md`"
 
 
 def _swapped(arch, feature_map="t2r"):
@@ -73,22 +74,26 @@ def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tm
     verify_chained(model, step, pre, len(dec.layers), dec.vocab_size, report, steps=24)
     checks = {c for c, _, _ in report.checks}
     assert {"step batch 1", "step batch 3", "24 chained steps", "prefill 8 + 23 steps"} <= checks
-    assert max(err for _, _, err in report.checks) < 1e-4
+    assert max(err for _, _, err in report.checks) < TOLERANCES[("ort", "fp32")]
 
 
 def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path):
     out = tmp_path / "bundle"
     result = export_bundle(tiny_t2r_dir, out)
     assert {"prefill.onnx", "runtime.json", "step.onnx", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    rt = json.loads((out / "runtime.json").read_text())
+    raw = json.loads((out / "runtime.json").read_text())
     for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "head_dim", "vocab_size",
                 "bos_token_id", "eos_token_id", "max_position", "state_dtype", "graphs", "opset", "tools",
-                "source_checkpoint_sha256"):
-        assert key in rt, key
-    assert rt["state_dtype"] == "float32" and rt["max_position"] is None and rt["opset"] >= 17
-    assert rt["graphs"]["step"]["inputs"][:3] == ["input_ids", "position_ids", "past_state.0.s"]
-    assert "256 chained steps" in rt["verification"] and rt["verification"]["256 chained steps"] <= 1e-4
-    assert len(rt["source_checkpoint_sha256"]) == 64
+                "source_checkpoint_sha256", "verification"):
+        assert key in raw, key
+    rt = contract.RuntimeConfig.from_dict(raw)
+    assert rt == result.runtime and contract.RuntimeConfig.from_json(rt.to_json()) == rt
+    assert rt.state_dtype == "float32" and rt.max_position is None and rt.opset >= 17
+    assert rt.graphs["step"].inputs[:3] == ("input_ids", "position_ids", "past_state.0.s")
+    chained = {f.name: f for f in rt.verification.figures}["256 chained steps: logits"]
+    assert chained.tolerance == TOLERANCES[("ort", "fp32")] and chained.value <= chained.tolerance and chained.passed
+    assert rt.verification.passed and rt.verification.greedy_identical
+    assert len(rt.source_checkpoint_sha256) == 64
     assert result.report is not None
     assert not list(tmp_path.glob(".bundle.*"))
 
@@ -96,14 +101,17 @@ def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path)
 def test_gpt2_bundle_records_its_maximum_position(tmp_path, tiny_tokenizer):
     model = _swapped("gpt2")
     result = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, chained_steps=16)
-    assert result.runtime["max_position"] == 128
+    assert result.runtime.max_position == 128
 
 
 def test_cli_onnx_exports_and_prints_verification(tiny_t2r_dir, tmp_path):
     out = tmp_path / "graphs" / "tiny"
     result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--chained-steps", "32"])
     assert result.exit_code == 0, result.output
-    assert "32 chained steps" in result.output and "present_state.1.z" in result.output
+    # compact: one row per check and output group (worst over layers), the tolerance beside it
+    assert "32 chained steps: logits" in result.output and "step batch 3: state (relative)" in result.output
+    assert "present_state" not in result.output and f"≤ {TOLERANCES[('ort', 'fp32')]:.3g}" in result.output
+    assert "PASS: 6/6 figures within tolerance; greedy tokens identical" in result.output
     assert (out / "step.onnx").is_file()
 
 
@@ -147,8 +155,8 @@ def test_cli_onnx_int8_writes_a_calibrated_int8_bundle_that_generates(tiny_t2r_d
     result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--precision", "int8",
                                  "--chained-steps", "8"])
     assert result.exit_code == 0, result.output
-    runtime = json.loads((out / "runtime.json").read_text())
-    assert runtime["precision"] == "int8" and runtime["state_dtype"] == "float32"
+    runtime = contract.RuntimeConfig.read(out / "runtime.json")
+    assert runtime.precision == "int8" and runtime.state_dtype == "float32"
     ops = {n.op_type for n in onnx.load(str(out / "step.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -14,10 +14,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from t2r_export.models import load_t2r_model, swap_attention
+from t2r_export.tolerances import TOLERANCES
 from t2r_export.train.finetune import CHECKPOINT_DIR, FinetuneConfig, finetune, lora_target_modules
 
 # recorded once from the 2-step run below (torch 2.13 CPU, 1 thread); a change means the recipe changed
 PINNED_LOSSES = [5.660899639129639, 5.634855270385742]
+PINNED_TORCH = "2.13"
 
 
 def tiny_text() -> str:
@@ -64,7 +66,12 @@ def config(tiny, out: Path, **overrides) -> FinetuneConfig:
 def test_two_step_run_has_pinned_losses_and_saves_a_t2r_model(tiny, tmp_path):
     out = tmp_path / "out"
     record = finetune(config(tiny, out))
-    assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    if torch.__version__.split("+")[0].rsplit(".", 1)[0] == PINNED_TORCH:
+        assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES, abs=TOLERANCES[("train-loss", "fp32")])
+    else:
+        # another torch release rounds differently; the recipe is still held close to its losses
+        assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES,
+                                                             rel=TOLERANCES[("train-loss-torch", "fp32")])
     assert record["tokens_seen"] == {"transfer": 0, "finetune": 2 * 4 * 32}
     model = load_t2r_model(out)
     assert model.config.t2r["feature_dim"] == 8
@@ -99,7 +106,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer
     assert (state["stage"], state["step"]) == (crash_stage, 3)
     resumed = finetune(config(tiny, tmp_path / "cut", resume=True, **settings))
     for stage in ("transfer", "finetune"):
-        assert resumed["losses"][stage] == pytest.approx(full["losses"][stage], abs=1e-6, rel=0)
+        assert resumed["losses"][stage] == pytest.approx(full["losses"][stage], rel=0,
+                                                         abs=TOLERANCES[("train-resume", "fp32")])
     assert [v["perplexity"] for v in resumed["valid"]] == pytest.approx([v["perplexity"] for v in full["valid"]])
     assert resumed["tokens_seen"] == full["tokens_seen"]
     a, b = load_t2r_model(tmp_path / "full"), load_t2r_model(tmp_path / "cut")
@@ -159,13 +167,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
                           eval_max_tokens=256))["losses"]
     for two in (ddp, fsdp, resumed):
         for stage in ("transfer", "finetune"):
-            assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
+            assert two[stage] == pytest.approx(one[stage], rel=TOLERANCES[("train-distributed", "fp32")], abs=1e-7)
     assert resumed == fsdp
     single = load_t2r_model(tmp_path / "one")
     for name in ("ddp", "fsdp", "resumed"):
         model = load_t2r_model(tmp_path / name)
         for key, value in single.state_dict().items():
-            torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+            tol = TOLERANCES[("train-distributed-weights", "fp32")]
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=tol, atol=tol / 10, msg=f"{name} {key}")
         record = json.loads((tmp_path / name / "finetune.json").read_text())
         assert record["world_size"] == 2 and record["fsdp"] == (name != "ddp")
 

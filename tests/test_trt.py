@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
+from t2r_export import contract
 from t2r_export.cli import trt_cmd
-from t2r_export.export import contract
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.graph import PRECISIONS, build_graph, state_shape
 from t2r_export.export.weights import extract_decoder
@@ -27,6 +27,7 @@ from t2r_export.trt import cuda as trt_cuda
 from t2r_export.trt.build import engine_entry, island_from_metadata, island_layers, plan_build, profile_shapes
 from t2r_export.trt.manifest import EngineManifestError, check_manifest, file_sha256, new_manifest, read_manifest
 from t2r_export.trt.compat import check_bundle, check_model, errors
+from t2r_export.tolerances import TOLERANCES
 
 runner = CliRunner()
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -407,7 +408,7 @@ def test_trt_engines_match_onnx_runtime(precision, tmp_path, tiny_tokenizer):
     build_engines(bundle, fp16=precision == "fp16", max_batch=4, max_sequence=64, workspace_mb=256)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 300, (1, 9))
-    tol = 1e-3 if precision == "fp32" else 3e-2
+    tol = TOLERANCES[("trt", "fp32" if precision == "fp32" else "fp16")]
     for cuda_graphs in (False, True):
         with OrtDecoder(bundle) as ort_dec, TrtDecoder(bundle, precision, cuda_graphs=cuda_graphs) as trt_dec:
             for dec in (ort_dec, trt_dec):

@@ -1,4 +1,5 @@
-"""Evidence for the precision plans (DESIGN §5, §8 rung 5), measured with ONNX Runtime on the CPU.
+"""Evidence for the precision plans (docs/design.md#precision-plan, #verification rung 5), measured with
+ONNX Runtime on the CPU.
 
     t2r-export bench precision [BUNDLE_OR_MODEL] [--steps 4096] [--long-steps 65536] [--json OUT]
 
@@ -27,8 +28,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-PLAN_AGREEMENT_GOAL = 99.0       # % top-1 agreement of the fp16 plan with fp32 (issue 5)
-PPL_DELTA_GOAL = 3.0             # % perplexity increase allowed for int8
+from ..tolerances import MIN_AGREEMENT, TOLERANCES
+
+# the goals of tolerances.py, in percent: the fp16 plan's top-1 agreement with fp32, int8's perplexity delta
+PLAN_AGREEMENT_GOAL = 100.0 * MIN_AGREEMENT["fp16"]
+PPL_DELTA_GOAL = 100.0 * TOLERANCES[("ppl-delta", "int8")]
 
 
 class StepChain:

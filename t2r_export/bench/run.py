@@ -50,7 +50,7 @@ SOFTMAX_PATHS = ("softmax-ort", "genai", "transformers")
 TORCH_PATHS = ("transformers", "t2r-torch")
 DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
-# the issue's goals for the T2R step against the fastest softmax peer at these positions
+# goals for the T2R step's speed-up over the fastest softmax peer at these positions
 SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
 FLOOR_GOAL = 1.10
 
@@ -271,7 +271,7 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
 
 def profile_step_and_floor(bundle, dec, threads: int) -> dict:
     """Where the T2R step graph's time goes, beside the floor's (ORT profiling)."""
-    from ..export import contract
+    from .. import contract
     from .softmax_graph import build_floor_graph
 
     shape = bundle.config.state_shape
@@ -371,10 +371,12 @@ def exporter_fingerprint(package: Path | None = None) -> str:
     """sha256 of the whole exporter's source: every file of ``t2r_export/export/`` and the bundle
     contract, so a cached bundle from an older exporter is never timed as if it were today's graph.
     ``package``: the package directory (default: this one)."""
-    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
-    files = sorted((package / "export").rglob("*.py"))
-    # the contract is the exporter's too, wherever the package keeps it
-    files += [f for f in (package / "contract.py",) if f.is_file()]
+    if package is None:
+        from .. import contract
+
+        package = Path(contract.__file__).parent
+    package = Path(package)
+    files = sorted((package / "export").rglob("*.py")) + [package / "contract.py"]
     h = hashlib.sha256()
     for path in files:
         h.update(path.relative_to(package).as_posix().encode() + b"\0")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from . import (bench_cmd, bench_tools_cmd, demo_cmd, experiment_cmd, export_cmd, pretrain_cmd, runtime_cmd,
-               swap_cmd, train_cmd, trt_cmd)
+from . import (bench_cmd, bench_tools_cmd, demo_cmd, experiment_cmd, export_cmd, info_cmd, pretrain_cmd,
+               runtime_cmd, swap_cmd, train_cmd, trt_cmd)
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -64,6 +64,8 @@ COMMANDS = [
                                      "bundle."),
     ("check", trt_cmd.check, "Static checks of a bundle's graphs (--trt: TensorRT 10 ONNX-parser compatibility)."),
     ("trt", trt_cmd.trt, "Build TensorRT engines (fp16 / int8, fp32 state) into a bundle. Needs TensorRT + GPU."),
+    ("info", info_cmd.info, "What a bundle holds: contract, precision, sizes, weight sharing, verification, "
+                            "provenance."),
     ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
 ]
 # (group, help, default subcommand, does a positional argument select the default, subcommands)

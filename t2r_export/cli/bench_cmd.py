@@ -185,7 +185,7 @@ def print_result(result: dict) -> None:
                         _fmt(row.get("prefill_graph/fastest_softmax"), 2) + "×")
     console.print(prefill)
 
-    goals = Table(title="goals")
+    goals = Table(title="goals: T2R decode speed-up over the fastest softmax peer, and the step-latency floor")
     for col in ("goal", "measured", "met"):
         goals.add_column(col)
     for goal in result["summary"]["goals"]:

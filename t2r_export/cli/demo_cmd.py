@@ -43,7 +43,7 @@ def demo(
     except ValueError as err:
         fail(str(err))
     from ..export.bundle import export_bundle
-    from .export_cmd import print_export_result
+    from .verification import print_bundle
 
     with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
         # nothing is written anywhere the user did not name: without -o the bundle lives in the scratch folder
@@ -54,7 +54,7 @@ def demo(
         console.rule("[bold]1. export + verify")
         with console.status(f"exporting {model_dir} → {out}"):
             result = export_bundle(model_dir, out)
-        print_export_result(result)
+        print_bundle(result.out, result.runtime)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
         tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)
         if speed:

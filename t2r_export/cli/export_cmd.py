@@ -11,8 +11,10 @@ from typing import Optional
 
 import typer
 
+from ..contract import PRECISIONS
 from .common import check_writable_parent, console, fail
 from .progress import log_to_status
+from .verification import print_bundle
 
 
 def onnx_export(
@@ -22,9 +24,12 @@ def onnx_export(
                                                         "bundle; default: the model folder's own."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
                                                "calibrated on recorded decode states) | fp16-all (overflow demo)."),
-    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: "
-                                                                   "calibration/prompts.txt of the repository)."),
-    verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: the packaged "
+                                                                   "calibration prompts)."),
+    verify_text: Optional[Path] = typer.Option(None, help="fp16/int8: UTF-8 text the bundle is checked on against "
+                                                           "the fp32 model (default: the calibration prompts)."),
+    verify: bool = typer.Option(True, help="Check the graphs against the fp32 torch model before writing; a "
+                                           "failed check writes no bundle (exit 1)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
     from ..preflight import check_model_and_tokenizer
@@ -34,6 +39,9 @@ def onnx_export(
         fail("pass -o/--out DIR: the folder the bundle is written to (nothing is written anywhere by default)")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    texts = _read_text(verify_text) if verify_text is not None else None
     check_writable_parent(out, "bundle directory")
     model = model or bundled_model_dir("t2r")
     try:
@@ -41,25 +49,20 @@ def onnx_export(
     except ValueError as err:
         fail(str(err))
 
-    from ..export.bundle import export_bundle
-    from ..export.graph import PRECISIONS
+    from ..export.plans import export_plan
     from ..tolerances import ToleranceError
 
-    if precision not in (*PRECISIONS, "int8"):
-        fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
     try:
         shipped = _load_tokenizer(tokenizer) if tokenizer is not None else None
         with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
-            if precision == "int8":
-                result = _export_int8(model, out, verify, chained_steps, calibration_prompts, shipped)
-            else:
-                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
-                                       tokenizer=shipped)
+            result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                                 calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
+                                 progress=status.update)
     except ToleranceError as err:
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
         fail(str(err))
-    print_export_result(result)
+    print_bundle(result.out, result.runtime)
 
 
 def _load_tokenizer(path: Path):
@@ -68,37 +71,11 @@ def _load_tokenizer(path: Path):
     return load_tokenizer(path)
 
 
-def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None, tokenizer=None):
-    """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
-    import dataclasses
-    import json
-    import tempfile
-
-    from ..export.bundle import export_bundle
-    from ..export.quantize import export_int8_bundle
-
-    if prompts is not None and not prompts.is_file():
-        fail(f"calibration prompts file not found: {prompts}")
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
-        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,
-                             tokenizer=tokenizer)
-        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
-    runtime = json.loads((out / "runtime.json").read_text())
-    return dataclasses.replace(fp32, out=out, runtime=runtime)
-
-
-def print_export_result(result) -> None:
-    from rich.table import Table
-
-    rt = result.runtime
-    console.print(f"[bold green]bundle[/] {result.out}: {rt['architecture']}, {rt['num_layers']} layers, "
-                  f"{rt['num_kv_heads']} KV heads × k={rt['feature_dim']} × d={rt['head_dim']}, "
-                  f"state {rt['state_bytes_per_sequence']:,} bytes/sequence, precision {rt['precision']}")
-    if result.report is not None:
-        table = Table(title="verification: ONNX Runtime vs torch (max |diff| per output)")
-        for col in ("check", "output", "max |diff|"):
-            table.add_column(col)
-        for check, name, err in result.report.checks:
-            table.add_row(check, name, f"{err:.2e}")
-        console.print(table)
+def _read_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"--verify-text {path} cannot be read as UTF-8 text: {err}")
+    if not text.strip():
+        fail(f"--verify-text {path} is empty; give a few lines of text")
+    return [text]

@@ -6,7 +6,7 @@ matmul, one RoPE rotation and one feature-map matmul for queries and keys togeth
 and shapes of the graph I/O come from ``contract``. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
-  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
+  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (docs/design.md#precision-plan).
 - fp16-all: the same but the state and the denominator too: the overflow demonstration.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import contract
+from .. import contract
 from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class DecoderEmitter:
             phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
             phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
-        # the running sums, phi(q)·z and the division stay fp32 in every plan (DESIGN §5)
+        # the running sums, phi(q)·z and the division stay fp32 in every plan (docs/design.md#precision-plan)
         with g.scope(f"layers.{i}.state", fp32_island=True):
             out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
@@ -305,8 +305,8 @@ class DecoderEmitter:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.OPSET)],
                                   producer_name="t2r-export")
         model.ir_version = 8  # readable by ONNX Runtime ≥ 1.14 and TensorRT 10's parser
-        helper.set_model_props(model, {"t2r.precision": self.precision,
-                                       "t2r.fp32_island": ",".join(self.g.fp32_island)})
+        helper.set_model_props(model, {contract.PRECISION_KEY: self.precision,
+                                       contract.ISLAND_KEY: ",".join(self.g.fp32_island)})
         return model
 
 

@@ -1,4 +1,4 @@
-"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (DESIGN §8 rungs 3-4).
+"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (docs/design.md#verification, rungs 3-4).
 
 1. step graph vs torch decode step at batch 1 and 3 (not the export's shapes), from a non-zero
    state, every output compared by name;
@@ -18,8 +18,8 @@ import onnxruntime as ort
 import torch
 
 from ..models import decode_step, new_state, prefill
-from ..tolerances import ToleranceError, check_close, max_abs_diff
-from . import contract
+from ..tolerances import TOLERANCES, ToleranceError, check_close, max_abs_diff
+from .. import contract
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +27,28 @@ logger = logging.getLogger(__name__)
 @dataclass
 class VerificationReport:
     checks: list = field(default_factory=list)     # (check, output name, max |diff|)
+    # (check, output group) -> (worst figure, its tolerance); states are relative to their size
+    figures: dict = field(default_factory=dict)
+    greedy_identical: bool | None = None
 
-    def add(self, check: str, name: str, err: float) -> None:
+    def add(self, check: str, name: str, err: float, key: tuple[str, str] = ("ort", "fp32"),
+            scale: float = 1.0) -> None:
         self.checks.append((check, name, err))
+        group = "logits" if name == "logits" else "state (relative)" if contract.is_state(name) else name
+        worst, _ = self.figures.get((check, group), (0.0, 0.0))
+        self.figures[(check, group)] = (max(worst, err / scale), TOLERANCES[key])
 
     def worst(self) -> dict:
         out: dict = {}
         for check, _, err in self.checks:
             out[check] = max(out.get(check, 0.0), err)
         return out
+
+    def record(self, reference: str = "fp32 torch model") -> contract.VerificationRecord:
+        figures = tuple(contract.Figure(f"{check}: {group}", value, tol, bool(value <= tol))
+                        for (check, group), (value, tol) in self.figures.items())
+        passed = all(f.passed for f in figures) and self.greedy_identical is not False
+        return contract.VerificationRecord(reference, passed, self.greedy_identical, figures)
 
 
 def ort_session(path_or_bytes, threads: int = 0) -> ort.InferenceSession:
@@ -77,8 +90,8 @@ def verify_step_batches(model, step, num_layers: int, vocab: int, report: Verifi
         for i in range(num_layers):
             for part, tensor in (("s", state.s[i]), ("z", state.z[i])):
                 name = contract.present_name(i, part)
-                report.add(check, name, check_close(f"{check}: {name}", got[name], tensor.numpy(),
-                                                    ("ort-state", "fp32"), relative=True))
+                err = check_close(f"{check}: {name}", got[name], tensor.numpy(), ("ort-state", "fp32"), relative=True)
+                report.add(check, name, err, ("ort-state", "fp32"), max(1.0, float(tensor.abs().max())))
 
 
 def verify_chained(model, step, prefill_graph, num_layers: int, vocab: int, report: VerificationReport,
@@ -108,7 +121,8 @@ def verify_chained(model, step, prefill_graph, num_layers: int, vocab: int, repo
     check = f"{steps} chained steps"
     report.add(check, "logits", check_close(f"{check}: logits", np.stack(logits_a), ref, ("ort", "fp32")))
     greedy_ref = ref[prompt_len - 1:].argmax(-1).tolist()
-    if greedy_ref != tokens[prompt_len:]:
+    report.greedy_identical = greedy_ref == tokens[prompt_len:]
+    if not report.greedy_identical:
         first = next(i for i, (a, b) in enumerate(zip(greedy_ref, tokens[prompt_len:])) if a != b)
         raise ToleranceError(f"{check}: greedy tokens differ from torch at generated token {first}")
     check = f"prefill {prompt_len} + {steps - 1} steps"

@@ -7,7 +7,7 @@ under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``ac
     t2r-export finetune --out runs/t2r --steps 500
     torchrun --nproc_per_node 2 -m t2r_export finetune --out runs/t2r --batch-size 4
 
-Stages (DESIGN §3):
+Stages (docs/design.md#training):
 1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
    linear-attention output is pulled towards its softmax output (MSE, LoLCATs stage 1).
 2. ``finetune`` (``steps``): next-token loss on ``all`` parameters, the ``attention`` modules
@@ -70,7 +70,7 @@ def bundled_teacher() -> Path:
 
 @dataclass
 class FinetuneConfig:
-    # None = the bundled softmax teacher (DESIGN §7), so a bare run works offline
+    # None = the bundled softmax teacher (docs/design.md#bundled-teacher), so a bare run works offline
     model: Path | None = None
     # None = the model folder's own tokenizer; else a tokenizer.json (or a folder holding one)
     tokenizer: Path | None = None
@@ -108,7 +108,7 @@ class FinetuneConfig:
     block_size: int = 256
     # raise to grow the global batch without more memory
     grad_accum: int = 1
-    # T2R swap settings (DESIGN §2); ignored when the model is already a T2R model
+    # T2R swap settings (docs/design.md#feature-maps); ignored when the model is already a T2R model
     feature_map: str = "t2r"
     feature_dim: int = 32
     init: str = "default"

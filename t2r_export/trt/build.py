@@ -2,7 +2,7 @@
 
     bundle/engines/step.fp16.plan, prefill.fp16.plan, manifest.json
 
-How each precision is built (DESIGN §5, §6):
+How each precision is built (docs/design.md#precision-plan, #tensorrt):
 - TensorRT 10 (weak typing allowed): fp16 from the fp32 graphs by ``BuilderFlag.FP16`` with
   ``OBEY_PRECISION_CONSTRAINTS``; the layers named in the graph's ``t2r.fp32_island`` metadata (state,
   phi(q)·z, division, norms, RoPE tables, logits) are pinned to fp32 with ``layer.precision`` and
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import contract
 from ..atomic import atomic_dir, atomic_write_text
-from ..export import contract
 from . import TensorRTUnavailable
 from .cuda import check_tensorrt_version, gpu_info, import_tensorrt, tensorrt_major
 from .manifest import (ENGINE_DIR, MANIFEST, EngineManifestError, check_manifest, engine_file, engine_paths,

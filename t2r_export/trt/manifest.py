@@ -42,8 +42,10 @@ def new_manifest(tensorrt_version: str, gpu_name: str, compute_capability: str) 
 
 
 def read_manifest(bundle_dir: Path) -> dict:
+    from ..runtime.bundle import resolve_inside
+
     path = Path(bundle_dir) / ENGINE_DIR / MANIFEST
-    if not path.is_file():
+    if not resolve_inside(bundle_dir, f"{ENGINE_DIR}/{MANIFEST}", "the engine manifest").is_file():
         raise EngineManifestError(f"{path} is missing: build engines with `t2r-export trt {bundle_dir} --fp16`")
     try:
         manifest = json.loads(path.read_text())
@@ -83,11 +85,14 @@ def check_manifest(manifest: dict, precision: str | None, tensorrt_version: str,
                                                                                    ("fp16", "int8") else "`"))
     entry = engines[precision]
     if bundle_dir is not None:
+        from ..runtime.bundle import resolve_inside
+
         for graph in entry["graphs"].values():
-            plan = Path(bundle_dir) / ENGINE_DIR / graph["file"]
+            # the manifest is bundle content too: its engine and source names stay inside the bundle
+            plan = resolve_inside(Path(bundle_dir) / ENGINE_DIR, graph["file"], f"{MANIFEST} engine file")
             if not plan.is_file():
-                raise EngineManifestError(f"{plan} is listed in the manifest but missing; {rebuild}")
-            source = Path(bundle_dir) / graph["onnx"]
+                raise EngineManifestError(f"{where}/{graph['file']} is listed in the manifest but missing; {rebuild}")
+            source = resolve_inside(bundle_dir, graph["onnx"], f"{MANIFEST} source graph")
             if source.is_file() and file_sha256(source) != graph["onnx_sha256"]:
                 raise EngineManifestError(f"{graph['file']} was built from a different {graph['onnx']} (sha256 "
                                           f"mismatch): the bundle was re-exported since; {rebuild}")
@@ -100,7 +105,10 @@ def engine_paths(bundle_dir: Path, precision: str | None, tensorrt_version: str,
 
     ``precision`` None takes the first one the manifest lists.
     """
+    from ..runtime.bundle import resolve_inside
+
     manifest = read_manifest(bundle_dir)
     precision = precision or next(iter(manifest.get("engines", {})), None)
     entry = check_manifest(manifest, precision, tensorrt_version, gpu_name, compute_capability, bundle_dir=bundle_dir)
-    return precision, {kind: Path(bundle_dir) / ENGINE_DIR / g["file"] for kind, g in entry["graphs"].items()}
+    return precision, {kind: resolve_inside(Path(bundle_dir) / ENGINE_DIR, g["file"], f"{MANIFEST} engine file")
+                       for kind, g in entry["graphs"].items()}

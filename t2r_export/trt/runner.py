@@ -3,7 +3,7 @@
     with TrtDecoder("bundle/", precision="fp16", cuda_graphs=True) as dec:
         result = generate(dec, bundle.load_tokenizer(), ["def main("], max_new_tokens=64)
 
-Design (DESIGN §6), kept straightforward on purpose:
+Design (docs/design.md#tensorrt), kept straightforward on purpose:
 - two full state sets live on the device; step t reads set A as ``past_state.*`` and writes set B
   as ``present_state.*``, step t+1 the reverse. Each parity has its own execution context with
   every address bound once, so a step binds nothing and copies no state;
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import contract
+from .. import contract
 from ..runtime.bundle import Bundle, load_bundle
 from .cuda import cuda_call, gpu_info, import_cudart, import_tensorrt
 from .manifest import engine_paths
