@@ -1,18 +1,9 @@
 """t2r-export: finetune pretrained transformers into RNNs (T2R) and ship them as constant-memory decoders.
 
-``import t2r_export`` registers the T2R model classes with transformers' Auto classes when torch
-and transformers are installed. The decode runtime (``t2r_export.runtime``) needs neither.
+``import t2r_export`` imports neither torch nor transformers, so the CLI's help and the torch-free
+decode runtime (``t2r_export.runtime``) start fast on a machine that has them installed. The T2R
+model classes are registered with transformers' Auto classes when ``t2r_export.models`` is
+imported (every torch-side command does).
 """
 
 __version__ = "0.1.0"
-
-try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError:
-    # runtime-only install (e.g. a Jetson): numpy + onnxruntime + tokenizers
-    pass
-else:
-    from .models import register_auto_classes
-
-    register_auto_classes()

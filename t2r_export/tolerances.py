@@ -14,11 +14,39 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("torch-resume", "fp32"): 1e-5,       # T tokens at once vs T/2 + T/2 from the returned state
     ("ort", "fp32"): 1e-4,                # ONNX Runtime graphs vs torch (chained 256 steps too)
     ("ort-state", "fp32"): 1e-3,          # running sums grow with T: relative to their size
-    # precision plans, ONNX Runtime graph vs the fp32 graph over the same chained steps, relative to
-    # max(1, max |fp32 logits|): the teacher's worst over 4 x 512 steps is 0.016 (fp16) and 0.24 (int8)
-    ("ort", "fp16"): 3e-2,                # fp16 weights and matmuls, fp32 island
+    ("ort-iobinding", "fp32"): 1e-6,      # the IO-binding path vs plain session.run: same kernels, logits
+    ("ort-iobinding-state", "fp32"): 1e-5,  # the same, on the running sums
+    ("ort-prefill", "fp32"): 1e-5,        # prefill graph vs chained steps, both in ONNX Runtime
+    ("trt", "fp32"): 1e-3,                # TensorRT engines vs ONNX Runtime (TF32 and other tactics)
+    ("trt", "fp16"): 3e-2,
+    ("train-loss", "fp32"): 1e-4,         # pinned losses of a 2-step finetune, one thread, same torch
+    ("train-loss-torch", "fp32"): 2e-2,   # the same losses on another torch release (relative): kernels differ
+    ("train-resume", "fp32"): 1e-6,       # a resumed run's losses vs the uninterrupted run's
+    ("train-distributed", "fp32"): 1e-5,  # DDP/FSDP losses vs one process, same global batch (relative)
+    ("train-distributed-weights", "fp32"): 1e-4,  # their saved weights vs one process's (relative)
+    ("train-moved", "fp32"): 1e-4,        # a trained parameter moved at least this far from its init
+    ("train-frozen", "fp32"): 1e-9,       # a parameter a 1e-12 learning rate cannot visibly move
+    ("sampling-frequency", "fp64"): 0.03, # empirical token frequencies over 4000 draws vs the distribution
+    # precision plans against fp32, relative to max(1, max |fp32 logits|), teacher-forced: the
+    # teacher's worst is 0.016 (fp16) / 0.24 (int8) over 4 x 512 steps of the test split, and 0.028
+    # (fp16) / 0.19 (int8) over the 1024 calibration tokens the export check uses
+    ("ort", "fp16"): 5e-2,                # fp16 weights and matmuls, fp32 island
     ("ort-state", "fp16"): 2e-3,          # fp32 state summing fp16-computed phi(k) v^T: relative to its size
-    ("ort", "int8"): 0.5,                 # Q/DQ weight matmuls; int8 quality is judged by perplexity delta
+    ("ort", "fp16-all"): 5e-2,            # as fp16 over short text; it overflows only on long decodes
+    ("ort", "int8"): 0.35,                # Q/DQ weight matmuls
+    # relative perplexity increase over the fp32 model, teacher-forced on real text (the teacher:
+    # -0.007% fp16, +0.31% int8 on the calibration tokens; +0.55% int8 on the test split)
+    ("ppl-delta", "fp16"): 0.005,
+    ("ppl-delta", "fp16-all"): 0.005,
+    ("ppl-delta", "int8"): 0.02,
+}
+
+# the other direction: the least top-1 agreement with the fp32 model, teacher-forced on real text
+# (the teacher: 100% fp16, 97.6% int8 on the calibration tokens; 95.8% int8 on the test split)
+MIN_AGREEMENT: dict[str, float] = {
+    "fp16": 0.99,
+    "fp16-all": 0.99,
+    "int8": 0.93,
 }
 
 

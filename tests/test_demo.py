@@ -1,10 +1,10 @@
 """`t2r-export demo` on the bundled T2R teacher: export, verify, generate (the speed part is bench's)."""
 
-import json
-
 from typer.testing import CliRunner
 
 from t2r_export.cli import app
+from t2r_export.contract import RuntimeConfig
+from t2r_export.tolerances import TOLERANCES
 
 runner = CliRunner()
 
@@ -14,9 +14,10 @@ def test_demo_exports_verifies_and_generates_from_the_bundled_model(tmp_path):
     result = runner.invoke(app, ["demo", "-o", str(out), "--no-speed", "--max-new-tokens", "8", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "256 chained steps" in result.output and "tokens/s" in result.output
-    runtime = json.loads((out / "runtime.json").read_text())
-    assert runtime["architecture"] == "llama" and runtime["num_layers"] == 6 and runtime["vocab_size"] == 4096
-    assert runtime["verification"]["256 chained steps"] <= 1e-4
+    runtime = RuntimeConfig.read(out / "runtime.json")
+    assert runtime.architecture == "llama" and runtime.num_layers == 6 and runtime.vocab_size == 4096
+    chained = {f.name: f for f in runtime.verification.figures}["256 chained steps: logits"]
+    assert chained.value <= TOLERANCES[("ort", "fp32")] and runtime.verification.passed
 
 
 def test_demo_rejects_bad_input(tmp_path):

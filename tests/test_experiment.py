@@ -8,21 +8,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from t2r_export.cli import experiment_cmd
+from t2r_export.cli import app
 from t2r_export.experiments.paper import (PAPER_RUNS, RESULTS_JSON, RESULTS_MD, Budget, ExperimentConfig,
                                           run_paper_experiment)
 from test_finetune import make_tiny_files
 
 runner = CliRunner()
 
-# the lead registers the command in t2r_export/cli/__init__.py; a local app keeps the test independent of that
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command("experiment")(experiment_cmd.experiment)
-
-
-@app.callback()
-def _root() -> None:
-    """A group, so the command is invoked by name as in the real CLI."""
 
 
 TINY_BUDGET = Budget(steps=2, transfer_steps=1, batch_size=2, block_size=32, test_tokens=512, valid_tokens=256)
@@ -188,7 +180,8 @@ def test_cli_runs_a_subset_and_prints_the_table(tiny_teacher, cache, tmp_path, m
 
 
 @pytest.mark.parametrize("args, message", [
-    (["nope"], "unknown experiment"),
+    (["nope"], "No such command 'nope'"),
+    (["--quick", "--budget", "full"], "disagree"),
     (["paper", "--quick", "--budget", "full"], "disagree"),
     (["paper", "--budget", "huge"], "unknown budget"),
     (["paper", "--runs", "t2r,gru"], "unknown run(s) gru"),
@@ -229,10 +222,12 @@ def seeded(tiny_teacher, cache, tmp_path_factory):
 
 
 def test_seed_summary_pairs_runs_of_the_same_seed(seeded, tmp_path):
-    from t2r_export.experiments.seeds import main, seed_summary
+    from t2r_export.experiments.seeds import seed_summary
 
     out = tmp_path / "docs" / "seeds.md"
-    assert main([str(f) for f in seeded] + ["--out", str(out)]) == 0
+    result = runner.invoke(app, ["experiment", "seeds", *map(str, seeded), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == out.read_text()
     summary = json.loads(out.with_suffix(".json").read_text())
     tables = [json.loads((f / RESULTS_JSON).read_text()) for f in seeded]
     ppl = [{row["run"]: row["test_perplexity"] for row in t["rows"]} for t in tables]
@@ -260,9 +255,7 @@ def test_seed_summary_pairs_runs_of_the_same_seed(seeded, tmp_path):
     ("other-plan", "differs in: lr"),
     ("bad-out", "--out must name a .md file"),
 ])
-def test_seed_summary_bad_input_is_one_line_and_exit_2(seeded, tmp_path, capsys, case, message):
-    from t2r_export.experiments.seeds import main
-
+def test_seed_summary_bad_input_is_one_line_and_exit_2(seeded, tmp_path, case, message):
     a, b = (str(f) for f in seeded)
     args = {"one": [a], "empty": [a, str(tmp_path)], "same-seed": [a, a],
             "bad-out": [a, b, "--out", str(tmp_path / "x.txt")]}
@@ -273,7 +266,8 @@ def test_seed_summary_bad_input_is_one_line_and_exit_2(seeded, tmp_path, capsys,
         results["plan"]["lr"] *= 2
         (other / RESULTS_JSON).write_text(json.dumps(results))
         args[case] = [a, str(other)]
-    assert main(args[case]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    result = runner.invoke(app, ["experiment", "seeds", *args[case]])
+    assert result.exit_code == 2, result.output
+    err = " ".join(result.stderr.split())
+    assert message in err and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x.json").exists()

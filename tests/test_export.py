@@ -10,14 +10,15 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
+from t2r_export import contract
 from t2r_export.cli import app
-from t2r_export.export import contract
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.graph import build_graph, state_shape
 from t2r_export.export.verify import VerificationReport, ort_session, verify_chained, verify_step_batches
 from t2r_export.export.weights import extract_decoder
 from t2r_export.models import ADAPTERS, T2RConfig, swap_attention
-from t2r_export.tolerances import check_close
+from t2r_export.runtime.bundle import inspect_bundle
+from t2r_export.tolerances import TOLERANCES, check_close
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ WINDOW_OPS = {"Exp", "ReduceMax", "Sub", "Transpose"}
 def test_graphs_readme_is_generated_from_the_contract():
     committed = (REPO / "graphs" / "README.md").read_text()
     assert committed == contract.render_markdown() + "\n", \
-        "graphs/README.md is stale: run `python -m t2r_export.export.contract`"
+        "graphs/README.md is stale: run `python -m t2r_export.contract graphs/README.md`"
 
 
 def _swapped(arch, feature_map="t2r", window=0):
@@ -90,7 +91,7 @@ def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tm
     verify_chained(model, step, pre, len(dec.layers), dec.vocab_size, report, steps=24)
     checks = {c for c, _, _ in report.checks}
     assert {"step batch 1", "step batch 3", "24 chained steps", "prefill 8 + 23 steps"} <= checks
-    assert max(err for _, _, err in report.checks) < 1e-4
+    assert max(err for _, _, err in report.checks) < TOLERANCES[("ort", "fp32")]
 
 
 @pytest.mark.parametrize("window", [5, 12])
@@ -118,15 +119,19 @@ def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path)
     out = tmp_path / "bundle"
     result = export_bundle(tiny_t2r_dir, out)
     assert {"prefill.onnx", "runtime.json", "step.onnx", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    rt = json.loads((out / "runtime.json").read_text())
+    raw = json.loads((out / "runtime.json").read_text())
     for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "head_dim", "vocab_size",
                 "bos_token_id", "eos_token_id", "max_position", "state_dtype", "graphs", "opset", "tools",
-                "source_checkpoint_sha256"):
-        assert key in rt, key
-    assert rt["state_dtype"] == "float32" and rt["max_position"] is None and rt["opset"] >= 17
-    assert rt["graphs"]["step"]["inputs"][:3] == ["input_ids", "position_ids", "past_state.0.s"]
-    assert "256 chained steps" in rt["verification"] and rt["verification"]["256 chained steps"] <= 1e-4
-    assert len(rt["source_checkpoint_sha256"]) == 64
+                "source_checkpoint_sha256", "verification"):
+        assert key in raw, key
+    rt = contract.RuntimeConfig.from_dict(raw)
+    assert rt == result.runtime and contract.RuntimeConfig.from_json(rt.to_json()) == rt
+    assert rt.state_dtype == "float32" and rt.max_position is None and rt.opset >= 17
+    assert rt.graphs["step"].inputs[:3] == ("input_ids", "position_ids", "past_state.0.s")
+    chained = {f.name: f for f in rt.verification.figures}["256 chained steps: logits"]
+    assert chained.tolerance == TOLERANCES[("ort", "fp32")] and chained.value <= chained.tolerance and chained.passed
+    assert rt.verification.passed and rt.verification.greedy_identical
+    assert len(rt.source_checkpoint_sha256) == 64
     assert result.report is not None
     assert not list(tmp_path.glob(".bundle.*"))
 
@@ -137,9 +142,9 @@ def test_a_window_bundle_decodes_in_the_runtime_with_no_special_case(tmp_path, t
     model = _swapped("llama", "hedgehog", window=4)
     result = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, chained_steps=16)
     rt = result.runtime
-    assert rt["window"] == 4 and rt["feature_map"] == "hedgehog" and rt["t2r"]["window"] == 4
+    assert rt.window == 4 and rt.feature_map == "hedgehog" and rt.t2r["window"] == 4
     # per layer: s, z = H_kv·K·(d+1) with K = 2·16 (hedgehog); wk, wv, wm = W·(2·H_kv·d + 1); 2 layers, fp32
-    assert rt["state_bytes_per_sequence"] == 4 * 2 * (2 * 32 * (8 + 1) + 4 * (2 * 2 * 8 + 1))
+    assert rt.state_bytes_per_sequence == 4 * 2 * (2 * 32 * (8 + 1) + 4 * (2 * 2 * 8 + 1))
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(ids).logits[0].numpy()
@@ -150,19 +155,27 @@ def test_a_window_bundle_decodes_in_the_runtime_with_no_special_case(tmp_path, t
             for t in range(3, 12):
                 got.append(np.array(decoder.step(ids[:, t:t + 1].numpy(), np.array([[t]])))[0])
         check_close(f"runtime io_binding={io_binding}: logits", np.stack(got), expected[2:], ("ort", "fp32"))
+    # a runtime.json whose window disagrees with the graphs is refused, naming the field
+    raw = json.loads((tmp_path / "b" / "runtime.json").read_text())
+    (tmp_path / "b" / "runtime.json").write_text(json.dumps({**raw, "window": 3}))
+    with pytest.raises(contract.BundleError, match="field 'window' = 3 is wrong: .* so window is 4"):
+        inspect_bundle(tmp_path / "b")
 
 
 def test_gpt2_bundle_records_its_maximum_position(tmp_path, tiny_tokenizer):
     model = _swapped("gpt2")
     result = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, chained_steps=16)
-    assert result.runtime["max_position"] == 128
+    assert result.runtime.max_position == 128
 
 
 def test_cli_onnx_exports_and_prints_verification(tiny_t2r_dir, tmp_path):
     out = tmp_path / "graphs" / "tiny"
     result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--chained-steps", "32"])
     assert result.exit_code == 0, result.output
-    assert "32 chained steps" in result.output and "present_state.1.z" in result.output
+    # compact: one row per check and output group (worst over layers), the tolerance beside it
+    assert "32 chained steps: logits" in result.output and "step batch 3: state (relative)" in result.output
+    assert "present_state" not in result.output and f"≤ {TOLERANCES[('ort', 'fp32')]:.3g}" in result.output
+    assert "PASS: 6/6 figures within tolerance; greedy tokens identical" in result.output
     assert (out / "step.onnx").is_file()
 
 
@@ -206,8 +219,8 @@ def test_cli_onnx_int8_writes_a_calibrated_int8_bundle_that_generates(tiny_t2r_d
     result = runner.invoke(app, ["onnx", str(tiny_t2r_dir), "-o", str(out), "--precision", "int8",
                                  "--chained-steps", "8"])
     assert result.exit_code == 0, result.output
-    runtime = json.loads((out / "runtime.json").read_text())
-    assert runtime["precision"] == "int8" and runtime["state_dtype"] == "float32"
+    runtime = contract.RuntimeConfig.read(out / "runtime.json")
+    assert runtime.precision == "int8" and runtime.state_dtype == "float32"
     ops = {n.op_type for n in onnx.load(str(out / "step.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -15,10 +15,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from t2r_export.models import load_t2r_model, swap_attention
+from t2r_export.tolerances import TOLERANCES
 from t2r_export.train.finetune import CHECKPOINT_DIR, FinetuneConfig, finetune, lora_target_modules
 
 # recorded once from the 2-step run below (torch 2.13 CPU, 1 thread); a change means the recipe changed
 PINNED_LOSSES = [5.660899639129639, 5.634855270385742]
+PINNED_TORCH = "2.13"
 
 
 def tiny_text() -> str:
@@ -65,7 +67,12 @@ def config(tiny, out: Path, **overrides) -> FinetuneConfig:
 def test_two_step_run_has_pinned_losses_and_saves_a_t2r_model(tiny, tmp_path):
     out = tmp_path / "out"
     record = finetune(config(tiny, out))
-    assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    if torch.__version__.split("+")[0].rsplit(".", 1)[0] == PINNED_TORCH:
+        assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES, abs=TOLERANCES[("train-loss", "fp32")])
+    else:
+        # another torch release rounds differently; the recipe is still held close to its losses
+        assert record["losses"]["finetune"] == pytest.approx(PINNED_LOSSES,
+                                                             rel=TOLERANCES[("train-loss-torch", "fp32")])
     assert record["tokens_seen"] == {"transfer": 0, "finetune": 2 * 4 * 32}
     model = load_t2r_model(out)
     assert model.config.t2r["feature_dim"] == 8
@@ -101,7 +108,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, train, transfer
     assert (state["stage"], state["step"]) == (crash_stage, 3)
     resumed = finetune(config(tiny, tmp_path / "cut", resume=True, **settings))
     for stage in ("transfer", "finetune"):
-        assert resumed["losses"][stage] == pytest.approx(full["losses"][stage], abs=1e-6, rel=0)
+        assert resumed["losses"][stage] == pytest.approx(full["losses"][stage], rel=0,
+                                                         abs=TOLERANCES[("train-resume", "fp32")])
     assert [v["perplexity"] for v in resumed["valid"]] == pytest.approx([v["perplexity"] for v in full["valid"]])
     assert resumed["tokens_seen"] == full["tokens_seen"]
     a, b = load_t2r_model(tmp_path / "full"), load_t2r_model(tmp_path / "cut")
@@ -128,9 +136,11 @@ def test_transfer_trains_only_the_feature_maps(tiny, tmp_path):
     fm = model.model.layers[0].self_attn.t2r_feature_map
     assert fm.kind == "hedgehog" and fm.window == 4
     # identity start, moved by transfer; a 1e-12 finetune step cannot move anything visibly
-    assert not torch.allclose(fm.weight, torch.eye(8, 8).expand_as(fm.weight), atol=1e-4)
+    moved = TOLERANCES[("train-moved", "fp32")]
+    assert not torch.allclose(fm.weight, torch.eye(8, 8).expand_as(fm.weight), atol=moved)
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight,
-                               source.model.layers[0].self_attn.q_proj.weight, atol=1e-9, rtol=0)
+                               source.model.layers[0].self_attn.q_proj.weight,
+                               atol=TOLERANCES[("train-frozen", "fp32")], rtol=0)
 
 
 def test_transfer_loss_is_the_mean_of_the_layer_losses_against_softmax():
@@ -203,13 +213,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, vari
                           eval_max_tokens=256, **variant))["losses"]
     for two in (ddp, fsdp, resumed):
         for stage in ("transfer", "finetune"):
-            assert two[stage] == pytest.approx(one[stage], rel=1e-5, abs=1e-7)
+            assert two[stage] == pytest.approx(one[stage], rel=TOLERANCES[("train-distributed", "fp32")], abs=1e-7)
     assert resumed == fsdp
     single = load_t2r_model(tmp_path / "one")
     for name in ("ddp", "fsdp", "resumed"):
         model = load_t2r_model(tmp_path / name)
         for key, value in single.state_dict().items():
-            torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+            tol = TOLERANCES[("train-distributed-weights", "fp32")]
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=tol, atol=tol / 10, msg=f"{name} {key}")
         record = json.loads((tmp_path / name / "finetune.json").read_text())
         assert record["world_size"] == 2 and record["fsdp"] == (name != "ddp")
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from conftest import VOCAB, make_tiny_model
 from t2r_export.cli import app
 from t2r_export.models import T2RConfig, swap_attention
+from t2r_export.tolerances import TOLERANCES
 from t2r_export.train.positions import _token_losses, bucket_labels, position_perplexity
 
 runner = CliRunner()
@@ -28,7 +29,9 @@ def test_chunks_that_carry_state_or_cache_equal_one_pass(variant):
     one = _token_losses(model, ids, chunk=1000, parts="both")
     chunked = _token_losses(model, ids, chunk=9, parts="both")
     assert one.shape == (69,)
-    torch.testing.assert_close(chunked, one, atol=1e-4, rtol=1e-4)
+    # T tokens at once vs chunks from the carried state: the resume tolerance
+    tol = TOLERANCES[("torch-resume", "fp32")]
+    torch.testing.assert_close(chunked, one, atol=tol, rtol=tol)
 
 
 def test_ablations_drop_one_part():

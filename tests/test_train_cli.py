@@ -58,11 +58,15 @@ def test_finetune_writes_a_model_and_prints_a_summary(tiny, tmp_path):
 def test_cli_defaults_match_the_config_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     renamed = {"out": "out_dir"}
+    seen = set()
     for name, param in inspect.signature(train_cmd.finetune).parameters.items():
         key = renamed.get(name, name)
-        if key in ("model", "data"):
+        seen.add(key)
+        if key in ("model", "data", "tokenizer"):
             continue
         assert param.default.default == defaults[key], name
+    # every setting of the library is reachable from the command
+    assert set(defaults) <= seen, set(defaults) - seen
 
 
 @pytest.fixture()

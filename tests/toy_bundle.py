@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2r_export.export import contract
+from t2r_export import contract
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")     # ids 0, 1, 2
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -73,7 +73,7 @@ def toy_runtime_json(shape: contract.StateShape, max_position: int | None) -> di
                      "outputs": [s.name for s in contract.graph_outputs(shape, kind)]}
               for kind in contract.GRAPH_KINDS}
     return {
-        "format": "t2r-export-bundle", "format_version": 1, "architecture": "llama",
+        "format": contract.FORMAT, "format_version": contract.FORMAT_VERSION, "architecture": "llama",
         "num_layers": shape.num_layers, "num_heads": 2 * shape.num_kv_heads, "num_kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim, "feature_dim": shape.feature_dim, "vocab_size": shape.vocab_size,
         "max_position": max_position, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,

@@ -1,10 +1,12 @@
-"""The decode paths `bench` times, behind one small interface.
+"""The decode paths `bench` times, each implementing the :class:`DecodePath` protocol.
 
 Every path decodes batch 1 and offers:
     prefill(ids)     continue over ids [T] from the current position (cheaply: one call or chunks)
     step(token)      one single-token decode step
+    sync()           wait for queued device work (a no-op on the CPU paths), so timings are honest
     mark()/rewind()  remember the current position and cache, and go back to it
     reset()          start again from an empty cache / zero state
+    close()          release sessions and buffers
     position         tokens consumed so far
 Paths:
 - ``T2ROrtPath`` (a): the bundle through the project's torch-free ``OrtDecoder`` (IO binding);
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,6 +43,34 @@ KV_PREFILL_CHUNK = 1024
 
 class PathUnavailable(RuntimeError):
     """This decode path cannot run here; the message says why, in one line."""
+
+
+@runtime_checkable
+class DecodePath(Protocol):
+    """One way of decoding batch 1 that the bench times; every peer implements all of it."""
+
+    position: int
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray | None:
+        """Continue over ``ids [T]`` from the current position; the last logits where the path has them."""
+
+    def step(self, token: int) -> np.ndarray | None:
+        """One single-token step; its logits where the path returns them."""
+
+    def sync(self) -> None:
+        """Wait until queued device work is done."""
+
+    def mark(self) -> None:
+        """Remember the current position and cache."""
+
+    def rewind(self) -> None:
+        """Go back to the marked position and cache."""
+
+    def reset(self) -> None:
+        """Start again from an empty cache / zero state."""
+
+    def close(self) -> None:
+        """Release what the path holds."""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -87,6 +118,9 @@ class T2ROrtPath:
     def state_nbytes(self) -> int:
         return self.decoder.state_nbytes()
 
+    def sync(self) -> None:
+        pass
+
     def mark(self) -> None:
         pass
 
@@ -116,6 +150,9 @@ class FloorPath:
         self.position += 1
         return self.runner.step(token)
 
+    def sync(self) -> None:
+        pass
+
     def mark(self) -> None:
         pass
 
@@ -141,6 +178,9 @@ class SoftmaxOrtPath:
 
     def step(self, token: int):
         return self.decoder.step(token)
+
+    def sync(self) -> None:
+        pass
 
     def mark(self) -> None:
         self.decoder.mark()
@@ -248,6 +288,9 @@ class GenaiPath:
         # from logits already computed, so timing it would count one model run too few
         self.generator.append_tokens(np.array([token], dtype=np.int32))
         self.position += 1
+
+    def sync(self) -> None:
+        pass
 
     def mark(self) -> None:
         self._marked = self.position

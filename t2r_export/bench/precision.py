@@ -1,6 +1,7 @@
-"""Evidence for the precision plans (DESIGN §5, §8 rung 5), measured with ONNX Runtime on the CPU.
+"""Evidence for the precision plans (docs/design.md#precision-plan, #verification rung 5), measured with
+ONNX Runtime on the CPU.
 
-    python -m t2r_export.bench.precision [BUNDLE_OR_MODEL] [--steps 4096] [--long-steps 65536] [--json OUT]
+    t2r-export bench precision [BUNDLE_OR_MODEL] [--steps 4096] [--long-steps 65536] [--json OUT]
 
 BUNDLE_OR_MODEL is a T2R model directory (default: the bundled T2R teacher), exported here to fp32,
 fp16, fp16-all and int8 graphs, or an fp32 bundle (give ``--fp16``/``--fp16-all`` bundles beside it;
@@ -19,9 +20,6 @@ of the stdlib test split (or the calibration prompts when the corpus is unavaila
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,8 +28,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-PLAN_AGREEMENT_GOAL = 99.0       # % top-1 agreement of the fp16 plan with fp32 (issue 5)
-PPL_DELTA_GOAL = 3.0             # % perplexity increase allowed for int8
+from ..tolerances import MIN_AGREEMENT, TOLERANCES
+
+# the goals of tolerances.py, in percent: the fp16 plan's top-1 agreement with fp32, int8's perplexity delta
+PLAN_AGREEMENT_GOAL = 100.0 * MIN_AGREEMENT["fp16"]
+PPL_DELTA_GOAL = 100.0 * TOLERANCES[("ppl-delta", "int8")]
 
 
 class StepChain:
@@ -289,37 +290,40 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_report(report: dict) -> None:
-    print(f"\nprecision evidence for {report['source']} (ONNX Runtime {report['onnxruntime']}, CPU, "
+def report_lines(report: dict) -> list[str]:
+    """The report as plain text, one entry per line."""
+    lines: list[str] = []
+    lines.append(f"\nprecision evidence for {report['source']} (ONNX Runtime {report['onnxruntime']}, CPU, "
           f"{report['text']} tokens)")
     tf = report["teacher_forced"]
-    print(f"\n(b, c) teacher-forced, {report['rows']} rows x {report['steps']} chained steps, vs fp32:")
-    print(f"  {'graph':<9} {'top-1 agree %':>14} {'max |dlogit|':>13} {'mean |dlogit|':>14} {'ppl':>9} "
+    lines.append(f"\n(b, c) teacher-forced, {report['rows']} rows x {report['steps']} chained steps, vs fp32:")
+    lines.append(f"  {'graph':<9} {'top-1 agree %':>14} {'max |dlogit|':>13} {'mean |dlogit|':>14} {'ppl':>9} "
           f"{'ppl delta %':>12} {'non-finite at':>14}")
     for name, s in tf.items():
-        print(f"  {name:<9} {s['top1_agreement_pct']:>14.3f} {s['max_abs_logit_err']:>13.4g} "
+        lines.append(f"  {name:<9} {s['top1_agreement_pct']:>14.3f} {s['max_abs_logit_err']:>13.4g} "
               f"{s['mean_abs_logit_err']:>14.4g} {s['perplexity']:>9.4f} {s['perplexity_delta_pct']:>12.3f} "
               f"{_fmt(s['nonfinite_step']):>14}")
     fr = report.get("free_running")
     if fr:
-        print(f"\n(b) free-running greedy by the fp16 plan, {fr['tokens']} tokens, fp32 fed the same tokens: "
+        lines.append(f"\n(b) free-running greedy by the fp16 plan, {fr['tokens']} tokens, fp32 fed the same tokens: "
               f"top-1 agreement {fr['top1_agreement_pct']:.3f}%, max |dlogit| {fr['max_abs_logit_err']:.4g}, "
               f"first disagreement at step {_fmt(fr['first_disagreement_step'])}")
     ov = report.get("overflow")
     if ov:
         plan, bad = ov["fp16_plan"], ov["fp16_all"]
-        print(f"\n(a) long decode, {ov['steps']} steps, real tokens fed cyclically (fp16 max {ov['fp16_max']:.0f}):")
-        print(f"  fp16 plan: non-finite at {_fmt(plan['nonfinite_step'])}, max |state| {plan['max_abs_state_seen']:.4g}")
-        print(f"  fp16-all (followed {bad['followed_steps']} steps): non-finite at {_fmt(bad['nonfinite_step'])} "
+        lines.append(f"\n(a) long decode, {ov['steps']} steps, real tokens fed cyclically (fp16 max {ov['fp16_max']:.0f}):")
+        lines.append(f"  fp16 plan: non-finite at {_fmt(plan['nonfinite_step'])}, max |state| {plan['max_abs_state_seen']:.4g}")
+        lines.append(f"  fp16-all (followed {bad['followed_steps']} steps): non-finite at {_fmt(bad['nonfinite_step'])} "
               f"(max |state| just before {_fmt(bad['max_abs_state_before_nonfinite'])}, the plan's then "
               f"{_fmt(bad['plan_max_abs_state_at_that_step'])}); state off the plan's by > {bad['state_limit']:.0%} "
               f"from step {_fmt(bad['state_diverged_step'])}; greedy agreement with the plan below 50% "
               f"(window {bad['rolling_window']}) from step {_fmt(bad['degraded_step'])}; overall agreement "
               f"{bad['top1_agreement_with_plan_pct']:.2f}%, last state error {bad['final_state_error']:.3g}, "
               f"last max |state| {bad['final_max_abs_state']:.4g}")
-    print("\nverdict:")
+    lines.append("\nverdict:")
     for line in report["verdict"]:
-        print(f"  {line}")
+        lines.append(f"  {line}")
+    return lines
 
 
 def verdict(report: dict) -> list[str]:
@@ -344,55 +348,41 @@ def verdict(report: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> dict:
+def run_precision(source: Path | None = None, steps: int = 4096, rows: int = 4, greedy_steps: int = 1024,
+                  long_steps: int = 65536, fp16: Path | None = None, fp16_all: Path | None = None,
+                  work: Path | None = None, threads: int = 1, progress=None) -> dict:
+    """The three experiments on ``source`` (a T2R model dir or an fp32 bundle; None = the bundled teacher).
+
+    ``work`` keeps the exported bundles (default: a temporary directory); ``progress`` gets one
+    message per stage. Returns the report, its ``verdict`` lines included.
+    """
     import onnxruntime
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", type=Path, help="T2R model dir or fp32 bundle (default: bundled teacher)")
-    parser.add_argument("--steps", type=int, default=4096, help="chained teacher-forced steps per row (b, c)")
-    parser.add_argument("--rows", type=int, default=4, help="batch rows, each a different stretch of text")
-    parser.add_argument("--greedy-steps", type=int, default=1024, help="free-running greedy steps (b)")
-    parser.add_argument("--long-steps", type=int, default=65536, help="steps of the long decode (a)")
-    parser.add_argument("--fp16", type=Path, help="fp16 bundle (when SOURCE is a bundle)")
-    parser.add_argument("--fp16-all", type=Path, help="fp16-all bundle (when SOURCE is a bundle)")
-    parser.add_argument("--work", type=Path, help="keep the exported bundles here (default: a temporary dir)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ONNX Runtime intra-op threads (0: all cores; one is fastest for batch-4 steps here)")
-    parser.add_argument("--json", type=Path, help="write the report here")
-    args = parser.parse_args(argv)
-
-    def progress(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
+    for name, value in (("steps", steps), ("rows", rows)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    progress = progress or (lambda message: None)
     with tempfile.TemporaryDirectory() as scratch:
-        work = args.work or Path(scratch)
+        work = work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        bundles = prepare_bundles(args.source, work, args.fp16, args.fp16_all, progress)
+        bundles = prepare_bundles(source, work, fp16, fp16_all, progress)
         step = {name: path / "step.onnx" for name, path in bundles.items()}
-        needed = args.rows * (args.steps + 1)
+        needed = rows * (steps + 1)
         tokens, text = text_tokens(bundles["fp32"], max(needed, 4096))
-        rows = tokens[:needed].reshape(args.rows, args.steps + 1)
-        report: dict = {"source": str(args.source or "bundled t2r teacher"), "onnxruntime": onnxruntime.__version__,
-                        "text": text, "rows": args.rows, "steps": args.steps, "bundles": {k: str(v) for k, v in bundles.items()}}
+        batch = tokens[:needed].reshape(rows, steps + 1)
+        report: dict = {"source": str(source or "bundled t2r teacher"), "onnxruntime": onnxruntime.__version__,
+                        "text": text, "rows": rows, "steps": steps, "bundles": {k: str(v) for k, v in bundles.items()}}
         start = time.perf_counter()
-        chains = {name: StepChain(step[name], args.rows, args.threads) for name in ("fp32", "fp16", "fp16-all", "int8")
+        chains = {name: StepChain(step[name], rows, threads) for name in ("fp32", "fp16", "fp16-all", "int8")
                   if name in step}
-        report["teacher_forced"] = teacher_forced(chains, rows, progress=progress)
-        if "fp16" in chains and args.greedy_steps:
-            report["free_running"] = free_running(chains["fp16"], chains["fp32"], rows[:, :32], args.greedy_steps,
+        report["teacher_forced"] = teacher_forced(chains, batch, progress=progress)
+        if "fp16" in chains and greedy_steps:
+            report["free_running"] = free_running(chains["fp16"], chains["fp32"], batch[:, :32], greedy_steps,
                                                   progress=progress)
-        if "fp16" in step and "fp16-all" in step and args.long_steps:
-            report["overflow"] = overflow_run(StepChain(step["fp16"], 1, args.threads),
-                                              StepChain(step["fp16-all"], 1, args.threads), tokens,
-                                              args.long_steps, progress=progress)
+        if "fp16" in step and "fp16-all" in step and long_steps:
+            report["overflow"] = overflow_run(StepChain(step["fp16"], 1, threads),
+                                              StepChain(step["fp16-all"], 1, threads), tokens,
+                                              long_steps, progress=progress)
         report["seconds"] = time.perf_counter() - start
     report["verdict"] = verdict(report)
-    print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from ..machine import cpu_model
-from .peers import PathUnavailable, T2ROrtPath
+from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ SOFTMAX_PATHS = ("softmax-ort", "genai", "transformers")
 TORCH_PATHS = ("transformers", "t2r-torch")
 DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
-# the issue's goals for the T2R step against the fastest softmax peer at these positions
+# goals for the T2R step's speed-up over the fastest softmax peer at these positions
 SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
 FLOOR_GOAL = 1.10
 
@@ -116,11 +116,6 @@ class BenchConfig:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def _sync(path) -> None:
-    if hasattr(path, "sync"):
-        path.sync()
-
-
 def _failure(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
@@ -130,11 +125,11 @@ def _reach(path, stream: np.ndarray, p: int, warmup: int) -> None:
     if path.position > p:
         path.reset()
     path.prefill(stream[path.position:p])
-    _sync(path)
+    path.sync()
     path.mark()
     for token in stream[p:p + warmup]:
         path.step(int(token))
-    _sync(path)
+    path.sync()
     path.rewind()
 
 
@@ -144,7 +139,7 @@ def _time_steps(path, stream: np.ndarray, steps: int) -> tuple[float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     for token in stream[first:first + steps]:
         path.step(int(token))
-    _sync(path)
+    path.sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     path.rewind()
     return wall, cpu
@@ -197,7 +192,7 @@ def _time_prefill(path, prompt: np.ndarray) -> float:
     path.reset()
     t0 = time.perf_counter()
     path.prefill(prompt)
-    _sync(path)
+    path.sync()
     return time.perf_counter() - t0
 
 
@@ -276,7 +271,7 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
 
 def profile_step_and_floor(bundle, dec, threads: int) -> dict:
     """Where the T2R step graph's time goes, beside the floor's (ORT profiling)."""
-    from ..export import contract
+    from .. import contract
     from .softmax_graph import build_floor_graph
 
     shape = bundle.config.state_shape
@@ -372,14 +367,20 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
                          "the model the bundle was exported from")
 
 
-def exporter_fingerprint() -> str:
-    """sha256 of the exporter's source (graph emitter, weight extraction, contract): a cached bundle
-    from an older exporter must not be timed as if it were today's graph."""
-    from ..export import contract, graph, weights
+def exporter_fingerprint(package: Path | None = None) -> str:
+    """sha256 of the whole exporter's source: every file of ``t2r_export/export/`` and the bundle
+    contract, so a cached bundle from an older exporter is never timed as if it were today's graph.
+    ``package``: the package directory (default: this one)."""
+    if package is None:
+        from .. import contract
 
+        package = Path(contract.__file__).parent
+    package = Path(package)
+    files = sorted((package / "export").rglob("*.py")) + [package / "contract.py"]
     h = hashlib.sha256()
-    for module in (contract, graph, weights):
-        h.update(Path(module.__file__).read_bytes())
+    for path in files:
+        h.update(path.relative_to(package).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -441,7 +442,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     # the genai generator preallocates its cache to max_length: the run's longest context
     max_length = int(max(max(cfg.positions) + max(cfg.warmup, cfg.steps) + 8, max(cfg.prefill_lengths) + 8))
 
-    def open_path(name: str):
+    def open_path(name: str) -> DecodePath:
         if name == "t2r-ort":
             return T2ROrtPath(bundle, cfg.threads)
         if name == "floor":

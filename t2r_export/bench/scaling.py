@@ -1,6 +1,6 @@
 """Time and peak memory of the parallel (training) form vs sequence length, on this machine.
 
-    python -m t2r_export.bench.scaling [--lengths 512,1024,2048,4096,8192] [--json OUT]
+    t2r-export bench scaling [--lengths 512,1024,2048,4096,8192] [--json OUT]
 
 Each length runs in a fresh subprocess (forward + backward of one attention layer at the bundled
 teacher's sizes, batch 1), so peak RSS is that length's alone. Printed per length: seconds, peak
@@ -10,8 +10,6 @@ The softmax layer (SDPA, causal) is measured the same way for comparison.
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -55,39 +53,36 @@ def measure(t: int, form: str, threads: int, repeats: int, dims: dict) -> tuple[
     return float(seconds), int(maxrss_kb) * 1024
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", dest="json_out", default=None)
-    args = parser.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
+def measure_scaling(lengths: list[int], threads: int = 2, repeats: int = 3) -> dict:
+    """Seconds and peak RSS growth per length, for the T2R parallel form and causal softmax (SDPA)."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"lengths must be positive integers, got {lengths}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats}")
     # the bundled teacher's attention: 2 KV heads, 2 query heads each, head dim 64, k = 32
     dims = dict(hkv=2, g=2, d=64, k=32)
     rows = []
     for form in ("t2r", "softmax"):
-        _, base = measure(0, form, args.threads, 1, dims)
+        _, base = measure(0, form, threads, 1, dims)
         for t in lengths:
-            seconds, peak = measure(t, form, args.threads, args.repeats, dims)
+            seconds, peak = measure(t, form, threads, repeats, dims)
             grow = max(peak - base, 0)
             rows.append(dict(form=form, length=t, seconds=seconds, peak_rss_growth_bytes=grow,
                              us_per_token=seconds / t * 1e6, bytes_per_token=grow / t))
-    print(f"{'form':8} {'T':>6} {'fwd+bwd s':>10} {'µs/token':>9} {'peak MB':>8} {'KB/token':>9}")
+    return {"threads": threads, "dims": dims, "rows": rows,
+            "max_rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def scaling_lines(result: dict) -> list[str]:
+    """The result as a plain-text table and the time ratio of the longest to the shortest length."""
+    rows = result["rows"]
+    lines = [f"{'form':8} {'T':>6} {'fwd+bwd s':>10} {'µs/token':>9} {'peak MB':>8} {'KB/token':>9}"]
     for r in rows:
-        print(f"{r['form']:8} {r['length']:6d} {r['seconds']:10.4f} {r['us_per_token']:9.2f} "
-              f"{r['peak_rss_growth_bytes'] / 2**20:8.1f} {r['bytes_per_token'] / 1024:9.2f}")
+        lines.append(f"{r['form']:8} {r['length']:6d} {r['seconds']:10.4f} {r['us_per_token']:9.2f} "
+                     f"{r['peak_rss_growth_bytes'] / 2**20:8.1f} {r['bytes_per_token'] / 1024:9.2f}")
     for form in ("t2r", "softmax"):
         sel = [r for r in rows if r["form"] == form]
-        print(f"{form}: time ratio T={sel[-1]['length']} / T={sel[0]['length']}: "
-              f"{sel[-1]['seconds'] / sel[0]['seconds']:.1f}x for {sel[-1]['length'] / sel[0]['length']:.0f}x tokens")
-    result = {"threads": args.threads, "dims": dims, "rows": rows, "max_rss_self": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss}
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"{form}: time ratio T={sel[-1]['length']} / T={sel[0]['length']}: "
+                     f"{sel[-1]['seconds'] / sel[0]['seconds']:.1f}x for {sel[-1]['length'] / sel[0]['length']:.0f}x "
+                     "tokens")
+    return lines

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..export import contract
+from .. import contract
 from ..export.graph import DecoderEmitter
 from ..export.weights import DecoderWeights, FeatureMapWeights
 

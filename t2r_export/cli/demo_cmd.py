@@ -7,6 +7,7 @@ the torch-free runtime → a short speed and memory comparison against the softm
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,7 +17,8 @@ DEFAULT_PROMPT = "def read_config(path):\n"
 
 
 def demo(
-    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Where the bundle is written."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where the bundle is kept (default: a temporary "
+                                                                 "folder, removed at the end)."),
     finetune_steps: int = typer.Option(0, help="First finetune the softmax teacher for this many steps (0: use "
                                                "the bundled T2R model)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, help="Prompt for the generation step."),
@@ -34,28 +36,36 @@ def demo(
         fail(f"--finetune-steps must be ≥ 0, got {finetune_steps}")
     if not prompt:
         fail("the prompt is empty; give at least one character of text")
-    check_writable_parent(out, "bundle directory")
+    if out is not None:
+        check_writable_parent(out, "bundle directory")
     try:
         model_dir = bundled_model_dir("t2r")
     except ValueError as err:
         fail(str(err))
     from ..export.bundle import export_bundle
-    from .export_cmd import _print_result
+    from .verification import print_bundle
 
     with tempfile.TemporaryDirectory(prefix="t2r-demo-") as scratch:
+        # nothing is written anywhere the user did not name: without -o the bundle lives in the scratch folder
+        keep = out is not None
+        out = out if keep else Path(scratch) / "bundle"
         if finetune_steps:
             model_dir = _finetune(Path(scratch) / "t2r", finetune_steps)
         console.rule("[bold]1. export + verify")
         with console.status(f"exporting {model_dir} → {out}"):
             result = export_bundle(model_dir, out)
-        _print_result(result)
+        print_bundle(result.out, result.runtime)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
         tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)
         if speed:
             console.rule("[bold]3. speed and memory vs the softmax teacher (bench --quick, 3 paths)")
             _speed(out, model_dir, threads)
-    console.print(f"[bold green]done[/]: bundle at {out}; try `t2r-export generate {out} --prompt 'import '`"
-                  f" ({tokens_per_s:.0f} tokens/s above)")
+    if keep:
+        console.print(f"[bold green]done[/]: bundle at {out}; try `t2r-export generate {out} --prompt 'import '`"
+                      f" ({tokens_per_s:.0f} tokens/s above)")
+    else:
+        console.print(f"[bold green]done[/] ({tokens_per_s:.0f} tokens/s above); the bundle was temporary: pass "
+                      "-o DIR to keep it")
 
 
 def _finetune(out: Path, steps: int) -> Path:
@@ -97,9 +107,9 @@ def _speed(bundle: Path, t2r_dir: Path, threads: int) -> None:
     """The bench command's quick run on three paths: T2R step graph, softmax KV graph, transformers."""
     from ..bench.run import BenchConfig
     from ..teacher import bundled_model_dir
-    from .bench_cmd import _run, print_result
+    from .bench_cmd import print_result, run_with_progress
 
     cfg = BenchConfig.quick(bundle=bundle, softmax_model=bundled_model_dir("softmax"), t2r_model=t2r_dir,
                             threads=threads, positions=(128, 2048), prefill_lengths=(1024,), rss_tokens=1000,
                             paths=("t2r-ort", "softmax-ort", "transformers"))
-    print_result(_run(cfg))
+    print_result(run_with_progress(cfg))

@@ -1,4 +1,5 @@
-"""``t2r-export experiment paper``: the paper's comparison table on the bundled teacher.
+"""``t2r-export experiment paper``: the paper's comparison table on the bundled teacher, and
+``t2r-export experiment seeds``: the seed-to-seed spread of several of its output folders.
 
 Thin: parse, build an ``ExperimentConfig``, call ``run_paper_experiment``, show progress and
 the table with rich. Torch is imported only when the command runs.
@@ -14,15 +15,12 @@ from typing import Optional
 import typer
 
 from .common import check_writable_parent, console, fail
-from .train_cmd import _quiet_transformers, _TrainProgress
+from .progress import TrainProgress, quiet_transformers
 
-EXPERIMENTS = ("paper",)
 BUDGET_NAMES = ("quick", "medium", "full")
 
 
-def experiment(
-    name: str = typer.Argument("paper", help="Which experiment: paper (T2R vs ELU vs RFA vs scratch, "
-                                             "attention transfer, feature sizes)."),
+def paper(
     quick: bool = typer.Option(False, "--quick", help="The quick budget (minutes): a smoke run of the table."),
     budget: Optional[str] = typer.Option(None, help="quick | medium | full (default: full, or quick with --quick)."),
     out: Path = typer.Option(Path("runs/experiment-paper"), "-o", "--out", help="Where results.md / results.json "
@@ -45,8 +43,6 @@ def experiment(
 
     from ..experiments.paper import BUDGETS, ExperimentConfig, run_paper_experiment
 
-    if name not in EXPERIMENTS:
-        fail(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
     if quick and budget not in (None, "quick"):
         fail(f"--quick and --budget {budget} disagree; pass one of them")
     budget_name = budget or ("quick" if quick else "full")
@@ -62,7 +58,7 @@ def experiment(
     cfg = ExperimentConfig(out_dir=out, budget_name=budget_name + (" (custom)" if overrides else ""), budget=chosen,
                            teacher=teacher, runs=subset, keep_models=keep_models, num_threads=num_threads,
                            seed=seed, window=window, max_files=max_files)
-    _quiet_transformers()
+    quiet_transformers()
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     try:
         with _RunProgress() as progress:
@@ -101,7 +97,7 @@ class _RunProgress:
                 console.print(f"{where}: done before (partial.json), skipped")
             elif phase == "run":
                 console.print(f"{where} ...")
-                self.bars = _TrainProgress(enabled=True).__enter__()
+                self.bars = TrainProgress(enabled=True).__enter__()
             else:
                 record = event["record"]
                 console.print(f"{where}: test perplexity {record['test_perplexity']:.2f}, "
@@ -127,3 +123,25 @@ def _print_table(results: dict, out: Path) -> None:
     console.print(table)
     for check in results["expectations"]:
         console.print(f"{check['claim']}: {'holds' if check['holds'] else 'does NOT hold'}")
+
+
+def seeds(
+    folders: list[Path] = typer.Argument(..., help="--out folders of `t2r-export experiment paper --seed N`."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the Markdown here (a .md file) and the "
+                                       "JSON beside it."),
+) -> None:
+    """Seed-to-seed spread and paired ratios from several paper-experiment folders (Markdown on stdout)."""
+    from ..experiments.seeds import load_results, render_markdown, seed_summary, write_summary
+
+    if out is not None:
+        if out.suffix != ".md":
+            fail(f"--out must name a .md file, got {out}")
+        if out.is_dir():
+            fail(f"--out {out} is a directory; expected a .md file path")
+        check_writable_parent(out.parent, "--out's directory")
+    try:
+        summary = seed_summary(load_results(folders))
+        markdown = write_summary(summary, out) if out is not None else render_markdown(summary)
+    except ValueError as err:
+        fail(str(err))
+    sys.stdout.write(markdown)

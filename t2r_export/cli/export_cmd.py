@@ -1,4 +1,8 @@
-"""`t2r-export onnx [MODEL] -o graphs/NAME`: step + prefill graphs, tokenizer, runtime.json; verified."""
+"""`t2r-export onnx [MODEL] -o DIR`: step + prefill graphs, tokenizer, runtime.json; verified.
+
+``-o`` is required: the command writes only where it is told. Every cheap precondition (model
+folder, config, architecture, tokenizer, output path) is checked before torch is imported.
+"""
 
 from __future__ import annotations
 
@@ -7,73 +11,71 @@ from typing import Optional
 
 import typer
 
+from ..contract import PRECISIONS
 from .common import check_writable_parent, console, fail
+from .progress import log_to_status
+from .verification import print_bundle
 
 
 def onnx_export(
     model: Optional[Path] = typer.Argument(None, help="T2R model directory (default: the bundled T2R teacher)."),
-    out: Path = typer.Option(Path("graphs/t2r-teacher"), "-o", "--out", help="Bundle directory to write."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory to write (required)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) to ship in the "
+                                                        "bundle; default: the model folder's own."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
                                                "calibrated on recorded decode states) | fp16-all (overflow demo)."),
-    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: "
-                                                                   "calibration/prompts.txt of the repository)."),
-    verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
+    calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: the packaged "
+                                                                   "calibration prompts)."),
+    verify_text: Optional[Path] = typer.Option(None, help="fp16/int8: UTF-8 text the bundle is checked on against "
+                                                           "the fp32 model (default: the calibration prompts)."),
+    verify: bool = typer.Option(True, help="Check the graphs against the fp32 torch model before writing; a "
+                                           "failed check writes no bundle (exit 1)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
 ) -> None:
-    from ..export.bundle import export_bundle
-    from ..export.graph import PRECISIONS
+    from ..preflight import check_model_and_tokenizer
     from ..teacher import bundled_model_dir
-    from ..tolerances import ToleranceError
 
-    if precision not in (*PRECISIONS, "int8"):
-        fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
+    if out is None:
+        fail("pass -o/--out DIR: the folder the bundle is written to (nothing is written anywhere by default)")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    texts = _read_text(verify_text) if verify_text is not None else None
     check_writable_parent(out, "bundle directory")
+    model = model or bundled_model_dir("t2r")
     try:
-        model = model or bundled_model_dir("t2r")
-        with console.status(f"exporting {model} → {out}"):
-            if precision == "int8":
-                result = _export_int8(model, out, verify, chained_steps, calibration_prompts)
-            else:
-                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
+        check_model_and_tokenizer(model, tokenizer, need_t2r=True)
+    except ValueError as err:
+        fail(str(err))
+
+    from ..export.plans import export_plan
+    from ..tolerances import ToleranceError
+
+    try:
+        shipped = _load_tokenizer(tokenizer) if tokenizer is not None else None
+        with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
+            result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                                 calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
+                                 progress=status.update)
     except ToleranceError as err:
         fail(f"verification failed, no bundle written: {err}", code=1)
     except ValueError as err:
         fail(str(err))
-    _print_result(result)
+    print_bundle(result.out, result.runtime)
 
 
-def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
-    """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
-    import dataclasses
-    import json
-    import tempfile
+def _load_tokenizer(path: Path):
+    from ..data.tokenizer import load_tokenizer
 
-    from ..export.bundle import export_bundle
-    from ..export.quantize import export_int8_bundle
-
-    if prompts is not None and not prompts.is_file():
-        fail(f"calibration prompts file not found: {prompts}")
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
-        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
-        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
-    runtime = json.loads((out / "runtime.json").read_text())
-    return dataclasses.replace(fp32, out=out, runtime=runtime)
+    return load_tokenizer(path)
 
 
-def _print_result(result) -> None:
-    from rich.table import Table
-
-    rt = result.runtime
-    console.print(f"[bold green]bundle[/] {result.out}: {rt['architecture']}, {rt['num_layers']} layers, "
-                  f"{rt['num_kv_heads']} KV heads × k={rt['feature_dim']} × d={rt['head_dim']}, "
-                  f"state {rt['state_bytes_per_sequence']:,} bytes/sequence, precision {rt['precision']}")
-    if result.report is not None:
-        table = Table(title="verification: ONNX Runtime vs torch (max |diff| per output)")
-        for col in ("check", "output", "max |diff|"):
-            table.add_column(col)
-        for check, name, err in result.report.checks:
-            table.add_row(check, name, f"{err:.2e}")
-        console.print(table)
+def _read_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"--verify-text {path} cannot be read as UTF-8 text: {err}")
+    if not text.strip():
+        fail(f"--verify-text {path} is empty; give a few lines of text")
+    return [text]

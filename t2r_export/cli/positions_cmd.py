@@ -11,11 +11,11 @@ from .common import check_writable_parent, console, fail
 
 
 def evaluate_positions(paths: list[Path], data: list[Path] | None, length: int, sequences: int, chunk: int,
-                       plot: Path | None, json_out: bool) -> None:
+                       plot: Path | None, json_out: bool, tokenizer_path: Path | None = None) -> None:
     from ..data.corpus import read_text_files, stdlib_token_stream, tokenize_documents
+    from ..data.tokenizer import load_tokenizer
     from ..models import is_t2r_model, load_causal_lm
     from ..train.positions import plot_positions, position_perplexity
-    from .train_cmd import _load_tokenizer
 
     if plot is not None:
         if plot.suffix.lower() != ".png":
@@ -25,7 +25,7 @@ def evaluate_positions(paths: list[Path], data: list[Path] | None, length: int, 
         for path in paths:
             if not path.is_dir():
                 raise ValueError(f"model directory not found: {path}")
-        tokenizer = _load_tokenizer(paths[0])
+        tokenizer = load_tokenizer(tokenizer_path or paths[0])
         stream = (tokenize_documents(tokenizer, read_text_files(data)) if data
                   else stdlib_token_stream(tokenizer, "test"))
         rows = []

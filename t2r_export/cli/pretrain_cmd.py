@@ -98,6 +98,26 @@ def pretrain(
         DEFAULT_EVAL_MAX_TOKENS, "--eval-max-tokens", help="Evaluate only the first N tokens of valid/test."
     ),
     max_files: Optional[int] = typer.Option(None, "--max-files", help="Use only the first N files of each split (quick runs)."),
+    block_size: int = typer.Option(256, help="Tokens per block."),
+    min_lr: Optional[float] = typer.Option(None, help="Where the cosine decay ends (default: lr / 10)."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices."),
+    beta1: float = typer.Option(0.9, help="AdamW beta1."),
+    beta2: float = typer.Option(0.95, help="AdamW beta2."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary size."),
+    hidden_size: int = typer.Option(256, help="Model width."),
+    num_layers: int = typer.Option(6, help="Decoder layers."),
+    num_heads: int = typer.Option(4, help="Query heads."),
+    head_dim: int = typer.Option(64, help="Head size."),
+    num_kv_heads: int = typer.Option(2, help="Key/value heads (GQA)."),
+    intermediate_size: int = typer.Option(768, help="SwiGLU MLP width."),
+    max_position_embeddings: int = typer.Option(2048, help="Positions the model is configured for."),
+    rope_theta: float = typer.Option(10000.0, help="RoPE base."),
+    log_every: int = typer.Option(20, help="Log a training line every this many steps."),
+    eval_batch_size: int = typer.Option(16, help="Blocks per forward pass in evaluation."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Token-stream cache (default: $T2R_EXPORT_CACHE or "
+                                             "~/.cache/t2r_export)."),
+    save_dtype: str = typer.Option("float16", help="Storage dtype of the weights: float32 | float16 | bfloat16."),
 ) -> None:
     """Pretrain the bundled softmax teacher (a small Llama) on the CPython standard library source."""
     if steps <= 0:
@@ -118,6 +138,25 @@ def pretrain(
         num_threads=num_threads,
         eval_max_tokens=eval_max_tokens,
         max_files=max_files,
+        block_size=block_size,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        beta1=beta1,
+        beta2=beta2,
+        grad_clip=grad_clip,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        log_every=log_every,
+        eval_batch_size=eval_batch_size,
+        cache_dir=cache_dir,
+        save_dtype=save_dtype,
     )
     console = Console()
     command = shlex.join(["t2r-export", *sys.argv[1:]])
@@ -128,3 +167,22 @@ def pretrain(
     except ValueError as err:
         _fail(str(err))
     console.print(_summary(record, out))
+
+
+def ship(
+    src: Path = typer.Argument(..., help="A trained model directory (e.g. a finetune or pretrain --out)."),
+    dst: Path = typer.Argument(..., help="Where the bundled copy goes (e.g. t2r_export/teacher/t2r)."),
+) -> None:
+    """Store a trained model as a bundled one: fp16 weights on disk, fp32 compute, its records beside."""
+    from .common import check_writable_parent, console, fail
+
+    if not (src / "config.json").is_file():
+        fail(f"{src} is not a model directory (no config.json)")
+    check_writable_parent(dst)
+    from ..teacher.ship import ship as ship_model
+
+    try:
+        ship_model(src, dst)
+    except ValueError as err:
+        fail(str(err))
+    console.print(f"[bold green]shipped[/] {src} → {dst}", highlight=False)

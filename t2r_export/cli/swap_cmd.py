@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import atomic_output_dir, console, fail
-from .train_cmd import _quiet_transformers
+from .progress import quiet_transformers
 
 
 def swap(
@@ -32,7 +32,7 @@ def swap(
     if out.resolve() == model_dir.resolve():
         fail(f"output directory {out} is the input model directory; choose another --out")
     # a bad --window is found once the model is loaded: its error must stay the only line
-    _quiet_transformers()
+    quiet_transformers()
     try:
         import torch
 

@@ -14,7 +14,9 @@ from typing import Optional
 
 import typer
 
-from .common import console, err_console, fail
+from ..atomic import check_writable
+from .common import console, fail
+from .progress import EvalProgress, TrainProgress, quiet_transformers
 
 TEACHER_HELP = "the bundled softmax teacher"
 
@@ -23,15 +25,10 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _quiet_transformers() -> None:
-    # "Loading weights" / "Writing model shards" bars would interleave with ours
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def finetune(
     model: Optional[Path] = typer.Argument(None, metavar="MODEL_DIR", help=f"Local HF causal LM (softmax or T2R); default: {TEACHER_HELP}."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it); default: the "
+                                                        "model folder's own."),
     data: Optional[list[Path]] = typer.Option(None, "--data", metavar="PATH", help="Local .txt/.py/.md/.jsonl "
                                               "file or dir, repeatable (last 5% of tokens held out); default: "
                                               "the stdlib corpus."),
@@ -60,28 +57,56 @@ def finetune(
                               "for models too big to replicate (not with --train lora)."),
     lora_r: int = typer.Option(8, help="LoRA rank (--train lora)."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha (--train lora)."),
+    lora_dropout: float = typer.Option(0.0, help="LoRA dropout (--train lora)."),
+    warmup_fraction: float = typer.Option(0.05, help="Fraction of the finetune steps spent warming the lr up."),
+    min_lr_ratio: float = typer.Option(0.1, help="The cosine decay ends at lr x this."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    beta1: float = typer.Option(0.9, help="AdamW beta1."),
+    beta2: float = typer.Option(0.95, help="AdamW beta2."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
+    eval_batch_size: int = typer.Option(8, help="Blocks per forward pass in validation."),
+    log_every: int = typer.Option(10, help="Log a training line every this many steps."),
     num_threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Token-stream cache (default: $T2R_EXPORT_CACHE or "
+                                             "~/.cache/t2r_export)."),
+    max_files: Optional[int] = typer.Option(None, hidden=True, help="Only the first N files of each stdlib split."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
 ) -> None:
+    from ..preflight import check_model_and_tokenizer
+    from ..teacher import bundled_model_dir
+
+    main = _rank() == 0
+    # every cheap check before torch is imported: a wrong path fails in a second, not after loading
+    try:
+        check_model_and_tokenizer(model or bundled_model_dir("softmax"), tokenizer, need_fast=False)
+        if not resume:
+            check_writable(out, "output directory")
+    except ValueError as err:
+        if not main:
+            raise typer.Exit(2)
+        fail(str(err))
+
     from ..train.finetune import FinetuneConfig, finetune as run_finetune
 
-    _quiet_transformers()
-    main = _rank() == 0
+    quiet_transformers()
     cfg = FinetuneConfig(
-        model=model, out_dir=out, data=list(data) if data else None, dataset=dataset, steps=steps,
+        model=model, tokenizer=tokenizer, out_dir=out, data=list(data) if data else None, dataset=dataset, steps=steps,
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
         window=window, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens,
         resume=resume, fsdp=fsdp,
-        lora_r=lora_r, lora_alpha=lora_alpha, num_threads=num_threads, trust_remote_code=trust_remote_code,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, warmup_fraction=warmup_fraction,
+        min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip,
+        eval_batch_size=eval_batch_size, log_every=log_every, num_threads=num_threads, cache_dir=cache_dir,
+        max_files=max_files, trust_remote_code=trust_remote_code,
     )
     import shlex
     import sys
 
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     try:
-        with _TrainProgress(enabled=main) as progress:
+        with TrainProgress(enabled=main) as progress:
             record = run_finetune(cfg, progress=progress.update, command=command)
     except ValueError as err:
         if not main:
@@ -93,40 +118,6 @@ def finetune(
         fail(str(err).splitlines()[0], code=1)
     if main:
         _print_summary(record, out)
-
-
-class _TrainProgress:
-    """A rich progress bar per stage (transfer, finetune) with loss, lr and tokens/s."""
-
-    def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.enabled = enabled
-        self.tasks: dict[str, int] = {}
-        self.bar = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
-                            disable=not enabled)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def update(self, event: dict) -> None:
-        phase = event.get("phase")
-        if phase in ("transfer", "finetune"):
-            if phase not in self.tasks:
-                self.tasks[phase] = self.bar.add_task(phase, total=event["steps"], info="")
-            info = f"loss {event['loss']:.4g}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s"
-            self.bar.update(self.tasks[phase], completed=event["step"], info=info)
-        elif phase == "eval":
-            if "eval" not in self.tasks:
-                self.tasks["eval"] = self.bar.add_task("valid", total=event["total"], info="")
-            self.bar.update(self.tasks["eval"], completed=event["tokens"], total=event["total"])
-            if event["tokens"] >= event["total"]:
-                self.bar.remove_task(self.tasks.pop("eval"))
 
 
 def _print_summary(record: dict, out: Path) -> None:
@@ -169,18 +160,44 @@ def evaluate(
     positions_length: int = typer.Option(16384, help="--positions: tokens per sequence (at most 16384)."),
     sequences: int = typer.Option(1, help="--positions: consecutive sequences of the stream to average over."),
     plot: Optional[Path] = typer.Option(None, help="--positions: write a PNG plot here."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) for every model; "
+                                                        "default: the first model's own."),
 ) -> None:
-    _quiet_transformers()
+    from ..preflight import SLOW_TOKENIZER_FILES, check_model_dir, check_tokenizer, tokenizer_file
+
     paths = list(models) if models else default_eval_models()
     if not models and not paths[0].is_dir():
         fail(f"the bundled teacher is missing at {paths[0]}; name the model directories to compare")
+    # every cheap check before torch is imported
+    try:
+        if block_size <= 0:
+            raise ValueError(f"block size must be a positive integer, got {block_size}")
+        infos = [check_model_dir(path) for path in paths]
+        # a shared --tokenizer must fit every model; a model's own tokenizer its own model (the others must
+        # share its vocabulary, checked with the tokenizers themselves before any weights load)
+        sizes = [i.vocab_size for i in (infos if tokenizer is not None else infos[:1]) if i.vocab_size is not None]
+        slow_only = tokenizer is None and not (paths[0] / "tokenizer.json").is_file() and any(
+            (paths[0] / name).is_file() for name in SLOW_TOKENIZER_FILES)
+        if not slow_only:
+            check_tokenizer(tokenizer_file(paths[0], tokenizer), min(sizes, default=None))
+        for path in data or []:
+            if not path.exists():
+                raise ValueError(f"data path {path} does not exist: expected a file or directory of "
+                                 ".txt/.py/.md/.jsonl")
+    except ValueError as err:
+        fail(str(err))
+    quiet_transformers()
     if positions:
         from .positions_cmd import evaluate_positions
 
-        evaluate_positions(paths, data, positions_length, sequences, block_size, plot, json_out)
+        evaluate_positions(paths, data, positions_length, sequences, block_size, plot, json_out, tokenizer)
         return
+    from ..train.evaluate import evaluate_models
+
     try:
-        rows = _evaluate_models(paths, data, block_size, batch_size, max_tokens)
+        with EvalProgress() as progress:
+            rows = evaluate_models(paths, data, block_size, batch_size, max_tokens, progress=progress.update,
+                                   tokenizer=tokenizer)
     except ValueError as err:
         fail(str(err))
     if json_out:
@@ -198,71 +215,3 @@ def evaluate(
         table.add_row(row["model"], row["kind"], f"{row['params']:,}", f"{row['loss']:.4f}",
                       f"{row['perplexity']:.3f}", f"{row['ratio']:.3f}")
     console.print(table)
-
-
-def _evaluate_models(paths: list[Path], data: list[Path] | None, block_size: int, batch_size: int,
-                     max_tokens: int | None) -> list[dict]:
-    """Perplexity of each model on one token stream made with the first model's tokenizer."""
-    from ..data.corpus import read_text_files, stdlib_token_stream, tokenize_documents
-    from ..models import is_t2r_model, load_causal_lm
-    from ..train.evaluate import perplexity
-
-    if block_size <= 0:
-        raise ValueError(f"block size must be a positive integer, got {block_size}")
-    for path in paths:
-        if not path.is_dir():
-            raise ValueError(f"model directory not found: {path}")
-    tokenizers = [_load_tokenizer(path) for path in paths]
-    vocab = tokenizers[0].get_vocab()
-    for path, tokenizer in zip(paths[1:], tokenizers[1:]):
-        if tokenizer.get_vocab() != vocab:
-            raise ValueError(f"{path} has a different vocabulary from {paths[0]}; eval compares models that "
-                             "share one tokenizer")
-    if data:
-        stream = tokenize_documents(tokenizers[0], read_text_files(data))
-    else:
-        stream = stdlib_token_stream(tokenizers[0], "test")
-    rows = []
-    with _EvalProgress() as progress:
-        for path in paths:
-            model = load_causal_lm(path)
-            progress.start(path.name)
-            score = perplexity(model, stream, block_size, batch_size, max_tokens, progress.update)
-            rows.append({"model": str(path), "kind": "t2r" if is_t2r_model(model) else "softmax",
-                         "params": sum(p.numel() for p in model.parameters()), **score})
-    for row in rows:
-        row["ratio"] = row["perplexity"] / rows[0]["perplexity"]
-    return rows
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]})") from None
-
-
-class _EvalProgress:
-    def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            console=err_console, transient=True)
-        self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def start(self, name: str) -> None:
-        if self.task is not None:
-            self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(name, total=None)
-
-    def update(self, event: dict) -> None:
-        self.bar.update(self.task, completed=event["tokens"], total=event["total"])

@@ -9,6 +9,7 @@ torch-free runtime can load it with plain ``tokenizers.Tokenizer.from_file``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,3 +50,27 @@ def train_bpe_tokenizer(
         pad_token=ENDOFTEXT,
         **extra,
     )
+
+
+def load_tokenizer(path: Path):
+    """The Hugging Face tokenizer saved in directory ``path`` (or a tokenizer.json file); one ``ValueError`` line
+    when there is none or it cannot be read."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    # a tokenizer.json beside its tokenizer_config.json loads with its special tokens (eos, pad, ...)
+    if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        path = path.parent
+    if path.is_file() and path.name == "tokenizer.json":
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types for bad files
+            raise ValueError(f"{path} is not a readable tokenizer.json ({str(err).splitlines()[0]})") from None
+    if not path.is_dir():
+        raise ValueError(f"tokenizer {path} not found: expected a directory with tokenizer.json (or the file)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"no usable tokenizer in {path} ({first}); save one beside the model or pass "
+                         "--tokenizer") from None

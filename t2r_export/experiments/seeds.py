@@ -5,7 +5,7 @@ Each folder holds the ``results.json`` of one ``t2r-export experiment paper --se
 of every seed with the mean and the spread, and for each comparison with pretrained ``t2r`` the
 paired ratio (other run / ``t2r``, same seed: same swap init, same batches) per seed::
 
-    python -m t2r_export.experiments.seeds runs/experiment-paper runs/experiment-paper-seed1 \\
+    t2r-export experiment seeds runs/experiment-paper runs/experiment-paper-seed1 \\
         runs/experiment-paper-seed2 --out docs/experiment-paper/seeds.md
 
 Bad input (a folder without results, two folders of one seed, plans that differ in more than the
@@ -14,10 +14,8 @@ seed) is one line on stderr and exit code 2; the Markdown and JSON are written a
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from ..atomic import atomic_write_text
@@ -119,26 +117,12 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="--out folders of `t2r-export experiment paper`")
-    parser.add_argument("--out", type=Path, help="write the Markdown here (and the JSON beside it, .json)")
-    args = parser.parse_args(argv)
-    try:
-        if args.out is not None and args.out.suffix != ".md":
-            raise ValueError(f"--out must name a .md file, got {args.out}")
-        summary = seed_summary(load_results(args.folders))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def write_summary(summary: dict, out: Path) -> str:
+    """Write the Markdown to ``out`` (a .md path) and the JSON beside it, each atomically; returns the Markdown."""
+    if Path(out).suffix != ".md":
+        raise ValueError(f"--out must name a .md file, got {out}")
     markdown = render_markdown(summary)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(args.out, markdown)
-    print(markdown, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out, markdown)
+    return markdown

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import platform
 import shutil
@@ -21,23 +20,33 @@ import onnx
 
 from ..atomic import atomic_dir
 from ..models import is_t2r_model, load_t2r_model
-from . import contract
+from .. import contract
 from .graph import build_graph, state_shape
 from .weights import extract_decoder
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "t2r-export-bundle"
-BUNDLE_FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # protobuf cannot hold more than 2 GB: bigger models keep their weights in one side file
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def check_plan(model, bundle_dir: Path, runtime: contract.RuntimeConfig,
+               texts: list[str] | None = None) -> contract.VerificationRecord:
+    """A reduced-precision bundle against the fp32 model; ToleranceError naming each failed figure."""
+    from ..tolerances import ToleranceError
+    from .plan_check import failures, verify_plan
+    from .quantize import load_prompts
+
+    record = verify_plan(model, bundle_dir, runtime, texts or load_prompts())
+    if not record.passed:
+        raise ToleranceError(f"{runtime.precision} bundle against the fp32 model: {failures(record)}")
+    return record
 
 
 @dataclass
 class ExportResult:
     out: Path
-    runtime: dict
+    runtime: contract.RuntimeConfig
     report: object | None
 
 
@@ -81,63 +90,51 @@ def _save_graph(model_proto: onnx.ModelProto, path: Path) -> None:
 def _copy_tokenizer(model_dir: Path | None, tokenizer, dst: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
-    elif model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
-        for name in TOKENIZER_FILES:
+    elif model_dir is not None and (Path(model_dir) / contract.TOKENIZER_JSON).is_file():
+        for name in contract.TOKENIZER_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, dst / name)
     else:
         raise ValueError(f"no tokenizer.json beside the model ({model_dir}); a bundle needs a fast tokenizer")
 
 
-def runtime_config(model, dec, precision: str, sha: str) -> dict:
+def runtime_config(model, dec, precision: str, sha: str) -> contract.RuntimeConfig:
+    """The bundle's runtime.json, typed; verification records are added once they ran."""
     cfg = model.config
     shape = state_shape(dec)
-    max_position = None if dec.rope else int(dec.pos_embed.shape[0])
+    state_dtype = contract.STATE_DTYPES[precision]
     graphs = {}
     for kind in contract.GRAPH_KINDS:
-        graphs[kind] = {
-            "file": f"{kind}.onnx",
-            "inputs": [s.name for s in contract.graph_inputs(shape, kind)],
-            "outputs": [s.name for s in contract.graph_outputs(shape, kind)],
-        }
-    return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "architecture": dec.architecture,
-        "num_layers": len(dec.layers),
-        "hidden_size": int(dec.embed.shape[1]),
-        "num_heads": dec.num_heads,
-        "num_kv_heads": dec.num_kv_heads,
-        "head_dim": dec.head_dim,
-        "feature_map": dec.layers[0].feature_map.kind,
-        "feature_dim": dec.feature_dim,
-        "window": dec.window,
-        "vocab_size": dec.vocab_size,
-        "max_position": max_position,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "state_dtype": "float32",
-        "precision": precision,
-        "state_bytes_per_sequence": contract.state_nbytes(shape),
-        "opset": contract.OPSET,
-        "graphs": graphs,
-        "tools": _tool_versions(),
-        "source_checkpoint_sha256": sha,
-        "t2r": dict(cfg.t2r),
-    }
+        graphs[kind] = contract.GraphEntry(
+            file=f"{kind}.onnx",
+            inputs=tuple(s.name for s in contract.graph_inputs(shape, kind, state_dtype)),
+            outputs=tuple(s.name for s in contract.graph_outputs(shape, kind, state_dtype)))
+    eos = cfg.eos_token_id
+    return contract.RuntimeConfig(
+        architecture=dec.architecture, num_layers=len(dec.layers), hidden_size=int(dec.embed.shape[1]),
+        num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads, head_dim=dec.head_dim,
+        feature_map=dec.layers[0].feature_map.kind, feature_dim=dec.feature_dim, vocab_size=dec.vocab_size,
+        max_position=None if dec.rope else int(dec.pos_embed.shape[0]), bos_token_id=cfg.bos_token_id,
+        eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+        pad_token_id=cfg.pad_token_id, precision=precision, state_dtype=state_dtype,
+        state_bytes_per_sequence=contract.state_nbytes(shape, state_dtype=state_dtype), opset=contract.OPSET,
+        window=dec.window, graphs=graphs, tools=_tool_versions(), source_checkpoint_sha256=sha,
+        t2r=dict(cfg.t2r))
 
 
 def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
-                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True) -> ExportResult:
+                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True,
+                  verify_texts: list[str] | None = None, model_dir: Path | None = None) -> ExportResult:
     """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
 
-    The bundle is assembled in a temporary sibling directory and renamed into place only after
-    every check passed; on failure nothing is left at ``out``.
+    fp32 is checked against the torch model (batches, chained steps, prefill); fp16 and fp16-all
+    against the fp32 torch model teacher-forced on ``verify_texts`` (default: the calibration
+    prompts). The bundle is assembled in a temporary sibling directory and renamed into place only
+    after every check passed; on failure (ToleranceError) nothing is left at ``out``. ``model_dir``
+    names the directory an in-memory model was loaded from (tokenizer, checkpoint hash).
     """
     from .verify import verify_bundle_graphs
 
-    model_dir = None
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
         model = load_t2r_model(model_dir)
@@ -151,12 +148,17 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
     report = None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         for kind in contract.GRAPH_KINDS:
-            _save_graph(build_graph(dec, kind, precision), tmp / f"{kind}.onnx")
+            graph = build_graph(dec, kind, precision)
+            logger.info("writing and checking %s.onnx", kind)
+            _save_graph(graph, tmp / f"{kind}.onnx")
+            del graph
         _copy_tokenizer(model_dir, tokenizer, tmp)
         if verify and precision == "fp32":
             report = verify_bundle_graphs(model, tmp / "step.onnx", tmp / "prefill.onnx", len(dec.layers),
                                           dec.vocab_size, chained_steps=chained_steps)
-            runtime["verification"] = {check: float(err) for check, err in report.worst().items()}
-        (tmp / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+            runtime = runtime.replace(verification=report.record())
+        elif verify:
+            runtime = runtime.replace(verification=check_plan(model, tmp, runtime, verify_texts))
+        (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
     logger.info("wrote bundle %s", out)
     return ExportResult(Path(out), runtime, report)

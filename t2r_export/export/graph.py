@@ -7,21 +7,24 @@ and shapes of the graph I/O come from ``contract``; the sliding-window hybrid's 
 by ``window.py``. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
-  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
+  outputs), phi(q)·z, the clamp and the division, the norms, and the logits (docs/design.md#precision-plan).
 - fp16-all: the same but the state and the denominator too: the overflow demonstration.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import contract
+from .. import contract
 from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
 from .window import window_prefill, window_step
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "fp16-all")
 INT64_MAX = np.iinfo(np.int64).max
@@ -239,7 +242,7 @@ class DecoderEmitter:
             phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
             phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=3, outputs=2)
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
-        # the running sums, phi(q)·z and the division stay fp32 in every plan (DESIGN §5)
+        # the running sums, phi(q)·z and the division stay fp32 in every plan (docs/design.md#precision-plan)
         with g.scope(f"layers.{i}.state", fp32_island=True):
             out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
@@ -283,6 +286,7 @@ class DecoderEmitter:
             x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
         rope = self.rope_tables() if dec.rope else None
         for i, layer in enumerate(dec.layers):
+            logger.info("building the %s graph: layer %d/%d", self.kind, i + 1, len(dec.layers))
             h = self.norm(x, layer.norm1, f"layers.{i}.norm1")
             attn = self.attention(h, layer, i, rope)
             if layer.parallel_residual:
@@ -315,8 +319,8 @@ class DecoderEmitter:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.OPSET)],
                                   producer_name="t2r-export")
         model.ir_version = 8  # readable by ONNX Runtime ≥ 1.14 and TensorRT 10's parser
-        helper.set_model_props(model, {"t2r.precision": self.precision,
-                                       "t2r.fp32_island": ",".join(self.g.fp32_island)})
+        helper.set_model_props(model, {contract.PRECISION_KEY: self.precision,
+                                       contract.ISLAND_KEY: ",".join(self.g.fp32_island)})
         return model
 
 

@@ -1,9 +1,9 @@
 """int8 plan: explicit Q/DQ on the weight matmuls, calibrated on decode states recorded from real prompts.
 
-    export_int8_bundle("bundles/fp32", "bundles/int8")      # prompts and recipe from calibration/
+    export_int8_bundle("bundles/fp32", "bundles/int8")      # the packaged prompts and recipe
 
 1. record: the fp32 bundle's step graph runs in ONNX Runtime over every prompt of
-   ``calibration/prompts.txt`` (teacher-forced through the prompt, then greedy for a few steps); the
+   the packaged ``calibration/prompts.txt`` (teacher-forced through the prompt, then greedy for a few steps); the
    feeds of those steps, with their real ``past_state`` tensors and positions, are the step graph's
    calibration data. The prefill graph gets each prompt's first half from a zero state (how a fresh
    prompt is prefilled) and its second half from the state the first half left.
@@ -18,10 +18,12 @@ The result runs in ONNX Runtime on a CPU and parses in TensorRT (explicit quanti
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,13 +33,29 @@ import numpy as np
 import onnx
 
 from ..atomic import atomic_dir
-from . import contract
+from .. import contract
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
-ISLAND_KEY = "t2r.fp32_island"
-BUNDLE_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# the recipe and prompts ship inside the package (calibration/ at the repository root, mapped to
+# t2r_export.calibration by pyproject.toml); read them as package resources, never beside the source
+CALIBRATION_PACKAGE = "t2r_export.calibration"
+
+
+def calibration_resource(name: str):
+    """A packaged calibration file (an importlib.resources Traversable)."""
+    from importlib import resources
+
+    return resources.files(CALIBRATION_PACKAGE).joinpath(name)
+
+
+def calibration_cache_dir() -> Path:
+    """Recorded calibration feeds: ``$T2R_EXPORT_CACHE/calibration``, else the user cache directory
+    (``$XDG_CACHE_HOME`` or ``~/.cache``) ``/t2r-export/calibration``; never the install tree."""
+    if os.environ.get("T2R_EXPORT_CACHE"):
+        return Path(os.environ["T2R_EXPORT_CACHE"]) / "calibration"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "t2r-export" / "calibration"
 
 
 @dataclass
@@ -63,10 +81,17 @@ class CalibrationRecipe:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> CalibrationRecipe:
-        path = Path(path) if path else CALIBRATION_DIR / "recipe.json"
-        if not path.is_file():
-            raise ValueError(f"calibration recipe {path} is missing (expected calibration/recipe.json)")
-        raw = json.loads(path.read_text())
+        """``path``, or the packaged recipe.json."""
+        source = Path(path) if path else calibration_resource("recipe.json")
+        if not source.is_file():
+            raise ValueError(f"calibration recipe {source} is missing (expected a recipe.json like the packaged one)")
+        try:
+            raw = json.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"calibration recipe {source} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"calibration recipe {source} must hold a JSON object")
+        path = source
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
@@ -85,13 +110,21 @@ class CalibrationData:
         return sum(len(feed["input_ids"]) for feed in self.step)
 
 
-def load_prompts(path: str | Path | None = None, separator: str = "=====") -> list[str]:
-    """Prompts from a text file, separated by lines that are exactly ``separator``."""
-    path = Path(path) if path else CALIBRATION_DIR / "prompts.txt"
+def load_prompts(path: str | Path | None = None, separator: str = "=====",
+                 packaged: str = "prompts.txt") -> list[str]:
+    """Prompts from a text file (default: the packaged ``packaged``), separated by lines that are exactly
+    ``separator``."""
+    if not path and (not packaged or Path(packaged).name != packaged):
+        raise ValueError(f"recipe field 'prompts' = {packaged!r} must name a packaged prompts file, e.g. prompts.txt")
+    path = Path(path) if path else calibration_resource(packaged)
     if not path.is_file():
-        raise ValueError(f"calibration prompts {path} are missing (expected calibration/prompts.txt)")
+        raise ValueError(f"calibration prompts {path} are missing (expected a text file of prompts)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"calibration prompts {path} cannot be read as UTF-8 text: {err}") from None
     prompts, current = [], []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip() == separator:
             prompts.append("\n".join(current).strip("\n"))
             current = []
@@ -120,7 +153,7 @@ def record_calibration(bundle_dir: Path, prompts: list[str], recipe: Calibration
     bundle = load_bundle(bundle_dir)
     tokenizer = tokenizer or bundle.load_tokenizer()
     step = _session(bundle.graph_path(contract.STEP))
-    pairs = contract.state_pairs(bundle.config.num_layers, bundle.config.window)
+    pairs = contract.state_pairs(bundle.config.num_layers, bundle.config.state_shape.parts)
     outputs = ["logits"] + [present for _, present in pairs]
     zero = {past: np.zeros((1, *s.shape[1:]), np.float32)
             for (past, _), s in zip(pairs, contract.graph_inputs(bundle.config.state_shape)[2:])}
@@ -161,7 +194,9 @@ def _ids_feed(ids: list[int], start: int, state: dict) -> dict:
 
 def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: CalibrationRecipe) -> str:
     h = hashlib.sha256()
-    h.update((Path(bundle_dir) / "step.onnx").read_bytes())
+    from ..runtime.bundle import load_bundle
+
+    h.update(load_bundle(bundle_dir).graph_path(contract.STEP).read_bytes())
     h.update("\0".join(prompts).encode())
     recording = {k: getattr(recipe, k) for k in ("max_prompt_tokens", "greedy_steps_per_prompt", "max_step_samples",
                                                   "calibration_batch")}
@@ -171,8 +206,8 @@ def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: Calibrat
 
 def cached_calibration(bundle_dir: Path, prompts: list[str], recipe: CalibrationRecipe,
                        cache_dir: Path | None = None) -> CalibrationData:
-    """:func:`record_calibration`, stored as ``cache_dir/calib-<key>.npz`` (default calibration/cache/)."""
-    cache_dir = Path(cache_dir) if cache_dir else CALIBRATION_DIR / "cache"
+    """:func:`record_calibration`, stored as ``cache_dir/calib-<key>.npz`` (default :func:`calibration_cache_dir`)."""
+    cache_dir = Path(cache_dir) if cache_dir else calibration_cache_dir()
     path = cache_dir / f"calib-{calibration_cache_key(bundle_dir, prompts, recipe)}.npz"
     if path.is_file():
         with np.load(path) as archive:
@@ -204,7 +239,7 @@ def _unpack(arrays: dict) -> CalibrationData:
 # ---- selecting and quantizing ------------------------------------------------------------------------
 
 def island(model: onnx.ModelProto) -> set[str]:
-    value = next((p.value for p in model.metadata_props if p.key == ISLAND_KEY), "")
+    value = next((p.value for p in model.metadata_props if p.key == contract.ISLAND_KEY), "")
     return {name for name in value.split(",") if name}
 
 
@@ -272,7 +307,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
     # quantize_static may raise the IR version; keep what TensorRT 10's parser and older runtimes read
     quantized.ir_version = model.ir_version
     onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props
-                                               if p.key != "onnx.infer"}, "t2r.precision": "int8"})
+                                               if p.key != "onnx.infer"}, contract.PRECISION_KEY: "int8"})
     onnx.save(quantized, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return nodes
@@ -303,15 +338,21 @@ def _name_qdq_by_consumer(model: onnx.ModelProto) -> None:
 @dataclass
 class Int8Result:
     out: Path
-    runtime: dict
+    runtime: contract.RuntimeConfig
     quantized: dict[str, list[str]]
     calibration: CalibrationData
 
 
 def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: str | Path | list[str] | None = None,
                        recipe: str | Path | CalibrationRecipe | None = None, cache_dir: Path | None = None,
-                       overwrite: bool = True, progress: Callable[[str], None] | None = None) -> Int8Result:
-    """An int8 bundle at ``out`` from a verified fp32 bundle, written atomically."""
+                       overwrite: bool = True, progress: Callable[[str], None] | None = None,
+                       check: Callable[[Path, contract.RuntimeConfig], contract.VerificationRecord] | None = None,
+                       ) -> Int8Result:
+    """An int8 bundle at ``out`` from a verified fp32 bundle, written atomically.
+
+    ``check(folder, runtime)`` verifies the assembled bundle before it is moved into place and
+    returns the record runtime.json keeps; raising stops the export with nothing left at ``out``.
+    """
     import onnxruntime
 
     from ..runtime.bundle import load_bundle
@@ -326,28 +367,30 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
     if isinstance(prompts, list):
         prompt_list = prompts
     else:
-        prompt_list = load_prompts(prompts or CALIBRATION_DIR / recipe.prompts, recipe.prompt_separator)
+        prompt_list = load_prompts(prompts, recipe.prompt_separator, packaged=recipe.prompts)
     progress(f"recording calibration states from {len(prompt_list)} prompts")
     data = cached_calibration(fp32_bundle_dir, prompt_list, recipe, cache_dir)
-    runtime = json.loads((fp32_bundle_dir / "runtime.json").read_text())
     quantized = {}
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        graphs = {}
         for kind, feeds in ((contract.STEP, data.step), (contract.PREFILL, data.prefill)):
             progress(f"quantizing {kind}.onnx on {len(feeds)} calibration feeds")
-            file = runtime["graphs"][kind]["file"]
-            quantized[kind] = quantize_graph(fp32_bundle_dir / file, tmp / file, feeds, recipe)
-        for name in BUNDLE_COPY:
-            if (fp32_bundle_dir / name).is_file():
-                shutil.copy2(fp32_bundle_dir / name, tmp / name)
-        runtime["precision"] = "int8"
-        runtime.pop("verification", None)
-        runtime["quantization"] = {
+            graphs[kind] = dataclasses.replace(source.config.graphs[kind], file=f"{kind}.onnx")
+            quantized[kind] = quantize_graph(source.graph_path(kind), tmp / graphs[kind].file, feeds, recipe)
+        for name in contract.TOKENIZER_FILES:
+            if source.file(name).is_file():
+                shutil.copy2(source.file(name), tmp / name)
+        runtime = source.config.replace(precision="int8", state_dtype=contract.STATE_DTYPES["int8"], graphs=graphs,
+                                        verification=None, quantization={
             "tool": recipe.tool, "onnxruntime": onnxruntime.__version__, "recipe": asdict(recipe),
             "prompts": len(prompt_list),
             "prompts_sha256": hashlib.sha256("\0".join(prompt_list).encode()).hexdigest(),
             "step_samples": data.step_samples, "prefill_samples": len(data.prefill),
             "quantized_matmuls": {kind: len(names) for kind, names in quantized.items()},
-        }
-        (tmp / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+        })
+        if check is not None:
+            progress("verifying the int8 bundle against the fp32 model")
+            runtime = runtime.replace(verification=check(tmp, runtime))
+        (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
     logger.info("wrote int8 bundle %s", out)
     return Int8Result(Path(out), runtime, quantized, data)

@@ -1,4 +1,4 @@
-"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (DESIGN §8 rungs 3-4).
+"""Export-time verification: the ONNX graphs in ONNX Runtime against the torch model (docs/design.md#verification, rungs 3-4).
 
 1. step graph vs torch decode step at batch 1 and 3 (not the export's shapes), from a non-zero
    state, every output compared by name;
@@ -18,8 +18,8 @@ import onnxruntime as ort
 import torch
 
 from ..models import decode_step, new_state, prefill
-from ..tolerances import ToleranceError, check_close, max_abs_diff
-from . import contract
+from ..tolerances import TOLERANCES, ToleranceError, check_close, max_abs_diff
+from .. import contract
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +27,28 @@ logger = logging.getLogger(__name__)
 @dataclass
 class VerificationReport:
     checks: list = field(default_factory=list)     # (check, output name, max |diff|)
+    # (check, output group) -> (worst figure, its tolerance); states are relative to their size
+    figures: dict = field(default_factory=dict)
+    greedy_identical: bool | None = None
 
-    def add(self, check: str, name: str, err: float) -> None:
+    def add(self, check: str, name: str, err: float, key: tuple[str, str] = ("ort", "fp32"),
+            scale: float = 1.0) -> None:
         self.checks.append((check, name, err))
+        group = "logits" if name == "logits" else "state (relative)" if contract.is_state(name) else name
+        worst, _ = self.figures.get((check, group), (0.0, 0.0))
+        self.figures[(check, group)] = (max(worst, err / scale), TOLERANCES[key])
 
     def worst(self) -> dict:
         out: dict = {}
         for check, _, err in self.checks:
             out[check] = max(out.get(check, 0.0), err)
         return out
+
+    def record(self, reference: str = "fp32 torch model") -> contract.VerificationRecord:
+        figures = tuple(contract.Figure(f"{check}: {group}", value, tol, bool(value <= tol))
+                        for (check, group), (value, tol) in self.figures.items())
+        passed = all(f.passed for f in figures) and self.greedy_identical is not False
+        return contract.VerificationRecord(reference, passed, self.greedy_identical, figures)
 
 
 def ort_session(path_or_bytes, threads: int = 0) -> ort.InferenceSession:
@@ -47,7 +60,7 @@ def ort_session(path_or_bytes, threads: int = 0) -> ort.InferenceSession:
 
 def _state_parts(state, i: int) -> dict:
     """Layer i's state tensors by contract part name (s, z, and wk, wv, wm with a window)."""
-    return dict(zip(contract.state_parts(state.window), state.layer(i), strict=True))
+    return dict(zip([p.name for p in contract.state_parts(state.window)], state.layer(i), strict=True))
 
 
 def _state_feeds(state, num_layers: int) -> dict:
@@ -57,7 +70,7 @@ def _state_feeds(state, num_layers: int) -> dict:
 
 def _run(session, input_ids: np.ndarray, positions: np.ndarray, state_feeds: dict, num_layers: int):
     wm = state_feeds.get(contract.past_name(0, "wm"))
-    pairs = contract.state_pairs(num_layers, 0 if wm is None else wm.shape[-1])
+    pairs = contract.state_pairs(num_layers, contract.state_parts(0 if wm is None else wm.shape[-1]))
     outputs = ["logits"] + [present for _, present in pairs]
     values = session.run(outputs, {"input_ids": input_ids, "position_ids": positions, **state_feeds})
     next_feeds = {past: v for (past, _), v in zip(pairs, values[1:])}
@@ -81,8 +94,8 @@ def verify_step_batches(model, step, num_layers: int, vocab: int, report: Verifi
         for i in range(num_layers):
             for part, tensor in _state_parts(state, i).items():
                 name = contract.present_name(i, part)
-                report.add(check, name, check_close(f"{check}: {name}", got[name], tensor.numpy(),
-                                                    ("ort-state", "fp32"), relative=True))
+                err = check_close(f"{check}: {name}", got[name], tensor.numpy(), ("ort-state", "fp32"), relative=True)
+                report.add(check, name, err, ("ort-state", "fp32"), max(1.0, float(tensor.abs().max())))
 
 
 def verify_chained(model, step, prefill_graph, num_layers: int, vocab: int, report: VerificationReport,
@@ -112,7 +125,8 @@ def verify_chained(model, step, prefill_graph, num_layers: int, vocab: int, repo
     check = f"{steps} chained steps"
     report.add(check, "logits", check_close(f"{check}: logits", np.stack(logits_a), ref, ("ort", "fp32")))
     greedy_ref = ref[prompt_len - 1:].argmax(-1).tolist()
-    if greedy_ref != tokens[prompt_len:]:
+    report.greedy_identical = greedy_ref == tokens[prompt_len:]
+    if not report.greedy_identical:
         first = next(i for i, (a, b) in enumerate(zip(greedy_ref, tokens[prompt_len:])) if a != b)
         raise ToleranceError(f"{check}: greedy tokens differ from torch at generated token {first}")
     check = f"prefill {prompt_len} + {steps - 1} steps"
@@ -126,7 +140,9 @@ def verify_bundle_graphs(model, step_path, prefill_path, num_layers: int, vocab:
     model.eval()
     report = VerificationReport()
     step, pre = ort_session(str(step_path)), ort_session(str(prefill_path))
+    logger.info("verifying: the step graph at batch 1 and 3 against torch")
     verify_step_batches(model, step, num_layers, vocab, report)
+    logger.info("verifying: %d chained greedy steps and the prefill graph against torch", chained_steps)
     verify_chained(model, step, pre, num_layers, vocab, report, steps=chained_steps)
     window = new_state(model, 1).window
     if window:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import contract
+from .. import contract
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
 def _names(i: int, io) -> dict:
-    return {part: io(i, part) for part in contract.state_parts(window=1)}
+    return {p.name: io(i, p.name) for p in contract.state_parts(window=1)}
 
 
 def _mask_bias(e, filled: str) -> str:

@@ -100,7 +100,7 @@ def t2r_attention_forward(module, query, key, value, attention_mask=None, scalin
                          "the model with use_cache=False)")
     if scaling is None:
         scaling = d ** -0.5
-    # queries are scaled before phi, keys are not (T2R, DESIGN §2)
+    # queries are scaled before phi, keys are not (T2R, docs/design.md#feature-maps)
     q = (query * scaling).view(b, h_kv, h // h_kv, t, d)
     layer = module.layer_idx
     state = None if t2r_state is None else t2r_state.layer(layer)

@@ -4,7 +4,7 @@
 module gets a ``t2r_feature_map`` (the only new parameters), the config records the T2R settings
 and ``attn_implementation`` becomes "t2r". The model's class becomes a registered subclass
 (``T2RLlamaForCausalLM``, model_type "t2r_llama", ...), so ``save_pretrained`` writes a config that
-``AutoModelForCausalLM.from_pretrained`` rebuilds once ``t2r_export`` is imported.
+``AutoModelForCausalLM.from_pretrained`` rebuilds once ``t2r_export.models`` is imported.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract import FEATURE_MAPS
 from .linear_attention import DEFAULT_CHUNK, DEFAULT_EPS
 
-FEATURE_MAPS = ("t2r", "hedgehog", "elu", "rfa")
 LEARNED = ("t2r", "hedgehog")
 INITS = ("default", "identity")
 

@@ -3,7 +3,7 @@
 With IO binding (the default) two full state sets are allocated once per batch size on the
 session's device. Step t reads set A as ``past_state.*`` and writes set B as ``present_state.*``;
 step t+1 the reverse. Both parities get their own ``IOBinding``, bound once, so a decode step binds
-nothing, allocates nothing and copies no state (DESIGN §6, §9). ``input_ids``/``position_ids`` are
+nothing, allocates nothing and copies no state (docs/design.md#runtime). ``input_ids``/``position_ids`` are
 small preallocated host buffers and ``logits`` lands in a preallocated host buffer.
 
 ``io_binding=False`` runs the plain ``session.run`` path (numpy state fed and returned each step):
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import contract
+from .. import contract
 from .bundle import Bundle, BundleError, load_bundle, session_io
 
 PROVIDERS = {
@@ -75,16 +75,17 @@ def session_options(threads: int = 0, optimization: str = "all"):
 class _StateSet:
     """One full set of state tensors for one batch size, as OrtValues on ``device``."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], device: str):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: str, dtype=np.float32):
         import onnxruntime as ort
 
         self.device = device
+        self.dtype = np.dtype(dtype)
         self.shapes = shapes
         self.values = {}
         # on the CPU the OrtValues wrap these arrays (no copy), so zeroing is a numpy fill
         self.host: dict[str, np.ndarray] = {}
         for name, shape in shapes.items():
-            array = np.zeros(shape, dtype=np.float32)
+            array = np.zeros(shape, dtype=self.dtype)
             if device == "cpu":
                 self.host[name] = array
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
@@ -96,17 +97,17 @@ class _StateSet:
             if self.device == "cpu":
                 self.host[name].fill(0)
             else:
-                value.update_inplace(np.zeros(self.shapes[name], dtype=np.float32))
+                value.update_inplace(np.zeros(self.shapes[name], dtype=self.dtype))
 
     def bind(self, binding, name: str, bound_as: str, as_input: bool, row: int | None = None) -> None:
         """Bind tensor ``name`` (or one batch row of it, in place) as graph tensor ``bound_as``."""
         shape = self.shapes[name]
         ptr = self.values[name].data_ptr()
         if row is not None:
-            ptr += row * int(np.prod(shape[1:])) * 4
+            ptr += row * int(np.prod(shape[1:])) * self.dtype.itemsize
             shape = (1, *shape[1:])
         bind = binding.bind_input if as_input else binding.bind_output
-        bind(bound_as, self.device, 0, np.float32, list(shape), ptr)
+        bind(bound_as, self.device, 0, self.dtype, list(shape), ptr)
 
     def read(self, name: str) -> np.ndarray:
         return self.host[name].copy() if self.device == "cpu" else self.values[name].numpy()
@@ -128,7 +129,7 @@ class OrtDecoder:
         providers = resolve_providers(provider)
         options = session_options(threads, optimization)
         self._device = _DEVICES[provider]
-        self._pairs = contract.state_pairs(self.config.num_layers, self.config.window)
+        self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         self._sessions = {kind: self._open(kind, options, providers) for kind in contract.GRAPH_KINDS}
         self._batch = 0
         self._parity = 0
@@ -153,7 +154,7 @@ class OrtDecoder:
 
     def state_nbytes(self) -> int:
         """Bytes of one decode state at the current batch size (IO binding keeps two sets resident)."""
-        return contract.state_nbytes(self.config.state_shape, self._batch)
+        return contract.state_nbytes(self.config.state_shape, self._batch, self.config.state_dtype)
 
     def reset(self, batch: int) -> None:
         """Zero the state for ``batch`` rows; buffers are reallocated only when the batch size changes."""
@@ -212,7 +213,7 @@ class OrtDecoder:
         if not 0 <= row < self._batch:
             raise ValueError(f"row {row} is outside the batch of {self._batch}")
         if not self.io_binding:
-            zero = {past: np.zeros((1, *a.shape[1:]), np.float32) for past, a in self._state.items()}
+            zero = {past: np.zeros((1, *a.shape[1:]), a.dtype) for past, a in self._state.items()}
             logits = self._run_plain(contract.PREFILL, input_ids, position_ids, state=zero, into_row=row)
             return logits
         binding = self._prefill_binding(input_ids, position_ids)
@@ -244,12 +245,12 @@ class OrtDecoder:
             text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
             raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
         inputs, outputs = session_io(session)
-        self.bundle.check_graph_io(kind, inputs, outputs)
+        self.bundle.check_graph_io(kind, inputs, outputs, session.get_modelmeta().custom_metadata_map)
         return session
 
     def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         specs = contract.graph_inputs(self.config.state_shape, contract.STEP)
-        return {s.name: (batch, *s.shape[1:]) for s in specs if s.name.startswith("past_state.")}
+        return {s.name: (batch, *s.shape[1:]) for s in specs if contract.is_state(s.name)}
 
     def _allocate(self, batch: int) -> None:
         import onnxruntime as ort
@@ -257,10 +258,11 @@ class OrtDecoder:
         self._batch = batch
         shapes = self._state_shapes(batch)
         if not self.io_binding:
-            self._state = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+            self._state = {name: np.zeros(shape, self.config.state_dtype) for name, shape in shapes.items()}
             return
-        self._sets = (_StateSet(shapes, self._device), _StateSet(shapes, self._device))
-        self._zero_row = _StateSet(self._state_shapes(1), self._device)
+        dtype = self.config.state_dtype
+        self._sets = (_StateSet(shapes, self._device, dtype), _StateSet(shapes, self._device, dtype))
+        self._zero_row = _StateSet(self._state_shapes(1), self._device, dtype)
         self._ids = np.zeros((batch, 1), np.int64)
         self._pos = np.zeros((batch, 1), np.int64)
         self._logits = np.zeros((batch, self.config.vocab_size), np.float32)

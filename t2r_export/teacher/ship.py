@@ -1,6 +1,6 @@
 """Store a trained model as a bundled one: fp16 weights on disk (half the size), fp32 compute.
 
-    python -m t2r_export.teacher.ship runs/t2r-c t2r_export/teacher/t2r
+    t2r-export ship runs/t2r-c t2r_export/teacher/t2r
 
 Copies the tokenizer and the run's record (finetune.json / training.json) beside the weights,
 and writes the directory atomically.
@@ -8,7 +8,6 @@ and writes the directory atomically.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -19,19 +18,11 @@ RECORDS = ("finetune.json", "training.json", "tokenizer.json", "tokenizer_config
 
 def ship(src: Path, dst: Path) -> None:
     from ..models import load_causal_lm
-    from ..train.pretrain import _save_model
+    from ..train.checkpoint import save_weights
 
     model = load_causal_lm(src)
     with atomic_dir(dst) as tmp:
-        _save_model(model, tmp, "float16")
+        save_weights(model, tmp, "float16")
         for name in RECORDS:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path)
-    parser.add_argument("dst", type=Path)
-    args = parser.parse_args()
-    ship(args.src, args.dst)

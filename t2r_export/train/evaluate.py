@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -75,3 +76,56 @@ def perplexity(
     mean = loss_sum / done
     logger.info("evaluated %d tokens: loss %.4f, perplexity %.3f", done, mean, math.exp(mean))
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": done}
+
+
+def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_size: int = 256, batch_size: int = 8,
+                    max_tokens: int | None = None, progress: Callable[[dict], None] | None = None,
+                    tokenizer: Path | None = None) -> list[dict]:
+    """Perplexity of each model on one token stream made with one tokenizer; rows in ``paths`` order.
+
+    The tokenizer is ``tokenizer`` when given, else the first model's; every model must share its
+    vocabulary. ``data``: local text files (default: the stdlib test split). ``progress`` gets
+    ``{"phase": "tokenize"}``, ``{"phase": "load", "model": name}`` and the ``eval`` events of
+    :func:`perplexity` with ``model`` added. Every cheap check (directories, tokenizers, block
+    size) runs before any weights load; bad input raises ``ValueError`` (one line).
+    """
+    from t2r_export.data.corpus import read_text_files, stdlib_token_stream, tokenize_documents
+    from t2r_export.data.tokenizer import load_tokenizer
+    from t2r_export.models import is_t2r_model, load_causal_lm
+
+    notify = progress or (lambda event: None)
+    if block_size <= 0:
+        raise ValueError(f"block size must be a positive integer, got {block_size}")
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ValueError(f"model directory not found: {path}")
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{path} is not a model directory (no config.json)")
+    if tokenizer is not None:
+        shared = load_tokenizer(tokenizer)
+    else:
+        tokenizers = [load_tokenizer(path) for path in paths]
+        vocab = tokenizers[0].get_vocab()
+        for path, other in zip(paths[1:], tokenizers[1:]):
+            if other.get_vocab() != vocab:
+                raise ValueError(f"{path} has a different vocabulary from {paths[0]}; eval compares models that "
+                                 "share one tokenizer (or pass --tokenizer)")
+        shared = tokenizers[0]
+    notify({"phase": "tokenize"})
+    stream = tokenize_documents(shared, read_text_files(data)) if data else stdlib_token_stream(shared, "test")
+    rows = []
+    for path in paths:
+        name = Path(path).name
+        notify({"phase": "load", "model": name})
+        model = load_causal_lm(path)
+        rows_in_vocab = model.get_input_embeddings().num_embeddings
+        if len(shared) > rows_in_vocab:
+            raise ValueError(f"the tokenizer has {len(shared)} tokens but {path} only {rows_in_vocab} embeddings")
+        relay = lambda event, name=name: notify({**event, "model": name})  # noqa: E731
+        score = perplexity(model, stream, block_size, batch_size, max_tokens, relay)
+        rows.append({"model": str(path), "kind": "t2r" if is_t2r_model(model) else "softmax",
+                     "params": sum(p.numel() for p in model.parameters()), **score})
+        del model
+    for row in rows:
+        row["ratio"] = row["perplexity"] / rows[0]["perplexity"]
+    return rows

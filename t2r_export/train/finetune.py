@@ -4,10 +4,10 @@ One explicit file: setup (model, tokenizer, swap, data) / train (one loop, two s
 save_checkpoint / load_checkpoint / save the final model. The same code runs on one CPU,
 under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPUs) and under ``accelerate launch``::
 
-    python -m t2r_export.train.finetune --out runs/t2r --steps 500
-    torchrun --nproc_per_node 2 -m t2r_export.train.finetune --out runs/t2r --batch-size 4
+    t2r-export finetune --out runs/t2r --steps 500
+    torchrun --nproc_per_node 2 -m t2r_export finetune --out runs/t2r --batch-size 4
 
-Stages (DESIGN §3):
+Stages (docs/design.md#training):
 1. ``transfer`` (``attention_transfer_steps`` > 0): only the feature maps train; each layer's
    linear-attention output is pulled towards its softmax output (MSE, LoLCATs stage 1).
    The loss lives in ``t2r_export.train.transfer``.
@@ -22,45 +22,41 @@ resumed run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
-import base64
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
-import random
 import shlex
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 
 from t2r_export.atomic import check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
-from t2r_export.models.adapters import get_adapter
 from t2r_export.models.attention import FEATURE_MAP_ATTR
-from t2r_export.models.swap import attention_modules, decoder_layers
+from t2r_export.models.swap import attention_modules
+from t2r_export.preflight import check_model_and_tokenizer
+from t2r_export.train.checkpoint import (ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, load_optimizer_state,
+                                         read_checkpoint_state, save_checkpoint, save_final, set_rng_state)
+from t2r_export.train.distributed import (Distributed, clip_gradients, feature_map_parameters, gather_model_state,
+                                          global_mean, gradient_sync, init_distributed, micro_batches, reshard,
+                                          shard_fsdp, sync_feature_map_grads, wrap_ddp)
 from t2r_export.train.evaluate import perplexity
+from t2r_export.train.losses import next_token_loss
+from t2r_export.train.schedule import warmup_cosine
 from t2r_export.train.transfer import attention_transfer_loss, freeze_for_transfer, transfer_report
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 TRAIN_MODES = ("all", "attention", "lora")
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-ADAPTER_DIR = "adapter"
 RECORD_FILE = "finetune.json"
 # the settings a checkpoint must share with the run resuming it, or the trajectory would change
 # (the global batch must match too; how it splits over ranks and micro-steps may change)
@@ -76,8 +72,10 @@ def bundled_teacher() -> Path:
 
 @dataclass
 class FinetuneConfig:
-    # None = the bundled softmax teacher (DESIGN §7), so a bare run works offline
+    # None = the bundled softmax teacher (docs/design.md#bundled-teacher), so a bare run works offline
     model: Path | None = None
+    # None = the model folder's own tokenizer; else a tokenizer.json (or a folder holding one)
+    tokenizer: Path | None = None
     # outside the package by default, so a casual run never overwrites anything bundled
     out_dir: Path = Path("runs/t2r")
     # None = the stdlib corpus (train/valid splits); else local .txt/.py/.md/.jsonl files or dirs
@@ -112,7 +110,7 @@ class FinetuneConfig:
     block_size: int = 256
     # raise to grow the global batch without more memory
     grad_accum: int = 1
-    # T2R swap settings (DESIGN §2); ignored when the model is already a T2R model
+    # T2R swap settings (docs/design.md#feature-maps); ignored when the model is already a T2R model
     feature_map: str = "t2r"
     feature_dim: int = 32
     init: str = "default"
@@ -188,125 +186,23 @@ def check_output_dir(out: Path) -> None:
     check_writable(out, "output directory")
 
 
-# --- distributed ------------------------------------------------------------------------------
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # the model is sharded with FSDP2 (only with world_size > 1)
-    fsdp: bool = False
-    # this process created the process group, so it also destroys it
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(fsdp: bool = False) -> Distributed:
-    """Rank, world size and device from torchrun's / accelerate's environment variables."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    owns_group = world_size > 1 and not torch_dist.is_initialized()
-    if owns_group:
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
-    rank = torch_dist.get_rank() if world_size > 1 else 0
-    return Distributed(rank, world_size, device, fsdp and world_size > 1, owns_group)
-
-
-def global_mean(value: torch.Tensor, dist: Distributed) -> float:
-    """The mean of a scalar over all ranks (every rank gets the same float)."""
-    value = value.detach().float().clone()
-    if dist.world_size > 1:
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
-        value /= dist.world_size
-    return value.item()
-
-
-def shard_fsdp(model, dist: Distributed) -> None:
-    """FSDP2 in place: each decoder layer is one unit (gathered for its forward), the rest the root.
-
-    The feature maps stay whole on every rank and ``sync_feature_map_grads`` averages their
-    gradients: they are tiny, and in attention transfer their loss never flows back through a
-    layer's output, so FSDP's backward hooks would never reduce (or even see) their gradients.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    replicated = set(feature_map_parameters(model))
-    for layer in decoder_layers(model, get_adapter(model.config.model_type)):
-        fully_shard(layer, ignored_params=replicated)
-    fully_shard(model, ignored_params=replicated)
-
-
-def sync_feature_map_grads(model, dist: Distributed) -> None:
-    """Average the replicated feature maps' gradients over ranks (FSDP only; DDP does its own)."""
-    if not dist.fsdp:
-        return
-    for p in feature_map_parameters(model):
-        if p.grad is not None:
-            torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
-            p.grad /= dist.world_size
-
-
-def clip_gradients(params: list, max_norm: float, dist: Distributed) -> None:
-    if not dist.fsdp:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    from torch.distributed.tensor import DTensor
-
-    # sharded gradients' norms are summed over ranks (full_tensor); replicated ones are whole already
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    whole = [g for g in grads if not isinstance(g, DTensor)]
-    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()] if sharded else []
-    norms += [torch.nn.utils.get_total_norm(whole)] if whole else []
-    total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-    if total > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (total + 1e-6))
-
-
-def reshard(model, dist: Distributed) -> None:
-    """Put every FSDP unit back to sharded parameters.
-
-    A forward without a backward (evaluation, or units that got no gradient in attention transfer)
-    leaves the root's parameters gathered; optimizers and state dicts must see the sharded ones.
-    """
-    if not dist.fsdp:
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def wrap_ddp(model, dist: Distributed):
-    if dist.world_size == 1 or dist.fsdp:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
 # --- setup ------------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
     """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
     from transformers import AutoTokenizer
 
+    if cfg.tokenizer is not None:
+        from t2r_export.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the "
+                             "model or pass --tokenizer") from None
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
     if is_t2r_model(model) and cfg.window != model.config.t2r.get("window", 0):
         raise ValueError(f"{path} is already a T2R model with window {model.config.t2r.get('window', 0)}; "
                          f"--window {cfg.window} applies to a softmax model (pass the T2R model's own window)")
@@ -358,10 +254,6 @@ def load_token_streams(cfg: FinetuneConfig, tokenizer) -> tuple[np.ndarray, np.n
     return train, valid
 
 
-def feature_map_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for name, p in model.named_parameters() if FEATURE_MAP_ATTR in name]
-
-
 def lora_target_modules(model) -> list[str]:
     """Full names of the linear layers inside each attention module (q/k/v/o, or fused qkv)."""
     attn_ids = {id(m) for m in attention_modules(model)}
@@ -411,107 +303,17 @@ def build_optimizer(model, lr: float, cfg: FinetuneConfig, steps: int, warmup: b
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     warmup_steps = math.ceil(cfg.warmup_fraction * steps) if warmup else 0
 
-    def factor(step: int) -> float:
-        # linear warmup, then cosine to min_lr_ratio at the last step
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # linear warmup, then cosine to min_lr_ratio at the last step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, 1.0, cfg.min_lr_ratio))
     return optimizer, scheduler
 
 
 # --- checkpoints --------------------------------------------------------------------------------
 
-def rng_state() -> dict:
-    pack = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")  # noqa: E731
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "torch": pack(torch.get_rng_state()),
-        "cuda": [pack(t) for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    unpack = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(unpack(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([unpack(s) for s in state["cuda"]])
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-
-
-def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
-    """A plain HF model directory; a LoRA model writes its unmerged base plus ``adapter/``.
-
-    ``state_dict``: the gathered full weights of an FSDP-sharded model.
-    """
-    if state_dict is not None:
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-    elif hasattr(model, "peft_config"):
-        base = model.get_base_model()
-        # the base weights without the adapters, under their original names: loadable as is
-        clean = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
-        base.save_pretrained(directory, state_dict=clean, safe_serialization=True)
-        model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
-    else:
-        model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` onto ``target`` with renames only (a directory cannot be renamed onto a full one)."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_FULL_STATE = dict(full_state_dict=True, cpu_offload=True)
-
-
-def gather_model_state(model, dist: Distributed) -> dict | None:
-    """The full weights of an FSDP model on rank 0 (a collective: every rank calls it); None without FSDP."""
-    if not dist.fsdp:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    reshard(model, dist)
-    return get_model_state_dict(model, options=StateDictOptions(**_FULL_STATE))
-
-
-def gather_optimizer_state(model, optimizer, dist: Distributed) -> dict:
-    if not dist.fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL_STATE))
-
-
-def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir: Path, dist: Distributed) -> None:
-    """Every rank calls it (FSDP gathers); rank 0 writes ``out_dir/checkpoint`` with one rename."""
-    model_state = gather_model_state(model, dist)
-    optimizer_state = gather_optimizer_state(model, optimizer, dist)
-    if not dist.is_main:
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, model_state)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
-    replace_dir(tmp, out_dir / CHECKPOINT_DIR)
-    logger.info("checkpoint: %s step %d -> %s", state["stage"], state["step"], out_dir / CHECKPOINT_DIR)
-
-
-def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
-    state = json.loads((out_dir / CHECKPOINT_DIR / STATE_FILE).read_text())
+def resume_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
+    """The checkpoint's recipe state, after checking that this run may continue it."""
+    state = read_checkpoint_state(out_dir / CHECKPOINT_DIR)
     saved = state["config"]
     changed = [k for k in RESUME_KEYS if saved.get(k) != _config_record(cfg).get(k)]
     if changed:
@@ -526,30 +328,8 @@ def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int)
     return state
 
 
-def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Distributed) -> None:
-    saved = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
-    if dist.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-
-
 # --- training ---------------------------------------------------------------------------------
 
-def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-
-def micro_batches(batch: torch.Tensor, dist: Distributed, grad_accum: int):
-    """This rank's slices of a global batch ``[G, L+1]``: micro-step a takes rows ``(a*world + rank)*b ...``."""
-    per_rank = batch.shape[0] // (grad_accum * dist.world_size)
-    for a in range(grad_accum):
-        start = (a * dist.world_size + dist.rank) * per_rank
-        yield a, batch[start : start + per_rank].to(dist.device)
 
 
 def _notify(progress: Progress | None, dist: Distributed, event: dict) -> None:
@@ -632,23 +412,6 @@ def train_step(ddp_model, loss_fn, batch: torch.Tensor, optimizer, scheduler, cf
     return global_mean(step_loss, dist)
 
 
-def gradient_sync(model, sync: bool, dist: Distributed):
-    if sync or dist.world_size == 1:
-        return contextlib.nullcontext()
-    if dist.fsdp:
-        model.set_requires_gradient_sync(False)
-        return _restore_gradient_sync(model)
-    return model.no_sync()
-
-
-@contextlib.contextmanager
-def _restore_gradient_sync(model):
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def validate(model, valid: np.ndarray, state: dict, cfg: FinetuneConfig, dist: Distributed,
              progress: Progress | None) -> dict | None:
     """Perplexity of the first ``eval_max_tokens`` valid tokens on rank 0 (on all ranks under FSDP)."""
@@ -697,13 +460,16 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     source = Path(cfg.model) if cfg.model is not None else bundled_teacher()
     if cfg.model is None and not source.is_dir():
         raise ValueError(f"the bundled teacher is missing at {source}; pass a model directory")
+    check_model_and_tokenizer(source, cfg.tokenizer, need_fast=False)
     state = {"stage": "transfer" if cfg.attention_transfer_steps else "finetune", "step": 0,
              "world_size": dist.world_size, "global_batch": global_batch, "config": _config_record(cfg),
              "tokens": {"transfer": 0, "finetune": 0}, "losses": {"transfer": [], "finetune": []}, "valid": []}
     if checkpoint is not None:
-        state = read_checkpoint_state(out_dir, cfg, global_batch)
+        state = resume_state(out_dir, cfg, global_batch)
         state["world_size"] = dist.world_size
+    _notify(progress, dist, {"phase": "setup", "what": f"loading {source}"})
     model, tokenizer = load_model_and_tokenizer(checkpoint or source, cfg)
+    _notify(progress, dist, {"phase": "setup", "what": "tokenizing the training data (cached after the first run)"})
     streams = load_token_streams(cfg, tokenizer)
     model.to(dist.device)
     if dist.fsdp:
@@ -748,53 +514,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
             "wall_time_s": round(time.perf_counter() - start, 1),
             "torch_version": torch.__version__,
         }
-        save_final(model, tokenizer, record, out_dir, full_state)
+        save_final(model, tokenizer, record, RECORD_FILE, out_dir, full_state)
+        logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
     if dist.world_size > 1:
         torch_dist.barrier()
     if dist.owns_group:
         torch_dist.destroy_process_group()
     return record
-
-
-def save_final(model, tokenizer, record: dict, out_dir: Path, state_dict: dict | None = None) -> None:
-    """The finished model replaces ``out_dir`` in one rename; the checkpoint, no longer needed, goes."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, state_dict)
-    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    replace_dir(tmp, out_dir)
-    logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
-
-
-def parse_args(argv: list[str]) -> FinetuneConfig:
-    """Every FinetuneConfig field as a ``--dash-case`` option (``--out`` for ``out_dir``)."""
-    parser = argparse.ArgumentParser(prog="python -m t2r_export.train.finetune", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true")
-        elif kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, type=Path, nargs="+", default=None)
-        else:
-            base = kind.split(" |")[0]
-            convert = {"int": int, "float": float, "str": str, "Path": Path}[base]
-            parser.add_argument(flag, dest=f.name, type=convert, default=f.default, help=f"default: {f.default}")
-    return FinetuneConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    command = shlex.join(["python", "-m", "t2r_export.train.finetune", *argv])
-    try:
-        finetune(parse_args(argv), command=command)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

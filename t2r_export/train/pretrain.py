@@ -3,7 +3,7 @@
 One explicit file: setup (tokenizer, token streams, model, optimizer) / train / evaluate / save.
 Rerun the bundled teacher with the command recorded in its ``training.json``, e.g.::
 
-    python -m t2r_export.train.pretrain --out t2r_export/teacher/softmax --steps 550 --batch-size 16 \
+    t2r-export pretrain --out t2r_export/teacher/softmax --steps 550 --batch-size 16 \
         --warmup-steps 50 --num-threads 1 --seed 1337
 
 The run is deterministic for a given seed, machine and library versions: the tokenizer, the file
@@ -12,7 +12,6 @@ split, the block order (``iter_blocks``) and the initialization are all seeded o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -20,7 +19,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,13 +27,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from t2r_export.data.corpus import iter_blocks, read_split, stdlib_token_stream
 from t2r_export.data.tokenizer import train_bpe_tokenizer
+from t2r_export.atomic import atomic_dir
+from t2r_export.train.checkpoint import save_weights
 from t2r_export.train.evaluate import perplexity
+from t2r_export.train.losses import next_token_loss
+from t2r_export.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +148,7 @@ def final_lr(cfg: PretrainConfig) -> float:
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    floor = final_lr(cfg)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - floor)
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, final_lr(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
@@ -180,9 +177,7 @@ def train(model, stream: np.ndarray, cfg: PretrainConfig, progress: Progress | N
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = next(batches)
-        logits = model(batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss = next_token_loss(model, next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -208,31 +203,12 @@ def round_weights_(model: torch.nn.Module, save_dtype: str) -> None:
             param.copy_(param.to(getattr(torch, save_dtype)).float())
 
 
-def _save_model(model, directory: Path, save_dtype: str) -> None:
-    model.to(getattr(torch, save_dtype)).save_pretrained(directory, safe_serialization=True)
-    model.float()
-    # save_pretrained records the storage dtype; loading should compute in fp32 regardless
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def save_atomically(model, tokenizer, out_dir: Path, record: dict, save_dtype: str = "float32") -> None:
-    """Write model, tokenizer and training.json to ``out_dir.tmp-<pid>``, then swap it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_model(model, tmp, save_dtype)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    # rename cannot replace a non-empty directory, so move the old one aside first
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write model, tokenizer and training.json beside ``out_dir``, then swap the directory into place."""
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_weights(model, tmp, save_dtype)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _config_record(cfg: PretrainConfig) -> dict:
@@ -292,40 +268,3 @@ def pretrain_teacher(cfg: PretrainConfig, progress: Progress | None = None, comm
     save_atomically(model, tokenizer, cfg.out_dir, record, cfg.save_dtype)
     logger.info("saved teacher to %s (valid ppl %.3f, test ppl %.3f)", cfg.out_dir, scores["valid"]["perplexity"], scores["test"]["perplexity"])
     return record
-
-
-def _optional(kind):
-    """An argparse type that also takes ``none`` (for fields whose None means "all" or "default")."""
-    return lambda text: None if text.lower() == "none" else kind(text)
-
-
-# type names as they read under `from __future__ import annotations`
-_ARG_TYPES = {
-    "int": int, "float": float, "str": str, "Path": Path,
-    "int | None": _optional(int), "float | None": _optional(float), "Path | None": _optional(Path),
-}
-
-
-def parse_args(argv: list[str]) -> PretrainConfig:
-    """Every PretrainConfig field as a ``--dash-case`` option (``--out`` for ``out_dir``)."""
-    parser = argparse.ArgumentParser(prog="python -m t2r_export.train.pretrain", description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(PretrainConfig):
-        flag = "--out" if field.name == "out_dir" else "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, type=_ARG_TYPES[field.type], default=field.default, help=f"default: {field.default}")
-    return PretrainConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_args(argv)
-    command = shlex.join(["python", "-m", "t2r_export.train.pretrain", *argv])
-    try:
-        pretrain_teacher(cfg, command=command)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -2,13 +2,15 @@
 
     bundle/engines/step.fp16.plan, prefill.fp16.plan, manifest.json
 
-How each precision is built (DESIGN §5, §6):
+How each precision is built (docs/design.md#precision-plan, #tensorrt):
 - TensorRT 10 (weak typing allowed): fp16 from the fp32 graphs by ``BuilderFlag.FP16`` with
   ``OBEY_PRECISION_CONSTRAINTS``; the layers named in the graph's ``t2r.fp32_island`` metadata (state,
   phi(q)·z, division, norms, RoPE tables, logits) are pinned to fp32 with ``layer.precision`` and
   ``set_output_type``. An fp16 bundle (``t2r-export onnx --precision fp16``) is built strongly typed.
-- TensorRT 11 (strongly typed only, FP16/INT8 flags removed): fp16 comes from the fp16 bundle's
-  already-typed graphs; an fp32 bundle with ``--fp16`` is refused with the command that makes one.
+- TensorRT 11 (strongly typed only, FP16/INT8 flags removed): no precision builder flag is ever
+  set; fp16 comes from the fp16 bundle's already-typed graphs; an fp32 bundle with ``--fp16`` is
+  refused with the command that makes one.
+- TensorRT < 10 is refused (one line: TensorRT >= 10, JetPack >= 6.1).
 - int8 always comes from an int8 bundle's Q/DQ graphs (explicit quantization; TensorRT removed
   implicit calibration in 11).
 Engines are not portable across TensorRT versions or GPUs: the manifest names both, and
@@ -20,7 +22,6 @@ without TensorRT; only :func:`build_engines` imports it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,16 +32,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import contract
 from ..atomic import atomic_dir, atomic_write_text
-from ..export import contract
 from . import TensorRTUnavailable
-from .runner import ENGINE_DIR, gpu_info, import_tensorrt
+from .cuda import check_tensorrt_version, gpu_info, import_tensorrt, tensorrt_major
+from .manifest import (ENGINE_DIR, MANIFEST, EngineManifestError, check_manifest, engine_file, engine_paths,
+                       file_sha256, new_manifest, read_manifest)
+
+# re-exported: callers that build also check and locate what they built
+__all__ = ["EngineBuildError", "EngineManifestError", "BuildPlan", "BuildResult", "build_engines", "check_manifest",
+           "engine_paths", "plan_build", "profile_shapes", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "t2r-export-engines"
-MANIFEST_VERSION = 1
 ISLAND_KEY = "t2r.fp32_island"
 PRECISIONS = ("fp32", "fp16", "int8")
 # a layer the ONNX parser adds for a node is named after it, later ones get "_<n>" appended
@@ -49,10 +53,6 @@ _AUX_SUFFIX = re.compile(r"_\d+$")
 
 class EngineBuildError(RuntimeError):
     """TensorRT rejected a graph or failed to build an engine."""
-
-
-class EngineManifestError(ValueError):
-    """The engines in a bundle do not match this TensorRT, this GPU or the bundle's graphs."""
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,14 @@ class BuildPlan:
     notes: tuple[str, ...] = field(default=())
 
 
-def tensorrt_major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        raise ValueError(f"cannot read the TensorRT version {version!r}") from None
-
-
 def plan_build(tensorrt_version: str, fp16: bool, int8: bool, bundle_precision: str) -> BuildPlan:
-    """Flags and typing mode for one TensorRT version, requested precision and bundle precision."""
+    """Flags and typing mode for one TensorRT version (>= 10), requested precision and bundle precision.
+
+    TensorRT 11 builds strongly typed networks only: no FP16/INT8/precision-constraint builder
+    flags (they are gone), no per-layer precision; the precision is the ONNX graph's own. Its
+    STRONGLY_TYPED creation flag is ignored, so none is set.
+    """
+    check_tensorrt_version(tensorrt_version)
     major = tensorrt_major(tensorrt_version)
     if bundle_precision not in PRECISIONS:
         raise ValueError(f"bundle precision {bundle_precision!r} cannot be built; expected one of {PRECISIONS}")
@@ -84,26 +83,23 @@ def plan_build(tensorrt_version: str, fp16: bool, int8: bool, bundle_precision: 
     if fp16 and bundle_precision == "fp32" and major >= 11:
         raise ValueError(f"TensorRT {tensorrt_version} builds strongly typed networks only (BuilderFlag.FP16 is gone): "
                          "export an fp16 bundle with `t2r-export onnx --precision fp16` and build from it")
-    network = ("EXPLICIT_BATCH",) if major < 10 else ()
+    typed = () if major >= 11 else ("STRONGLY_TYPED",)
     notes: tuple[str, ...] = ()
     if bundle_precision == "int8":
         if major >= 11:
             if fp16:
                 notes = ("TensorRT 11 is strongly typed: layers outside the Q/DQ pairs keep the graph's float32",)
-            return BuildPlan("int8", True, network + ("STRONGLY_TYPED",), (), (), False, notes)
+            return BuildPlan("int8", True, typed, (), (), False, notes)
         flags = ("INT8",) + (("FP16", "OBEY_PRECISION_CONSTRAINTS") if fp16 else ())
-        return BuildPlan("int8", False, network, flags, (), fp16, notes)
+        return BuildPlan("int8", False, (), flags, (), fp16, notes)
     if bundle_precision == "fp16":
-        if major < 10:
-            raise ValueError(f"fp16 bundles are built strongly typed, which needs TensorRT >= 10 (found {tensorrt_version}); "
-                             "build the fp32 bundle with --fp16 instead")
-        return BuildPlan("fp16", True, network + ("STRONGLY_TYPED",), (), (), False)
+        return BuildPlan("fp16", True, typed, (), (), False)
     if fp16:
-        return BuildPlan("fp16", False, network, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), (), True)
+        return BuildPlan("fp16", False, (), ("FP16", "OBEY_PRECISION_CONSTRAINTS"), (), True)
     # fp32 engines stay fp32: TF32 matmuls would keep only 10 mantissa bits
     if major >= 11:
-        return BuildPlan("fp32", True, network + ("STRONGLY_TYPED",), (), ("TF32",), False)
-    return BuildPlan("fp32", False, network, (), ("TF32",), False)
+        return BuildPlan("fp32", True, typed, (), ("TF32",), False)
+    return BuildPlan("fp32", False, (), (), ("TF32",), False)
 
 
 def profile_shapes(state_shape: contract.StateShape, kind: str, max_batch: int,
@@ -142,18 +138,6 @@ def island_layers(layer_names: Iterable[str], island: set[str]) -> list[str]:
     return [name for name in layer_names if name in island or _AUX_SUFFIX.sub("", name) in island]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def engine_file(kind: str, precision: str) -> str:
-    return f"{kind}.{precision}.plan"
-
-
 # ---- manifest --------------------------------------------------------------------------------------
 
 def engine_entry(plan: BuildPlan, profiles: dict, sources: dict[str, tuple[str, str]], island_count: int = 0,
@@ -173,64 +157,6 @@ def engine_entry(plan: BuildPlan, profiles: dict, sources: dict[str, tuple[str, 
             for kind in sources
         },
     }
-
-
-def new_manifest(tensorrt_version: str, gpu_name: str, compute_capability: str) -> dict:
-    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "tensorrt_version": tensorrt_version,
-            "gpu": {"name": gpu_name, "compute_capability": compute_capability}, "engines": {}}
-
-
-def read_manifest(bundle_dir: Path) -> dict:
-    path = Path(bundle_dir) / ENGINE_DIR / MANIFEST
-    if not path.is_file():
-        raise EngineManifestError(f"{path} is missing: build engines with `t2r-export trt {bundle_dir} --fp16`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EngineManifestError(f"{path} is not valid JSON ({err}); rebuild with `t2r-export trt {bundle_dir}`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise EngineManifestError(f"{path} is not a t2r-export engine manifest")
-    return manifest
-
-
-def check_manifest(manifest: dict, precision: str | None, tensorrt_version: str, gpu_name: str,
-                   compute_capability: str, bundle_dir: Path | None = None) -> dict:
-    """The manifest entry for ``precision`` if its engines can run here; else EngineManifestError saying why."""
-    where = f"{bundle_dir}/{ENGINE_DIR}" if bundle_dir else ENGINE_DIR
-    rebuild = f"rebuild them here with `t2r-export trt {bundle_dir or 'BUNDLE'}" + \
-              (f" --{precision}`" if precision in ("fp16", "int8") else "`")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise EngineManifestError(f"{where}/{MANIFEST} has format version {manifest.get('format_version')}, this "
-                                  f"t2r-export reads {MANIFEST_VERSION}; {rebuild}")
-    built_with = manifest.get("tensorrt_version")
-    if built_with != tensorrt_version:
-        raise EngineManifestError(f"the engines in {where} were built with TensorRT {built_with}, this is TensorRT "
-                                  f"{tensorrt_version}; engines are not portable across TensorRT versions: {rebuild}")
-    gpu = manifest.get("gpu", {})
-    if gpu.get("compute_capability") != compute_capability:
-        raise EngineManifestError(f"the engines in {where} were built for {gpu.get('name')} (compute capability "
-                                  f"{gpu.get('compute_capability')}), this GPU is {gpu_name} ({compute_capability}); "
-                                  f"engines are not portable across GPUs: {rebuild}")
-    if gpu.get("name") != gpu_name:
-        logger.warning("engines in %s were built on %s, running on %s (same compute capability %s)",
-                       where, gpu.get("name"), gpu_name, compute_capability)
-    engines = manifest.get("engines", {})
-    if precision not in engines:
-        have = ", ".join(engines) or "none"
-        raise EngineManifestError(f"{where} has no {precision} engines (it has: {have}); build them with "
-                                  f"`t2r-export trt {bundle_dir or 'BUNDLE'}" + (f" --{precision}`" if precision in
-                                                                                   ("fp16", "int8") else "`"))
-    entry = engines[precision]
-    if bundle_dir is not None:
-        for graph in entry["graphs"].values():
-            plan = Path(bundle_dir) / ENGINE_DIR / graph["file"]
-            if not plan.is_file():
-                raise EngineManifestError(f"{plan} is listed in the manifest but missing; {rebuild}")
-            source = Path(bundle_dir) / graph["onnx"]
-            if source.is_file() and file_sha256(source) != graph["onnx_sha256"]:
-                raise EngineManifestError(f"{graph['file']} was built from a different {graph['onnx']} (sha256 "
-                                          f"mismatch): the bundle was re-exported since; {rebuild}")
-    return entry
 
 
 # ---- building (needs TensorRT and a GPU) -----------------------------------------------------------
@@ -299,6 +225,9 @@ def _build_one(trt, trt_logger, onnx_path: Path, plan: BuildPlan, shapes: dict, 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     for name in plan.builder_flags:
+        if not hasattr(trt.BuilderFlag, name):
+            raise EngineBuildError(f"this TensorRT ({trt.__version__}) has no BuilderFlag.{name}; "
+                                   "its networks are strongly typed: build from a bundle of that precision")
         config.set_flag(getattr(trt.BuilderFlag, name))
     for name in plan.cleared_flags:
         if hasattr(trt.BuilderFlag, name):

@@ -21,14 +21,13 @@ Each problem is a :class:`Finding` that names the node (name and op type) or the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..export import contract
+from .. import contract
 
 # TensorRT 10.0's parser: opsets 9-20 (later 10.x releases accept more; this is the portable range)
 OPSET_RANGE = (9, 20)
@@ -132,17 +131,12 @@ def check_file(path: str | Path, kind: str | None = None) -> list[Finding]:
 
 def check_bundle(path: str | Path) -> list[Finding]:
     """Both graphs of a bundle directory (file names and kinds from its runtime.json)."""
-    path = Path(path)
-    runtime = path / "runtime.json"
-    if not runtime.is_file():
-        raise ValueError(f"{runtime} is missing; is {path} a bundle written by `t2r-export onnx`?")
-    graphs = json.loads(runtime.read_text()).get("graphs", {})
+    from ..runtime.bundle import load_bundle
+
+    bundle = load_bundle(path)
     findings = []
     for kind in contract.GRAPH_KINDS:
-        file = path / graphs.get(kind, {}).get("file", f"{kind}.onnx")
-        if not file.is_file():
-            raise ValueError(f"{file} is missing from the bundle")
-        findings += check_file(file, kind)
+        findings += check_file(bundle.graph_path(kind), kind)
     return findings
 
 

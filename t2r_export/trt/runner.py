@@ -3,7 +3,7 @@
     with TrtDecoder("bundle/", precision="fp16", cuda_graphs=True) as dec:
         result = generate(dec, bundle.load_tokenizer(), ["def main("], max_new_tokens=64)
 
-Design (DESIGN §6), kept straightforward on purpose:
+Design (docs/design.md#tensorrt), kept straightforward on purpose:
 - two full state sets live on the device; step t reads set A as ``past_state.*`` and writes set B
   as ``present_state.*``, step t+1 the reverse. Each parity has its own execution context with
   every address bound once, so a step binds nothing and copies no state;
@@ -13,9 +13,10 @@ Design (DESIGN §6), kept straightforward on purpose:
 - the prefill engine writes its state straight into one row of the current set (``prefill_row``),
   exactly like the ONNX Runtime backend.
 
-Device memory goes through cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` on older
-releases), imported lazily. This module has never run here: the machines that wrote it have no GPU
-and no TensorRT. It is written against the documented TensorRT 10 Python API.
+Loaders build, runners run: this module never imports the builder. It is given its engine files,
+or finds them through the bundle's manifest (``trt/manifest.py``); TensorRT and cuda-python come
+lazily from ``trt/cuda.py``. Written against the documented TensorRT 10 Python API (TensorRT >= 10,
+JetPack >= 6.1).
 """
 
 from __future__ import annotations
@@ -25,61 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import contract
+from .. import contract
 from ..runtime.bundle import Bundle, load_bundle
-from . import TensorRTUnavailable
-
-ENGINE_DIR = "engines"
-
-
-# ---- cuda-python ----------------------------------------------------------------------------------
-
-def import_cudart():
-    """The cuda-python runtime module, whichever layout the installed release uses."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise TensorRTUnavailable("cuda-python is not installed: `pip install cuda-python` "
-                                      "(or `pip install t2r-export[tensorrt]`)") from None
-    return cudart
-
-
-def cuda_call(result):
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise with CUDA's own message on error."""
-    cudart = import_cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != int(cudart.cudaError_t.cudaSuccess):
-        _, text = cudart.cudaGetErrorString(err)
-        raise RuntimeError(f"CUDA error {int(err)}: {text.decode() if isinstance(text, bytes) else text}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def gpu_info(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor"); TensorRTUnavailable when no CUDA GPU is visible."""
-    cudart = import_cudart()
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != int(cudart.cudaError_t.cudaSuccess) or count == 0:
-        raise TensorRTUnavailable("no CUDA GPU is visible (TensorRT engines are built and run on an NVIDIA GPU); "
-                                  "run on a machine with one, or use `generate --provider cpu`")
-    if device >= count:
-        raise TensorRTUnavailable(f"CUDA device {device} does not exist ({count} visible)")
-    props = cuda_call(cudart.cudaGetDeviceProperties(device))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return name.rstrip("\x00"), f"{props.major}.{props.minor}"
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTUnavailable("TensorRT is not installed: `pip install t2r-export[tensorrt]` on a machine with "
-                                  "an NVIDIA GPU (JetPack ships it on a Jetson)") from None
-    return trt
+from .cuda import cuda_call, gpu_info, import_cudart, import_tensorrt
+from .manifest import engine_paths
 
 
 class _DeviceBuffer:
@@ -131,20 +81,6 @@ class _StateSet:
             buffer.free()
 
 
-# ---- engines and manifest ------------------------------------------------------------------------
-
-def engine_paths(bundle: Bundle, precision: str | None = None) -> tuple[str, dict[str, Path]]:
-    """(precision, {kind: plan path}) after checking ``engines/manifest.json`` against this TensorRT and GPU."""
-    from .build import check_manifest, read_manifest
-
-    trt = import_tensorrt()
-    name, capability = gpu_info()
-    manifest = read_manifest(bundle.path)
-    precision = precision or next(iter(manifest.get("engines", {})), None)
-    entry = check_manifest(manifest, precision, trt.__version__, name, capability, bundle_dir=bundle.path)
-    return precision, {kind: bundle.path / ENGINE_DIR / g["file"] for kind, g in entry["graphs"].items()}
-
-
 class TrtDecoder:
     """A bundle's TensorRT step and prefill engines with the recurrent state kept on the GPU.
 
@@ -153,20 +89,29 @@ class TrtDecoder:
     """
 
     def __init__(self, bundle: Bundle | str | Path, precision: str | None = None, cuda_graphs: bool = False,
-                 device: int = 0):
+                 device: int = 0, engines: dict[str, Path] | None = None):
+        """``engines``: {"step": plan, "prefill": plan} to run (e.g. fresh from the builder); None = the
+        bundle's ``engines/`` folder, checked against its manifest for this TensorRT and GPU."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.config = self.bundle.config
         trt = import_tensorrt()
         cudart = import_cudart()
         cuda_call(cudart.cudaSetDevice(device))
-        self.precision, plans = engine_paths(self.bundle, precision)
+        if engines is None:
+            self.precision, plans = engine_paths(self.bundle.path, precision, trt.__version__, *gpu_info(device))
+        else:
+            missing = set(contract.GRAPH_KINDS) - set(engines)
+            if missing:
+                raise ValueError(f"engines must name a plan for each of {', '.join(contract.GRAPH_KINDS)}; "
+                                 f"missing {', '.join(sorted(missing))}")
+            self.precision, plans = precision or "unknown", {kind: Path(engines[kind]) for kind in contract.GRAPH_KINDS}
         self.cuda_graphs = cuda_graphs
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engines = {kind: self._load(path) for kind, path in plans.items()}
         self._stream = cuda_call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
-        self._pairs = contract.state_pairs(self.config.num_layers, self.config.window)
+        self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         self._check_io()
         self._batch = 0
         self._parity = 0

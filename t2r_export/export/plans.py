@@ -1,0 +1,53 @@
+"""One call per precision plan: ``export_plan(model, out, precision)`` writes a verified bundle.
+
+fp32, fp16 and fp16-all come straight from the graph emitter (``export_bundle``). int8 is
+calibrated on an fp32 bundle: a verified fp32 bundle is written to a scratch folder beside ``out``,
+the int8 bundle is quantized from it and checked against the fp32 torch model, and the scratch
+folder is removed whatever happens. Any failed check raises ToleranceError and leaves nothing at
+``out`` (docs/design.md#precision-plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import contract
+from .bundle import ExportResult, check_plan, export_bundle
+
+
+def export_plan(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True, chained_steps: int = 256,
+                calibration_prompts: Path | None = None, verify_texts: list[str] | None = None, tokenizer=None,
+                overwrite: bool = True, progress: Callable[[str], None] | None = None) -> ExportResult:
+    if precision not in contract.PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(contract.PRECISIONS)}")
+    if calibration_prompts is not None and not Path(calibration_prompts).is_file():
+        raise ValueError(f"calibration prompts file not found: {calibration_prompts}")
+    if precision != "int8":
+        return export_bundle(model_or_dir, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                             tokenizer=tokenizer, overwrite=overwrite, verify_texts=verify_texts)
+    return _export_int8(model_or_dir, Path(out), verify, chained_steps, calibration_prompts, verify_texts, tokenizer,
+                        overwrite, progress)
+
+
+def _export_int8(model_or_dir, out: Path, verify: bool, chained_steps: int, prompts: Path | None,
+                 verify_texts: list[str] | None, tokenizer, overwrite: bool, progress) -> ExportResult:
+    from ..models import load_t2r_model
+    from .quantize import export_int8_bundle, load_prompts
+
+    model_dir = Path(model_or_dir) if isinstance(model_or_dir, (str, Path)) else None
+    model = load_t2r_model(model_dir) if model_dir is not None else model_or_dir
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
+        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,
+                             tokenizer=tokenizer, model_dir=model_dir)
+        texts = verify_texts or load_prompts(prompts)
+
+        def check(folder: Path, runtime: contract.RuntimeConfig) -> contract.VerificationRecord:
+            return check_plan(model, folder, runtime, texts)
+
+        int8 = export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts, overwrite=overwrite,
+                                  progress=progress, check=check if verify else None)
+    return dataclasses.replace(fp32, out=out, runtime=int8.runtime, report=None)
