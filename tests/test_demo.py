@@ -25,3 +25,20 @@ def test_demo_rejects_bad_input(tmp_path):
     assert result.exit_code == 2 and "--finetune-steps must be" in result.output
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--prompt", ""])
     assert result.exit_code == 2 and "prompt is empty" in result.output
+
+
+def test_demo_runs_the_bundled_hybrid_too(tmp_path):
+    out = tmp_path / "hybrid"
+    result = runner.invoke(app, ["demo", "--model", "hybrid", "-o", str(out), "--no-speed", "--max-new-tokens", "8",
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    runtime = RuntimeConfig.read(out / "runtime.json")
+    assert runtime.window == 64 and runtime.feature_map == "hedgehog" and runtime.verification.passed
+
+
+def test_demo_rejects_an_unknown_model_or_a_finetuned_hybrid(tmp_path):
+    result = runner.invoke(app, ["demo", "--model", "gpt", "-o", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "unknown --model 'gpt'" in result.output
+    result = runner.invoke(app, ["demo", "--model", "hybrid", "--finetune-steps", "3", "-o", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "cannot be combined with --model hybrid" in result.output
+    assert not (tmp_path / "d").exists()

@@ -1,4 +1,7 @@
-"""`t2r-export demo`: the whole pipeline on the bundled model, offline, in a few minutes.
+"""`t2r-export demo`: the whole pipeline on a bundled model, offline, in a few minutes.
+
+``--model t2r`` (default) is the paper's T2R model; ``--model hybrid`` the Hedgehog + sliding-window
+model (docs/quality.md), whose state also holds the window.
 
 (optional short finetune) → export step + prefill graphs → verify against torch → generate with
 the torch-free runtime → a short speed and memory comparison against the softmax teacher.
@@ -19,6 +22,8 @@ DEFAULT_PROMPT = "def read_config(path):\n"
 def demo(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where the bundle is kept (default: a temporary "
                                                                  "folder, removed at the end)."),
+    model: str = typer.Option("t2r", help="Bundled model: t2r (the paper's T2R) | hybrid (Hedgehog + a 64-token "
+                                          "sliding window, closer to the teacher)."),
     finetune_steps: int = typer.Option(0, help="First finetune the softmax teacher for this many steps (0: use "
                                                "the bundled T2R model)."),
     prompt: str = typer.Option(DEFAULT_PROMPT, help="Prompt for the generation step."),
@@ -34,12 +39,16 @@ def demo(
 
     if finetune_steps < 0:
         fail(f"--finetune-steps must be ≥ 0, got {finetune_steps}")
+    if model not in ("t2r", "hybrid"):
+        fail(f"unknown --model {model!r}; expected t2r or hybrid")
+    if finetune_steps and model != "t2r":
+        fail("--finetune-steps makes a new T2R model from the teacher; it cannot be combined with --model hybrid")
     if not prompt:
         fail("the prompt is empty; give at least one character of text")
     if out is not None:
         check_writable_parent(out, "bundle directory")
     try:
-        model_dir = bundled_model_dir("t2r")
+        model_dir = bundled_model_dir(model)
     except ValueError as err:
         fail(str(err))
     from ..export.bundle import export_bundle

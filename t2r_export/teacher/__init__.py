@@ -1,4 +1,5 @@
-"""The bundled models: ``softmax/`` (the pretrained teacher) and ``t2r/`` (its T2R finetune).
+"""The bundled models: ``softmax/`` (the pretrained teacher), ``t2r/`` (its T2R finetune, the paper's
+recipe) and ``hybrid/`` (Hedgehog + sliding window, LoLCATs' recipe, at 10% of the pretraining tokens).
 
 See README.md beside this file for the commands that made them.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 TEACHER_DIR = Path(__file__).resolve().parent
-KINDS = ("softmax", "t2r")
+KINDS = ("softmax", "t2r", "hybrid")
 
 
 def bundled_model_dir(kind: str = "t2r") -> Path:
