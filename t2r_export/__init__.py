@@ -6,6 +6,12 @@ and transformers are installed. The decode runtime (``t2r_export.runtime``) need
 
 __version__ = "0.1.0"
 
+from .interrupt import install_startup_handler as _install_startup_handler, is_command_line as _is_command_line
+
+# the command line answers Ctrl-C with one line even while torch is still importing
+if _is_command_line():
+    _install_startup_handler()
+
 try:
     import torch  # noqa: F401
     import transformers  # noqa: F401

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import typer
 
+from ..interrupt import report_interrupt, restore_default_handler
 from . import (bench_cmd, demo_cmd, experiment_cmd, export_cmd, pretrain_cmd, runtime_cmd, swap_cmd,
                train_cmd, trt_cmd)
+from .common import settings
 
 app = typer.Typer(
     name="t2r-export",
@@ -21,8 +23,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure instead of one line."),
+) -> None:
     """Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders."""
+    settings.debug = debug
 
 
 COMMANDS = [
@@ -45,13 +50,57 @@ for _name, _fn, _help in COMMANDS:
 
 
 def main() -> None:
+    """The console script: every failure is one line (exit 2 bad input, 1 failed, 130 Ctrl-C)."""
     import os
+    import sys
 
     # HF's per-file progress bars drown the one-line messages a user needs to see
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    app()
+    # --debug is also read here: a failure while click parses must honour it too
+    settings.debug = "--debug" in sys.argv[1:]
+    restore_default_handler()
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(args: list[str]) -> int:
+    """Run the command line on ``args``; returns the exit code instead of raising."""
+    try:
+        app(args=args, prog_name="t2r-export")
+    except SystemExit as done:
+        # typer answers Ctrl-C with a silent exit 130; say what happened, in one line
+        if done.code == 130 and _interrupted(done):
+            if settings.debug:
+                raise KeyboardInterrupt from None
+            return report_interrupt()
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except KeyboardInterrupt:
+        if settings.debug:
+            raise
+        return report_interrupt()
+    except Exception as err:
+        if settings.debug:
+            raise
+        from rich.markup import escape
+
+        from .common import err_console
+
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+        err_console.print(f"[bold red]error:[/] {escape(f'unexpected {type(err).__name__}: {text}')} "
+                          "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _interrupted(done: SystemExit) -> bool:
+    """True when the exit came from a KeyboardInterrupt (Ctrl-C) somewhere in its chain."""
+    seen = done.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":
