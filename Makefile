@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/t2r-export demo
+	$(BIN)/t2r-export demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q

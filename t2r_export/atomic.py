@@ -26,8 +26,9 @@ from typing import Iterable
 
 # written into every folder the tool creates, so --force can tell it from a user's folder
 MARKER = ".t2r-export"
-# a bundle written before the marker existed is still recognised by its runtime.json
-OWNED_FILES = (MARKER, "runtime.json")
+# outputs written before the marker existed are recognised by the records only this tool writes:
+# a bundle's runtime.json, finetune's and pretrain's records, an unfinished finetune's checkpoint
+OWNED_FILES = (MARKER, "runtime.json", "finetune.json", "training.json", "checkpoint/trainer_state.json")
 WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                 errno.EROFS: "the file system is read-only"}
@@ -40,8 +41,21 @@ class OutputError(ValueError):
 
 
 def is_tool_output(path: Path) -> bool:
-    """True when ``path`` is a folder this tool wrote (its marker or a bundle's runtime.json)."""
-    return Path(path).is_dir() and any((Path(path) / name).is_file() for name in OWNED_FILES)
+    """True when ``path`` is a folder this tool wrote (its marker or one of its records)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return any((path / name).is_file() for name in OWNED_FILES) or _is_engines_manifest(path / "manifest.json")
+
+
+def _is_engines_manifest(path: Path) -> bool:
+    """A TensorRT engines folder written before the marker existed: its manifest names our format."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == "t2r-export-engines"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -88,7 +102,7 @@ def check_replaceable(out: Path, overwrite: bool, what: str = "output directory"
         raise OutputError(f"{what} {out} already exists and is not empty; pass --force to replace it, "
                           "or choose another --out")
     if not is_tool_output(out):
-        raise OutputError(f"{what} {out} was not written by t2r-export (no {MARKER} or runtime.json in it); "
+        raise OutputError(f"{what} {out} was not written by t2r-export (none of {', '.join(OWNED_FILES)} in it); "
                           "--force replaces only t2r-export's own outputs: choose another --out")
 
 

@@ -159,4 +159,4 @@ def test_cli_rejects_bad_input_with_exit_2(tmp_path):
     assert result.exit_code == 2 and "--steps must be a positive integer" in result.output
     (tmp_path / "file").write_text("")
     result = runner.invoke(_cli(), ["--steps", "1", "--out", str(tmp_path / "file")])
-    assert result.exit_code == 2 and "is an existing file" in result.output
+    assert result.exit_code == 2 and "exists and is not a directory" in result.output

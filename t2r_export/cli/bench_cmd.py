@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .common import atomic_output_dir, check_writable_parent, console, err_console, fail, stderr_is_tty
+from .common import FORCE_HELP, atomic_output_dir, check_output_early, console, err_console, fail, stderr_is_tty
 
 
 def bench(
@@ -39,13 +39,14 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
     profile: bool = typer.Option(False, "--profile", help="Also profile the T2R step graph and the floor with "
                                                           "ONNX Runtime's profiler (time and nodes by op type)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     import os
 
     from ..bench.run import PATHS, BenchConfig, default_bundle, parse_int_list
     from ..teacher import bundled_model_dir
 
-    check_writable_parent(out)
+    check_output_early(out, force, inputs=[bundle, softmax, t2r_model])
     try:
         overrides = {"threads": threads or os.cpu_count() or 1, "device": device, "profile": profile}
         if positions is not None:
@@ -72,7 +73,7 @@ def bench(
     except ValueError as err:
         fail(str(err))
     result = _run(cfg)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, force, inputs=[bundle, softmax, t2r_model]) as tmp:
         from ..bench.plots import write_report
 
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

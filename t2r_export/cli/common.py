@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..atomic import OutputError, atomic_dir, check_output, check_writable, output_lock
+from ..atomic import OutputError, atomic_dir, check_output, check_writable, output_lock, remove_stale_temps
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,6 +48,15 @@ def check_writable_parent(out: Path, what: str = "output directory") -> None:
         fail(str(err))
 
 
+def check_output_early(out: Path, force: bool = False, inputs: Iterable[Path | None] = (),
+                       what: str = "output directory") -> None:
+    """fail() with one line, before any heavy work, when ``-o`` must not be written (see claimed_output)."""
+    try:
+        check_output(out, force, [Path(p) for p in inputs if p is not None], what)
+    except OutputError as err:
+        fail(str(err))
+
+
 @contextmanager
 def claimed_output(out: Path, force: bool = False, inputs: Iterable[Path | None] = (),
                    what: str = "output directory"):
@@ -65,6 +74,7 @@ def claimed_output(out: Path, force: bool = False, inputs: Iterable[Path | None]
     except OutputError as err:
         fail(str(err))
     try:
+        remove_stale_temps(out)
         yield
     finally:
         lock.__exit__(None, None, None)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import check_writable_parent, console, fail
+from .common import FORCE_HELP, TRUST_HELP, claimed_output, console, fail
 
 
 def onnx_export(
@@ -19,6 +19,8 @@ def onnx_export(
                                                                    "calibration/prompts.txt of the repository)."),
     verify: bool = typer.Option(True, help="Check ONNX Runtime against torch before writing (fp32)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     from ..export.bundle import export_bundle
     from ..export.graph import PRECISIONS
@@ -29,22 +31,26 @@ def onnx_export(
         fail(f"unknown precision {precision!r}; expected one of {', '.join((*PRECISIONS, 'int8'))}")
     if chained_steps < 1:
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
-    check_writable_parent(out, "bundle directory")
-    try:
-        model = model or bundled_model_dir("t2r")
-        with console.status(f"exporting {model} → {out}"):
-            if precision == "int8":
-                result = _export_int8(model, out, verify, chained_steps, calibration_prompts)
-            else:
-                result = export_bundle(model, out, precision=precision, verify=verify, chained_steps=chained_steps)
-    except ToleranceError as err:
-        fail(f"verification failed, no bundle written: {err}", code=1)
-    except ValueError as err:
-        fail(str(err))
+    model = model or bundled_model_dir("t2r")
+    with claimed_output(out, force, inputs=[model, calibration_prompts], what="bundle directory"):
+        try:
+            with console.status(f"exporting {model} → {out}"):
+                if precision == "int8":
+                    result = _export_int8(model, out, verify, chained_steps, calibration_prompts, force,
+                                          trust_remote_code)
+                else:
+                    result = export_bundle(model, out, precision=precision, verify=verify,
+                                           chained_steps=chained_steps, overwrite=force,
+                                           trust_remote_code=trust_remote_code)
+        except ToleranceError as err:
+            fail(f"verification failed, no bundle written: {err}", code=1)
+        except ValueError as err:
+            fail(str(err))
     _print_result(result)
 
 
-def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None):
+def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None, force: bool,
+                 trust_remote_code: bool):
     """A verified fp32 bundle beside ``out`` (temporary), then the int8 bundle calibrated from it."""
     import dataclasses
     import json
@@ -57,8 +63,9 @@ def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Pa
         fail(f"calibration prompts file not found: {prompts}")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
-        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps)
-        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts)
+        fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,
+                             trust_remote_code=trust_remote_code)
+        export_int8_bundle(Path(scratch) / "fp32", out, prompts=prompts, overwrite=force)
     runtime = json.loads((out / "runtime.json").read_text())
     return dataclasses.replace(fp32, out=out, runtime=runtime)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import console, err_console, fail
+from .common import FORCE_HELP, TRUST_HELP, claimed_output, console, err_console, fail
 
 TEACHER_HELP = "the bundled softmax teacher"
 
@@ -59,7 +60,8 @@ def finetune(
     lora_r: int = typer.Option(8, help="LoRA rank (--train lora)."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha (--train lora)."),
     num_threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     from ..train.finetune import FinetuneConfig, finetune as run_finetune
 
@@ -77,17 +79,20 @@ def finetune(
     import sys
 
     command = shlex.join(["t2r-export", *sys.argv[1:]])
-    try:
-        with _TrainProgress(enabled=main) as progress:
-            record = run_finetune(cfg, progress=progress.update, command=command)
-    except ValueError as err:
-        if not main:
-            raise typer.Exit(2)
-        fail(str(err))
-    except RuntimeError as err:
-        if not main:
-            raise typer.Exit(1)
-        fail(str(err).splitlines()[0], code=1)
+    # --resume continues the folder this tool wrote: that is a replacement it asked for
+    claim = claimed_output(out, force=force or resume, inputs=[model, *(data or [])]) if main else nullcontext()
+    with claim:
+        try:
+            with _TrainProgress(enabled=main) as progress:
+                record = run_finetune(cfg, progress=progress.update, command=command)
+        except ValueError as err:
+            if not main:
+                raise typer.Exit(2)
+            fail(str(err))
+        except RuntimeError as err:
+            if not main:
+                raise typer.Exit(1)
+            fail(str(err).splitlines()[0], code=1)
     if main:
         _print_summary(record, out)
 
@@ -160,13 +165,14 @@ def evaluate(
     batch_size: int = typer.Option(8, help="Blocks per forward pass."),
     max_tokens: Optional[int] = typer.Option(None, help="Evaluate only the first this many tokens (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of a table."),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     _quiet_transformers()
     paths = list(models) if models else default_eval_models()
     if not models and not paths[0].is_dir():
         fail(f"the bundled teacher is missing at {paths[0]}; name the model directories to compare")
     try:
-        rows = _evaluate_models(paths, data, block_size, batch_size, max_tokens)
+        rows = _evaluate_models(paths, data, block_size, batch_size, max_tokens, trust_remote_code)
     except ValueError as err:
         fail(str(err))
     if json_out:
@@ -187,9 +193,10 @@ def evaluate(
 
 
 def _evaluate_models(paths: list[Path], data: list[Path] | None, block_size: int, batch_size: int,
-                     max_tokens: int | None) -> list[dict]:
+                     max_tokens: int | None, trust_remote_code: bool = False) -> list[dict]:
     """Perplexity of each model on one token stream made with the first model's tokenizer."""
     from ..data.corpus import read_text_files, stdlib_token_stream, tokenize_documents
+    from ..data.tokenizer import load_tokenizer
     from ..models import is_t2r_model, load_causal_lm
     from ..train.evaluate import perplexity
 
@@ -198,7 +205,7 @@ def _evaluate_models(paths: list[Path], data: list[Path] | None, block_size: int
     for path in paths:
         if not path.is_dir():
             raise ValueError(f"model directory not found: {path}")
-    tokenizers = [_load_tokenizer(path) for path in paths]
+    tokenizers = [load_tokenizer(path, trust_remote_code) for path in paths]
     vocab = tokenizers[0].get_vocab()
     for path, tokenizer in zip(paths[1:], tokenizers[1:]):
         if tokenizer.get_vocab() != vocab:
@@ -211,7 +218,7 @@ def _evaluate_models(paths: list[Path], data: list[Path] | None, block_size: int
     rows = []
     with _EvalProgress() as progress:
         for path in paths:
-            model = load_causal_lm(path)
+            model = load_causal_lm(path, trust_remote_code=trust_remote_code)
             progress.start(path.name)
             score = perplexity(model, stream, block_size, batch_size, max_tokens, progress.update)
             rows.append({"model": str(path), "kind": "t2r" if is_t2r_model(model) else "softmax",
@@ -219,15 +226,6 @@ def _evaluate_models(paths: list[Path], data: list[Path] | None, block_size: int
     for row in rows:
         row["ratio"] = row["perplexity"] / rows[0]["perplexity"]
     return rows
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]})") from None
 
 
 class _EvalProgress:

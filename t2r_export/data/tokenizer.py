@@ -9,16 +9,20 @@ torch-free runtime can load it with plain ``tokenizers.Tokenizer.from_file``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
 # 256 byte symbols + the special token is the smallest vocabulary byte-level BPE can have
 MIN_VOCAB_SIZE = 257
+# the files a saved Hugging Face tokenizer may consist of
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json")
 
 
 def train_bpe_tokenizer(
@@ -49,3 +53,42 @@ def train_bpe_tokenizer(
         pad_token=ENDOFTEXT,
         **extra,
     )
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in folder ``path``; one ValueError line naming the file when it is unusable.
+
+    Custom tokenizer code (``auto_map``) is refused unless ``trust_remote_code``; transformers is
+    always told explicitly, so it never asks on a terminal.
+    """
+    from transformers import AutoTokenizer
+
+    from ..trust import check_remote_code
+
+    path = Path(path)
+    check_remote_code(path, trust_remote_code)
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not files:
+        raise ValueError(f"no tokenizer in {path}: expected tokenizer.json (or vocab.json + merges.txt) "
+                         "beside the model")
+    for file in files:
+        if file.suffix == ".json":
+            _check_json(file)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers raises bare Exception on a corrupt tokenizer.json
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise ValueError(f"the tokenizer in {path} cannot be loaded ({', '.join(f.name for f in files)}): "
+                         f"{text}") from None
+
+
+def _check_json(file: Path) -> None:
+    """One line naming ``file`` when it is not readable UTF-8 JSON."""
+    import json
+
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; expected a JSON tokenizer file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON (line {err.lineno}: {err.msg}); re-save the tokenizer") from None

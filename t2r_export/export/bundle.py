@@ -128,7 +128,8 @@ def runtime_config(model, dec, precision: str, sha: str) -> dict:
 
 
 def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
-                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True) -> ExportResult:
+                  chained_steps: int = 256, tokenizer=None, overwrite: bool = True,
+                  trust_remote_code: bool = False) -> ExportResult:
     """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
 
     The bundle is assembled in a temporary sibling directory and renamed into place only after
@@ -139,7 +140,7 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
     model_dir = None
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
-        model = load_t2r_model(model_dir)
+        model = load_t2r_model(model_dir, trust_remote_code=trust_remote_code)
     else:
         model = model_or_dir
         if not is_t2r_model(model):

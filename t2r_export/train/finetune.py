@@ -294,13 +294,10 @@ def wrap_ddp(model, dist: Distributed):
 
 def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
     """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
-    from transformers import AutoTokenizer
+    from t2r_export.data.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the model") from None
     if not is_t2r_model(model):
         swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
                                         init=cfg.init, seed=cfg.seed))
