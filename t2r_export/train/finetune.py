@@ -504,7 +504,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
 
 
 def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
-    state = json.loads((out_dir / CHECKPOINT_DIR / STATE_FILE).read_text())
+    state = parse_trainer_state(out_dir / CHECKPOINT_DIR / STATE_FILE)
     saved = state["config"]
     changed = [k for k in RESUME_KEYS if saved.get(k) != _config_record(cfg).get(k)]
     if changed:
@@ -519,8 +519,44 @@ def read_checkpoint_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int)
     return state
 
 
+# what resuming reads from trainer_state.json, and the type each must have
+STATE_KEYS = {"config": dict, "global_batch": int, "stage": str, "step": int, "rng": dict, "tokens": dict,
+              "losses": dict, "valid": list}
+RNG_KEYS = ("torch", "cuda", "python", "numpy")
+
+
+def parse_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.json; one ValueError line naming the file when it is damaged."""
+    hint = "the checkpoint is damaged: delete it to start over, or restore it from a copy"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {hint}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); {hint}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a JSON {type(state).__name__}, expected an object; {hint}")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{path} lacks a valid {key!r} ({kind.__name__} expected); {hint}")
+    missing = [key for key in RNG_KEYS if key not in state["rng"]]
+    if missing or state["stage"] not in ("transfer", "finetune") or state["step"] < 0:
+        raise ValueError(f"{path} has an invalid stage, step or RNG state; {hint}")
+    return state
+
+
 def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Distributed) -> None:
-    saved = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+    path = checkpoint / OPTIMIZER_FILE
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= saved.keys():
+            raise ValueError("not an optimizer/scheduler checkpoint")
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; the checkpoint is incomplete: delete it to start over") from None
+    except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError ... on damage
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:160]
+        raise ValueError(f"{path} cannot be read ({text}); the checkpoint is damaged: delete it to start "
+                         "over") from None
     if dist.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
