@@ -34,6 +34,7 @@ def onnx_export(
     model = model or bundled_model_dir("t2r")
     with claimed_output(out, force, inputs=[model, calibration_prompts], what="bundle directory"):
         try:
+            _check_tokenizer(model, trust_remote_code)
             with console.status(f"exporting {model} → {out}"):
                 if precision == "int8":
                     result = _export_int8(model, out, verify, chained_steps, calibration_prompts, force,
@@ -47,6 +48,16 @@ def onnx_export(
         except ValueError as err:
             fail(str(err))
     _print_result(result)
+
+
+def _check_tokenizer(model: Path, trust_remote_code: bool) -> None:
+    """A bundle carries the model's tokenizer: a damaged or code-running one is refused before any export."""
+    from ..data.tokenizer import load_tokenizer
+    from ..trust import check_remote_code
+
+    check_remote_code(model, trust_remote_code)
+    if (model / "tokenizer.json").is_file():
+        load_tokenizer(model, trust_remote_code)
 
 
 def _export_int8(model, out: Path, verify: bool, chained_steps: int, prompts: Path | None, force: bool,

@@ -19,6 +19,7 @@ def swap(
     trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
+    from ..data.tokenizer import TOKENIZER_FILES, load_tokenizer
     from ..models import T2RConfig, load_causal_lm, swap_attention, swap_summary
 
     try:
@@ -30,6 +31,9 @@ def swap(
             import torch
 
             model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+            # the tokenizer is copied, not used: still, a damaged one is named now rather than at export
+            if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+                load_tokenizer(model_dir, trust_remote_code)
             torch.manual_seed(seed)
             swap_attention(model, cfg)
         except ValueError as err:
