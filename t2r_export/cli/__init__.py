@@ -24,10 +24,13 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure instead of one line."),
 ) -> None:
     """Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders."""
     settings.debug = debug
+    # the setting lives for one invocation (tests and embedders call the app many times in one process)
+    ctx.call_on_close(lambda: setattr(settings, "debug", False))
 
 
 COMMANDS = [
@@ -58,29 +61,29 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # --debug is also read here: a failure while click parses must honour it too
-    settings.debug = "--debug" in sys.argv[1:]
     restore_default_handler()
     sys.exit(run(sys.argv[1:]))
 
 
 def run(args: list[str]) -> int:
     """Run the command line on ``args``; returns the exit code instead of raising."""
+    # read here too: the app's own setting ends with the invocation, before an escaping error arrives
+    debug = "--debug" in args
     try:
         app(args=args, prog_name="t2r-export")
     except SystemExit as done:
         # typer answers Ctrl-C with a silent exit 130; say what happened, in one line
         if done.code == 130 and _interrupted(done):
-            if settings.debug:
+            if debug:
                 raise KeyboardInterrupt from None
             return report_interrupt()
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except KeyboardInterrupt:
-        if settings.debug:
+        if debug:
             raise
         return report_interrupt()
     except Exception as err:
-        if settings.debug:
+        if debug:
             raise
         from rich.markup import escape
 

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from t2r_export.atomic import check_writable
+from t2r_export.atomic import atomic_dir, check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.adapters import get_adapter
@@ -457,15 +456,6 @@ def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None
     tokenizer.save_pretrained(directory)
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` onto ``target`` with renames only (a directory cannot be renamed onto a full one)."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 _FULL_STATE = dict(full_state_dict=True, cpu_offload=True)
 
 
@@ -493,13 +483,10 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
     optimizer_state = gather_optimizer_state(model, optimizer, dist)
     if not dist.is_main:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, model_state)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
-    replace_dir(tmp, out_dir / CHECKPOINT_DIR)
+    with atomic_dir(out_dir / CHECKPOINT_DIR, overwrite=True, what="checkpoint") as tmp:
+        save_model(model, tokenizer, tmp, model_state)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
     logger.info("checkpoint: %s step %d -> %s", state["stage"], state["step"], out_dir / CHECKPOINT_DIR)
 
 
@@ -809,12 +796,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
 
 def save_final(model, tokenizer, record: dict, out_dir: Path, state_dict: dict | None = None) -> None:
     """The finished model replaces ``out_dir`` in one rename; the checkpoint, no longer needed, goes."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, state_dict)
-    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    replace_dir(tmp, out_dir)
+    # the folder holds this run's checkpoint (or a previous finetune): ours to replace
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        save_model(model, tokenizer, tmp, state_dict)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("saved the T2R model to %s (valid perplexity %.3f)", out_dir, record["final_valid_perplexity"])
 
 

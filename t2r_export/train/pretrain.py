@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -219,20 +218,14 @@ def _save_model(model, directory: Path, save_dtype: str) -> None:
 
 
 def save_atomically(model, tokenizer, out_dir: Path, record: dict, save_dtype: str = "float32") -> None:
-    """Write model, tokenizer and training.json to ``out_dir.tmp-<pid>``, then swap it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_model(model, tmp, save_dtype)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    # rename cannot replace a non-empty directory, so move the old one aside first
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write model, tokenizer and training.json beside ``out_dir``, then swap them into place (atomic_dir)."""
+    from t2r_export.atomic import atomic_dir
+
+    # the command checked --out (and --force) before training: a previous teacher here is ours to replace
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        _save_model(model, tmp, save_dtype)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _config_record(cfg: PretrainConfig) -> dict:
