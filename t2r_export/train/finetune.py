@@ -42,7 +42,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from t2r_export.atomic import atomic_dir, check_writable
+from t2r_export.atomic import atomic_dir, check_replaceable, check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.adapters import get_adapter
@@ -178,7 +178,9 @@ def check_config(cfg: FinetuneConfig) -> None:
 
 
 def check_output_dir(out: Path) -> None:
+    """Before training, not after: the final save replaces ``out``, which only a folder of ours may be."""
     check_writable(out, "output directory")
+    check_replaceable(out, overwrite=True)
 
 
 # --- distributed ------------------------------------------------------------------------------
