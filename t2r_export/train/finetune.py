@@ -169,12 +169,12 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ValueError(f"data path {path} does not exist: expected a file or directory of .txt/.py/.md/.jsonl")
     if cfg.eval_max_tokens < 2:
         raise ValueError(f"eval max tokens must be at least 2, got {cfg.eval_max_tokens}")
-    check_output_dir(Path(cfg.out_dir))
     checkpoint = Path(cfg.out_dir) / CHECKPOINT_DIR
     if cfg.resume and not (checkpoint / STATE_FILE).is_file():
         raise ValueError(f"nothing to resume: no checkpoint at {checkpoint}; run without --resume to start")
     if not cfg.resume and checkpoint.exists():
         raise ValueError(f"{checkpoint} holds an unfinished run; pass --resume to continue it or choose another --out")
+    check_output_dir(Path(cfg.out_dir))
 
 
 def check_output_dir(out: Path) -> None:
