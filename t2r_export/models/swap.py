@@ -166,14 +166,15 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torc
         raise ValueError(f"{path} holds a {', '.join(archs)}, not a causal LM (expected a *ForCausalLM "
                          "or *LMHeadModel checkpoint)")
     files = check_weight_files(path)
+    # compared on the meta device before loading, so transformers' own mismatch report never prints
+    mismatches = shape_mismatches(config, files)
+    if mismatches:
+        more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ValueError(f"{path / 'config.json'} does not match the weights: {mismatches[0]}{more}")
     try:
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
     except (RuntimeError, ValueError, OSError, TypeError) as err:
-        mismatches = shape_mismatches(config, files)
-        if mismatches:
-            more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
-            raise ValueError(f"{path / 'config.json'} does not match the weights: {mismatches[0]}{more}") from None
         text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
         raise ValueError(f"cannot load the weights in {path}: {text}") from None
 
