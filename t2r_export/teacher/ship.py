@@ -22,7 +22,8 @@ def ship(src: Path, dst: Path) -> None:
     from ..train.pretrain import _save_model
 
     model = load_causal_lm(src)
-    with atomic_dir(dst) as tmp:
+    # shipping replaces the bundled model, a folder this tool wrote; any other folder is refused
+    with atomic_dir(dst, overwrite=True, inputs=[src]) as tmp:
         _save_model(model, tmp, "float16")
         for name in RECORDS:
             if (src / name).is_file():
