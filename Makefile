@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/t2r-export demo -o graphs/t2r-teacher
+	$(BIN)/t2r-export demo -o graphs/t2r-teacher --force
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -7,3 +7,9 @@ imported (every torch-side command does).
 """
 
 __version__ = "0.1.0"
+
+from .interrupt import install_startup_handler as _install_startup_handler, is_command_line as _is_command_line
+
+# the command line answers Ctrl-C with one line even while its heavy imports are still loading
+if _is_command_line():
+    _install_startup_handler()

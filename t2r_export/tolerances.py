@@ -74,3 +74,7 @@ def check_close(name: str, actual, expected, key: tuple[str, str], relative: boo
         raise ToleranceError(f"{name}: max |diff| {err:.3e} exceeds {tol:.0e} ({key[0]}, {key[1]}"
                              f"{', relative to ' + format(scale, '.3g') if relative else ''})")
     return err
+
+# a 100,000-token decode may grow the process's resident memory by at most this much between its
+# 10,000th and last token: the state has no sequence axis, so real growth is allocator noise only
+DECODE_RSS_GROWTH_BYTES = 16 * 2**20

@@ -137,14 +137,14 @@ def test_prefill_row_writes_only_its_row(decoder, bundle):
 def test_decoder_rejects_misuse(bundle):
     with OrtDecoder(bundle) as dec:
         with pytest.raises(RuntimeError, match="reset"):
-            dec.step(np.zeros((1, 1)), np.zeros((1, 1)))
+            dec.step(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64))
         dec.reset(2)
         with pytest.raises(ValueError, match=r"\[2, 1\]"):
-            dec.step(np.zeros((2, 3)), np.zeros((2, 3)))
+            dec.step(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64))
         with pytest.raises(ValueError, match="position_ids"):
-            dec.prefill(np.zeros((2, 3)), np.zeros((2, 2)))
+            dec.prefill(np.zeros((2, 3), np.int64), np.zeros((2, 2), np.int64))
         with pytest.raises(ValueError, match="outside the batch"):
-            dec.prefill_row(2, np.zeros((1, 3)), np.zeros((1, 3)))
+            dec.prefill_row(2, np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
 
 
 def test_unknown_or_missing_provider_is_a_clear_error(bundle):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
+from ..interrupt import report_interrupt, restore_default_handler
 from . import (bench_cmd, bench_tools_cmd, demo_cmd, experiment_cmd, export_cmd, info_cmd, pretrain_cmd,
                runtime_cmd, swap_cmd, train_cmd, trt_cmd)
+from .common import settings
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -49,8 +51,14 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure instead of one line."),
+) -> None:
     """Finetune pretrained transformers into RNNs (T2R) and export them as constant-memory decoders."""
+    settings.debug = debug
+    # the setting lives for one invocation (tests and embedders call the app many times in one process)
+    ctx.call_on_close(lambda: setattr(settings, "debug", False))
 
 
 COMMANDS = [
@@ -96,13 +104,57 @@ for _name, _help, _default, _positional, _subcommands in GROUPS:
 
 
 def main() -> None:
+    """The console script: every failure is one line (exit 2 bad input, 1 failed, 130 Ctrl-C)."""
     import os
+    import sys
 
     # HF's per-file progress bars drown the one-line messages a user needs to see
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    app()
+    restore_default_handler()
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(args: list[str]) -> int:
+    """Run the command line on ``args``; returns the exit code instead of raising."""
+    # read here too: the app's own setting ends with the invocation, before an escaping error arrives
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="t2r-export")
+    except SystemExit as done:
+        # typer answers Ctrl-C with a silent exit 130; say what happened, in one line
+        if done.code == 130 and _interrupted(done):
+            if debug:
+                raise KeyboardInterrupt from None
+            return report_interrupt()
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return report_interrupt()
+    except Exception as err:
+        if debug:
+            raise
+        from rich.markup import escape
+
+        from .common import err_console
+
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+        err_console.print(f"[bold red]error:[/] {escape(f'unexpected {type(err).__name__}: {text}')} "
+                          "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _interrupted(done: SystemExit) -> bool:
+    """True when the exit came from a KeyboardInterrupt (Ctrl-C) somewhere in its chain."""
+    seen = done.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .common import atomic_output_dir, check_writable_parent, console, err_console, fail, stderr_is_tty
+from .common import FORCE_HELP, atomic_output_dir, check_output_early, console, err_console, fail, stderr_is_tty
 
 
 def bench(
@@ -40,6 +40,7 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
     profile: bool = typer.Option(False, "--profile", help="Also profile the T2R step graph and the floor with "
                                                           "ONNX Runtime's profiler (time and nodes by op type)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     import os
 
@@ -47,7 +48,7 @@ def bench(
     from ..teacher import bundled_model_dir
 
     if out is not None:
-        check_writable_parent(out)
+        check_output_early(out, force, inputs=[bundle, softmax, t2r_model])
     try:
         overrides = {"threads": threads or os.cpu_count() or 1, "device": device, "profile": profile}
         if positions is not None:
@@ -77,7 +78,7 @@ def bench(
     if out is None:
         print_result(result)
         return
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, force, inputs=[bundle, softmax, t2r_model]) as tmp:
         from ..bench.plots import write_report
 
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .common import check_writable_parent, console, fail
+from .common import FORCE_HELP, check_output_early, console, fail
 
 DEFAULT_PROMPT = "def read_config(path):\n"
 
@@ -32,6 +32,7 @@ def demo(
     seed: int = typer.Option(0, help="Sampling seed: the demo's text is the same every run."),
     threads: int = typer.Option(2, help="Threads for ONNX Runtime and torch in the speed comparison."),
     speed: bool = typer.Option(True, help="Run the short speed/memory comparison at the end."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     import tempfile
 
@@ -46,7 +47,7 @@ def demo(
     if not prompt:
         fail("the prompt is empty; give at least one character of text")
     if out is not None:
-        check_writable_parent(out, "bundle directory")
+        check_output_early(out, force, what="bundle directory")
     try:
         model_dir = bundled_model_dir(model)
     except ValueError as err:
@@ -62,7 +63,10 @@ def demo(
             model_dir = _finetune(Path(scratch) / "t2r", finetune_steps)
         console.rule("[bold]1. export + verify")
         with console.status(f"exporting {model_dir} → {out}"):
-            result = export_bundle(model_dir, out)
+            try:
+                result = export_bundle(model_dir, out, overwrite=force)
+            except ValueError as err:
+                fail(str(err))
         print_bundle(result.out, result.runtime)
         console.rule("[bold]2. generate (torch-free runtime, ONNX Runtime)")
         tokens_per_s = _generate(out, prompt, max_new_tokens, threads, temperature, seed)

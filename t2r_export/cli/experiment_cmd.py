@@ -17,6 +17,9 @@ import typer
 from .common import check_writable_parent, console, fail
 from .progress import TrainProgress, quiet_transformers
 
+EXPERIMENTS = ("paper",)
+# what the experiment writes into --out (experiments/paper.py's file names; kept here so --help needs no torch)
+EXPERIMENT_FILES = ("partial.json", "results.json", "results.md")
 BUDGET_NAMES = ("quick", "medium", "full")
 
 
@@ -53,7 +56,7 @@ def paper(
     chosen = dataclasses.replace(BUDGETS[budget_name], **overrides)
     if seed < 0:
         fail(f"--seed must be a non-negative integer, got {seed}")
-    check_writable_parent(out)
+    _check_experiment_out(out, teacher)
     subset = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
     cfg = ExperimentConfig(out_dir=out, budget_name=budget_name + (" (custom)" if overrides else ""), budget=chosen,
                            teacher=teacher, runs=subset, keep_models=keep_models, num_threads=num_threads,
@@ -145,3 +148,16 @@ def seeds(
     except ValueError as err:
         fail(str(err))
     sys.stdout.write(markdown)
+
+
+def _check_experiment_out(out: Path, teacher: Path | None) -> None:
+    """The experiment adds to its own folder (resuming from partial.json); any other non-empty folder is refused."""
+    from ..atomic import OutputError, check_output_path
+
+    try:
+        check_output_path(out, [teacher] if teacher is not None else [])
+    except OutputError as err:
+        fail(str(err))
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in EXPERIMENT_FILES):
+        fail(f"output directory {out} already holds files not written by `t2r-export experiment` (none of "
+             f"{', '.join(EXPERIMENT_FILES)}); choose another --out")

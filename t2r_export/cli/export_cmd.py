@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..contract import PRECISIONS
-from .common import check_writable_parent, console, fail
+from .common import FORCE_HELP, TRUST_HELP, claimed_output, console, fail
 from .progress import log_to_status
 from .verification import print_bundle
 
@@ -31,6 +31,8 @@ def onnx_export(
     verify: bool = typer.Option(True, help="Check the graphs against the fp32 torch model before writing; a "
                                            "failed check writes no bundle (exit 1)."),
     chained_steps: int = typer.Option(256, help="Greedy steps in the chained verification."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     from ..preflight import check_model_and_tokenizer
     from ..teacher import bundled_model_dir
@@ -42,33 +44,41 @@ def onnx_export(
     if precision not in PRECISIONS:
         fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     texts = _read_text(verify_text) if verify_text is not None else None
-    check_writable_parent(out, "bundle directory")
     model = model or bundled_model_dir("t2r")
-    try:
-        check_model_and_tokenizer(model, tokenizer, need_t2r=True)
-    except ValueError as err:
-        fail(str(err))
+    with claimed_output(out, force, inputs=[model, tokenizer, calibration_prompts, verify_text],
+                        what="bundle directory"):
+        try:
+            check_model_and_tokenizer(model, tokenizer, need_t2r=True)
+            shipped = _check_tokenizer(model, tokenizer, trust_remote_code)
+        except ValueError as err:
+            fail(str(err))
 
-    from ..export.plans import export_plan
-    from ..tolerances import ToleranceError
+        from ..export.plans import export_plan
+        from ..tolerances import ToleranceError
 
-    try:
-        shipped = _load_tokenizer(tokenizer) if tokenizer is not None else None
-        with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
-            result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
-                                 calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
-                                 progress=status.update)
-    except ToleranceError as err:
-        fail(f"verification failed, no bundle written: {err}", code=1)
-    except ValueError as err:
-        fail(str(err))
+        try:
+            with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
+                result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
+                                     calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
+                                     overwrite=force, trust_remote_code=trust_remote_code, progress=status.update)
+        except ToleranceError as err:
+            fail(f"verification failed, no bundle written: {err}", code=1)
+        except ValueError as err:
+            fail(str(err))
     print_bundle(result.out, result.runtime)
 
 
-def _load_tokenizer(path: Path):
-    from ..data.tokenizer import load_tokenizer
+def _check_tokenizer(model: Path, tokenizer: Path | None, trust_remote_code: bool):
+    """A bundle carries a tokenizer: a damaged or code-running one is refused before any export.
 
-    return load_tokenizer(path)
+    Returns the ``--tokenizer`` to ship instead of the model's own (None: the model's files are copied).
+    """
+    from ..data.tokenizer import load_tokenizer
+    from ..trust import check_remote_code
+
+    check_remote_code(model, trust_remote_code)
+    loaded = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+    return loaded if tokenizer is not None else None
 
 
 def _read_text(path: Path) -> list[str]:

@@ -6,7 +6,6 @@ Torch is imported only when the command runs, so ``t2r-export --help`` works wit
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .common import FORCE_HELP, check_output_early, claimed_output, fail
 
 # kept equal to PretrainConfig's defaults (a test checks), so --help needs no torch import
 DEFAULT_OUT = Path("runs/teacher")
@@ -34,20 +35,7 @@ PHASE_MESSAGES = {
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _check_writable(out: Path) -> str | None:
-    """Why ``out`` cannot be written as an output directory, or None when it can."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out} is an existing file: expected a directory path"
-    ancestor = out
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"--out {out} is not writable ({ancestor} denies writing): choose another directory"
-    return None
+    fail(message)
 
 
 def _progress_handler(bar: Progress, steps: int):
@@ -118,13 +106,12 @@ def pretrain(
     cache_dir: Optional[Path] = typer.Option(None, help="Token-stream cache (default: $T2R_EXPORT_CACHE or "
                                              "~/.cache/t2r_export)."),
     save_dtype: str = typer.Option("float16", help="Storage dtype of the weights: float32 | float16 | bfloat16."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Pretrain the bundled softmax teacher (a small Llama) on the CPython standard library source."""
     if steps <= 0:
         _fail(f"--steps must be a positive integer, got {steps}")
-    reason = _check_writable(out)
-    if reason is not None:
-        _fail(reason)
+    check_output_early(out, force)
 
     from t2r_export.train.pretrain import PretrainConfig, pretrain_teacher
 
@@ -162,7 +149,7 @@ def pretrain(
     command = shlex.join(["t2r-export", *sys.argv[1:]])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console) as bar:
+        with claimed_output(out, force), Progress(*columns, console=console) as bar:
             record = pretrain_teacher(cfg, progress=_progress_handler(bar, steps), command=command)
     except ValueError as err:
         _fail(str(err))

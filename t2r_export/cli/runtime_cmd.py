@@ -29,11 +29,18 @@ def generate(
 ) -> None:
     from ..runtime import NonFiniteLogitsError, OrtDecoder, SamplingParams, load_bundle
     from ..runtime import generate as run_generation
+    from ..runtime.generate import GenerationError, check_text
 
     for index, text in enumerate(prompt):
+        which = "the prompt" if len(prompt) == 1 else f"prompt {index}"
         if not text:
-            which = "the prompt" if len(prompt) == 1 else f"prompt {index}"
             fail(f"{which} is empty; give at least one character of text")
+        try:
+            check_text(text, which)
+            for string in stop or []:
+                check_text(string, f"--stop {string.encode('utf-8', 'backslashreplace').decode()!r}")
+        except GenerationError as err:
+            fail(str(err))
     try:
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         loaded = load_bundle(bundle)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import atomic_output_dir, console, fail
+from .common import FORCE_HELP, TRUST_HELP, atomic_output_dir, claimed_output, console, fail
 from .progress import quiet_transformers
 
 
@@ -21,29 +21,33 @@ def swap(
     window: int = typer.Option(0, help="Sliding window W: exact softmax over the last W keys plus phi over the "
                                "older ones, one normalisation (LoLCATs); 0 = off."),
     seed: int = typer.Option(0, help="Seed for the feature-map init and rfa's random features."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
+    from ..data.tokenizer import TOKENIZER_FILES, load_tokenizer
     from ..models import T2RConfig, load_causal_lm, swap_attention, swap_summary
 
     try:
         cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed, window=window)
     except ValueError as err:
         fail(str(err))
-    if out.resolve() == model_dir.resolve():
-        fail(f"output directory {out} is the input model directory; choose another --out")
     # a bad --window is found once the model is loaded: its error must stay the only line
     quiet_transformers()
-    try:
-        import torch
+    with claimed_output(out, force, inputs=[model_dir]):
+        try:
+            import torch
 
-        model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
-        torch.manual_seed(seed)
-        swap_attention(model, cfg)
-    except ValueError as err:
-        fail(str(err))
-    with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _copy_tokenizer(model_dir, tmp)
+            model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+            # the tokenizer is copied, not used: still, a damaged one is named now rather than at export
+            if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+                load_tokenizer(model_dir, trust_remote_code)
+            torch.manual_seed(seed)
+            swap_attention(model, cfg)
+        except ValueError as err:
+            fail(str(err))
+        with atomic_output_dir(out, force, inputs=[model_dir]) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _copy_tokenizer(model_dir, tmp)
     summary = swap_summary(model)
     from rich.table import Table
 

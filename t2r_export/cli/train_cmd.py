@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..atomic import check_writable
-from .common import console, fail
+from .common import FORCE_HELP, TRUST_HELP, check_output_early, claimed_output, console, fail
 from .progress import EvalProgress, TrainProgress, quiet_transformers
 
 TEACHER_HELP = "the bundled softmax teacher"
@@ -70,7 +70,8 @@ def finetune(
     cache_dir: Optional[Path] = typer.Option(None, help="Token-stream cache (default: $T2R_EXPORT_CACHE or "
                                              "~/.cache/t2r_export)."),
     max_files: Optional[int] = typer.Option(None, hidden=True, help="Only the first N files of each stdlib split."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code to run."),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     from ..preflight import check_model_and_tokenizer
     from ..teacher import bundled_model_dir
@@ -79,8 +80,8 @@ def finetune(
     # every cheap check before torch is imported: a wrong path fails in a second, not after loading
     try:
         check_model_and_tokenizer(model or bundled_model_dir("softmax"), tokenizer, need_fast=False)
-        if not resume:
-            check_writable(out, "output directory")
+        if main:
+            check_output_early(out, force or resume, inputs=[model, *(data or [])])
     except ValueError as err:
         if not main:
             raise typer.Exit(2)
@@ -105,17 +106,20 @@ def finetune(
     import sys
 
     command = shlex.join(["t2r-export", *sys.argv[1:]])
-    try:
-        with TrainProgress(enabled=main) as progress:
-            record = run_finetune(cfg, progress=progress.update, command=command)
-    except ValueError as err:
-        if not main:
-            raise typer.Exit(2)
-        fail(str(err))
-    except RuntimeError as err:
-        if not main:
-            raise typer.Exit(1)
-        fail(str(err).splitlines()[0], code=1)
+    # --resume continues the folder this tool wrote: that is a replacement it asked for
+    claim = claimed_output(out, force=force or resume, inputs=[model, *(data or [])]) if main else nullcontext()
+    with claim:
+        try:
+            with TrainProgress(enabled=main) as progress:
+                record = run_finetune(cfg, progress=progress.update, command=command)
+        except ValueError as err:
+            if not main:
+                raise typer.Exit(2)
+            fail(str(err))
+        except RuntimeError as err:
+            if not main:
+                raise typer.Exit(1)
+            fail(str(err).splitlines()[0], code=1)
     if main:
         _print_summary(record, out)
 
@@ -162,6 +166,7 @@ def evaluate(
     plot: Optional[Path] = typer.Option(None, help="--positions: write a PNG plot here."),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) for every model; "
                                                         "default: the first model's own."),
+    trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     from ..preflight import SLOW_TOKENIZER_FILES, check_model_dir, check_tokenizer, tokenizer_file
 
@@ -197,7 +202,7 @@ def evaluate(
     try:
         with EvalProgress() as progress:
             rows = evaluate_models(paths, data, block_size, batch_size, max_tokens, progress=progress.update,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     except ValueError as err:
         fail(str(err))
     if json_out:

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
 # 256 byte symbols + the special token is the smallest vocabulary byte-level BPE can have
 MIN_VOCAB_SIZE = 257
+# the files a saved Hugging Face tokenizer may consist of
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json")
 
 
 def train_bpe_tokenizer(
@@ -52,25 +55,52 @@ def train_bpe_tokenizer(
     )
 
 
-def load_tokenizer(path: Path):
-    """The Hugging Face tokenizer saved in directory ``path`` (or a tokenizer.json file); one ``ValueError`` line
-    when there is none or it cannot be read."""
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in folder ``path`` (or a tokenizer.json file); one ValueError line naming the
+    file when it is unusable.
+
+    Custom tokenizer code (``auto_map``) is refused unless ``trust_remote_code``; transformers is
+    always told explicitly, so it never asks on a terminal.
+    """
     from transformers import AutoTokenizer
+
+    from ..trust import check_remote_code
 
     path = Path(path)
     # a tokenizer.json beside its tokenizer_config.json loads with its special tokens (eos, pad, ...)
     if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
         path = path.parent
     if path.is_file() and path.name == "tokenizer.json":
+        _check_json(path)
         try:
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types for bad files
             raise ValueError(f"{path} is not a readable tokenizer.json ({str(err).splitlines()[0]})") from None
     if not path.is_dir():
         raise ValueError(f"tokenizer {path} not found: expected a directory with tokenizer.json (or the file)")
+    check_remote_code(path, trust_remote_code)
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not files:
+        raise ValueError(f"no tokenizer in {path}: expected tokenizer.json (or vocab.json + merges.txt) "
+                         "beside the model, or pass --tokenizer")
+    for file in files:
+        if file.suffix == ".json":
+            _check_json(file)
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"no usable tokenizer in {path} ({first}); save one beside the model or pass "
-                         "--tokenizer") from None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers raises bare Exception on a corrupt tokenizer.json
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise ValueError(f"the tokenizer in {path} cannot be loaded ({', '.join(f.name for f in files)}): "
+                         f"{text}") from None
+
+
+def _check_json(file: Path) -> None:
+    """One line naming ``file`` when it is not readable UTF-8 JSON."""
+    import json
+
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; expected a JSON tokenizer file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON (line {err.lineno}: {err.msg}); re-save the tokenizer") from None

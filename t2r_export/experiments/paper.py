@@ -39,6 +39,7 @@ import torch
 from t2r_export.atomic import atomic_write_text, check_writable
 from t2r_export.data.corpus import stdlib_token_stream
 from t2r_export.machine import cpu_model
+from t2r_export.data.tokenizer import load_tokenizer
 from t2r_export.models import attention_dims, load_causal_lm, swap_summary
 from t2r_export.models.swap import attention_modules, check_window
 from t2r_export.train.evaluate import perplexity
@@ -230,13 +231,14 @@ RUN_KINDS = {"teacher": run_teacher, "swap": run_swap_finetune, "transfer": run_
 
 def save_random_init(teacher: Path, out: Path, seed: int) -> None:
     """A softmax model with the teacher's config and tokenizer but freshly initialised weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(teacher, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    load_tokenizer(teacher).save_pretrained(out)
 
 
 def finetune_and_evaluate(spec: RunSpec, ctx: RunContext, source: Path, transfer_steps: int, lr: float,
@@ -323,8 +325,6 @@ def run_paper_experiment(cfg: ExperimentConfig, progress: Progress | None = None
     run, the trainer's events with a ``run`` key, and ``{"phase": "test", "tokens", "total"}``.
     Bad input raises ``ValueError`` before any run starts.
     """
-    from transformers import AutoTokenizer
-
     specs = check_experiment_config(cfg)
     out_dir = Path(cfg.out_dir)
     teacher = Path(cfg.teacher) if cfg.teacher is not None else bundled_teacher()
@@ -332,7 +332,7 @@ def run_paper_experiment(cfg: ExperimentConfig, progress: Progress | None = None
     done = read_partial(out_dir, plan)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer = load_tokenizer(teacher)
     test_stream = stdlib_token_stream(tokenizer, "test", cfg.cache_dir, cfg.max_files)[: cfg.budget.test_tokens]
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg, teacher, test_stream, out_dir / MODELS_DIR, command, progress)

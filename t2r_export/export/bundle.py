@@ -124,7 +124,8 @@ def runtime_config(model, dec, precision: str, sha: str) -> contract.RuntimeConf
 
 def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
                   chained_steps: int = 256, tokenizer=None, overwrite: bool = True,
-                  verify_texts: list[str] | None = None, model_dir: Path | None = None) -> ExportResult:
+                  verify_texts: list[str] | None = None, model_dir: Path | None = None,
+                  trust_remote_code: bool = False) -> ExportResult:
     """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
 
     fp32 is checked against the torch model (batches, chained steps, prefill); fp16 and fp16-all
@@ -137,7 +138,7 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
 
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
-        model = load_t2r_model(model_dir)
+        model = load_t2r_model(model_dir, trust_remote_code=trust_remote_code)
     else:
         model = model_or_dir
         if not is_t2r_model(model):

@@ -20,25 +20,28 @@ from .bundle import ExportResult, check_plan, export_bundle
 
 def export_plan(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True, chained_steps: int = 256,
                 calibration_prompts: Path | None = None, verify_texts: list[str] | None = None, tokenizer=None,
-                overwrite: bool = True, progress: Callable[[str], None] | None = None) -> ExportResult:
+                overwrite: bool = True, progress: Callable[[str], None] | None = None,
+                trust_remote_code: bool = False) -> ExportResult:
     if precision not in contract.PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(contract.PRECISIONS)}")
     if calibration_prompts is not None and not Path(calibration_prompts).is_file():
         raise ValueError(f"calibration prompts file not found: {calibration_prompts}")
     if precision != "int8":
         return export_bundle(model_or_dir, out, precision=precision, verify=verify, chained_steps=chained_steps,
-                             tokenizer=tokenizer, overwrite=overwrite, verify_texts=verify_texts)
+                             tokenizer=tokenizer, overwrite=overwrite, verify_texts=verify_texts,
+                             trust_remote_code=trust_remote_code)
     return _export_int8(model_or_dir, Path(out), verify, chained_steps, calibration_prompts, verify_texts, tokenizer,
-                        overwrite, progress)
+                        overwrite, progress, trust_remote_code)
 
 
 def _export_int8(model_or_dir, out: Path, verify: bool, chained_steps: int, prompts: Path | None,
-                 verify_texts: list[str] | None, tokenizer, overwrite: bool, progress) -> ExportResult:
+                 verify_texts: list[str] | None, tokenizer, overwrite: bool, progress,
+                 trust_remote_code: bool = False) -> ExportResult:
     from ..models import load_t2r_model
     from .quantize import export_int8_bundle, load_prompts
 
     model_dir = Path(model_or_dir) if isinstance(model_or_dir, (str, Path)) else None
-    model = load_t2r_model(model_dir) if model_dir is not None else model_or_dir
+    model = load_t2r_model(model_dir, trust_remote_code=trust_remote_code) if model_dir is not None else model_or_dir
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
         fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,

@@ -246,5 +246,6 @@ def extract_decoder(model) -> DecoderWeights:
     arch = get_adapter(model.config.model_type).model_type
     if arch not in EXTRACTORS:
         raise ValueError(f"no ONNX weight extractor for {arch!r}; have: {', '.join(sorted(EXTRACTORS))}")
-    assert len(decoder_layers(model, get_adapter(arch))) > 0
+    if not len(decoder_layers(model, get_adapter(arch))):
+        raise ValueError(f"the {arch} model has no decoder layers; nothing to export")
     return EXTRACTORS[arch](model)

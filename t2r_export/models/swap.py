@@ -156,7 +156,14 @@ def swap_summary(model) -> dict:
 
 
 def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32) -> PreTrainedModel:
-    """Load any supported causal LM (softmax or T2R) from a local directory, safetensors only."""
+    """Load any supported causal LM (softmax or T2R) from a local directory, safetensors only.
+
+    Custom code named by the folder (``auto_map``) is refused unless ``trust_remote_code``; damaged
+    weights and config dimensions that do not match them are one ValueError line naming the file.
+    """
+    from ..trust import check_remote_code
+    from .checkpoint_files import check_weight_files, shape_mismatches
+
     register_auto_classes()
     path = Path(path)
     if not path.is_dir():
@@ -164,20 +171,29 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torc
                          "and model.safetensors)")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json; expected a Hugging Face model directory")
+    check_remote_code(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"cannot read the model config in {path}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise ValueError(f"cannot read the model config {path / 'config.json'}: {text}") from None
     get_adapter(config.model_type)
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ValueError(f"{path} holds a {', '.join(archs)}, not a causal LM (expected a *ForCausalLM "
                          "or *LMHeadModel checkpoint)")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path} has no *.safetensors weights; only safetensors are loaded "
-                         "(convert .bin checkpoints with safetensors first)")
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
-                                                trust_remote_code=trust_remote_code)
+    files = check_weight_files(path)
+    # compared on the meta device before loading, so transformers' own mismatch report never prints
+    mismatches = shape_mismatches(config, files)
+    if mismatches:
+        more = f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ValueError(f"{path / 'config.json'} does not match the weights: {mismatches[0]}{more}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
+    except (RuntimeError, ValueError, OSError, TypeError) as err:
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise ValueError(f"cannot load the weights in {path}: {text}") from None
 
 
 def load_t2r_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:

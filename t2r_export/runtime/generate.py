@@ -86,8 +86,11 @@ def generate(decoder: Decoder, tokenizer, prompts: Sequence[str] | str, max_new_
         raise GenerationError("no prompts given")
     prompt_ids = []
     for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise GenerationError(f"{_which(index, len(prompts))} is a {type(prompt).__name__}, expected text (str)")
         if not prompt:
             raise GenerationError(f"{_which(index, len(prompts))} is empty; give at least one character of text")
+        check_text(prompt, _which(index, len(prompts)))
         ids = tokenizer.encode(prompt, add_special_tokens=True).ids
         bos = decoder.config.bos_token_id
         if add_bos and bos is not None and (not ids or ids[0] != bos):
@@ -164,6 +167,17 @@ def prefill_rows(decoder: Decoder, prompt_ids: Sequence[Sequence[int]]) -> np.nd
         row_ids = np.asarray(ids, np.int64)[None]
         logits[row] = decoder.prefill_row(row, row_ids, np.arange(row_ids.shape[1], dtype=np.int64)[None])[0]
     return logits
+
+
+def check_text(text: str, what: str) -> None:
+    """GenerationError when ``text`` cannot be encoded as UTF-8 (lone surrogates: non-UTF-8 bytes from argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise GenerationError(f"{what} is not valid UTF-8 text ({byte} at character {err.start}); pass UTF-8 "
+                              "text") from None
 
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]], config: RuntimeConfig, max_new_tokens: int) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import contract
 from .bundle import Bundle, BundleError, load_bundle, session_io
+from .decoder import DecoderBase
 
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
@@ -113,7 +114,7 @@ class _StateSet:
         return self.host[name].copy() if self.device == "cpu" else self.values[name].numpy()
 
 
-class OrtDecoder:
+class OrtDecoder(DecoderBase):
     """A bundle's prefill and step graphs on ONNX Runtime, with the recurrent state kept inside.
 
     Call :meth:`reset` with the batch size first. Logits returned by the IO-binding path are a
@@ -134,23 +135,12 @@ class OrtDecoder:
         self._batch = 0
         self._parity = 0
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- lifecycle (context manager and close() come from DecoderBase) ------------------------
 
-    def __enter__(self) -> "OrtDecoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
+    def _release(self) -> None:
         self._sessions = {}
-        self._batch = 0
         for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_logits_view", "_ids", "_pos"):
             self.__dict__.pop(attr, None)
-
-    @property
-    def batch(self) -> int:
-        return self._batch
 
     def state_nbytes(self) -> int:
         """Bytes of one decode state at the current batch size (IO binding keeps two sets resident)."""
@@ -158,10 +148,7 @@ class OrtDecoder:
 
     def reset(self, batch: int) -> None:
         """Zero the state for ``batch`` rows; buffers are reallocated only when the batch size changes."""
-        if not self._sessions:
-            raise RuntimeError("this OrtDecoder is closed")
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        batch = self._check_batch(batch)
         if batch != self._batch:
             self._allocate(batch)
         elif self.io_binding:
@@ -297,18 +284,3 @@ class OrtDecoder:
             else:
                 self._state[past][into_row] = results[present][0]
         return results["logits"]
-
-    def _check_ids(self, input_ids, position_ids, step: bool, rows: int | None = None):
-        if self._batch == 0:
-            raise RuntimeError("call reset(batch) before running the decoder")
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
-        rows = self._batch if rows is None else rows
-        if input_ids.ndim != 2 or input_ids.shape[0] != rows or input_ids.shape[1] < 1 \
-                or (step and input_ids.shape[1] != 1):
-            want = f"[{rows}, 1]" if step else f"[{rows}, T>=1]"
-            raise ValueError(f"input_ids must have shape {want}, got {list(input_ids.shape)}")
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {list(position_ids.shape)} differs from input_ids "
-                             f"{list(input_ids.shape)}")
-        return input_ids, position_ids

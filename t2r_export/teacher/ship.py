@@ -21,7 +21,8 @@ def ship(src: Path, dst: Path) -> None:
     from ..train.checkpoint import save_weights
 
     model = load_causal_lm(src)
-    with atomic_dir(dst) as tmp:
+    # shipping replaces the bundled model, a folder this tool wrote; any other folder is refused
+    with atomic_dir(dst, overwrite=True, inputs=[src]) as tmp:
         save_weights(model, tmp, "float16")
         for name in RECORDS:
             if (src / name).is_file():

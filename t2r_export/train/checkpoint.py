@@ -25,6 +25,7 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_DIR = "adapter"
+DAMAGED_HINT = "the checkpoint is damaged: delete it to start over, or restore it from a copy"
 
 
 def rng_state() -> dict:
@@ -73,7 +74,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
     optimizer_state = gather_optimizer_state(model, optimizer, dist)
     if not dist.is_main:
         return
-    with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
+    with atomic_dir(out_dir / CHECKPOINT_DIR, overwrite=True, what="checkpoint") as tmp:
         save_model(model, tokenizer, tmp, model_state)
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1) + "\n")
@@ -81,7 +82,16 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, state: dict, out_dir
 
 
 def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Distributed) -> None:
-    saved = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+    path = checkpoint / OPTIMIZER_FILE
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= saved.keys():
+            raise ValueError("not an optimizer/scheduler checkpoint")
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; the checkpoint is incomplete: delete it to start over") from None
+    except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError ... on damage
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:160]
+        raise ValueError(f"{path} cannot be read ({text}); {DAMAGED_HINT}") from None
     if dist.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -92,15 +102,26 @@ def load_optimizer_state(model, optimizer, scheduler, checkpoint: Path, dist: Di
 
 
 def read_checkpoint_state(checkpoint: Path) -> dict:
-    """The recipe state saved with a checkpoint (``STATE_FILE``), its RNG state included."""
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    """The recipe state saved with a checkpoint (``STATE_FILE``), its RNG state included; one
+    ValueError line naming the file when it is damaged."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {DAMAGED_HINT}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); {DAMAGED_HINT}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a JSON {type(state).__name__}, expected an object; {DAMAGED_HINT}")
+    return state
 
 
 def save_final(model, tokenizer, record: dict, record_file: str, out_dir: Path,
                state_dict: dict | None = None) -> None:
     """The finished model, its tokenizer and ``record_file`` replace ``out_dir`` in one rename (the
     checkpoint inside ``out_dir``, no longer needed, goes with the old directory)."""
-    with atomic_dir(out_dir) as tmp:
+    # the folder holds this run's checkpoint (or a previous run of ours): ours to replace
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         save_model(model, tokenizer, tmp, state_dict)
         (tmp / record_file).write_text(json.dumps(record, indent=2) + "\n")
 

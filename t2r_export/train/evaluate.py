@@ -80,7 +80,7 @@ def perplexity(
 
 def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_size: int = 256, batch_size: int = 8,
                     max_tokens: int | None = None, progress: Callable[[dict], None] | None = None,
-                    tokenizer: Path | None = None) -> list[dict]:
+                    tokenizer: Path | None = None, trust_remote_code: bool = False) -> list[dict]:
     """Perplexity of each model on one token stream made with one tokenizer; rows in ``paths`` order.
 
     The tokenizer is ``tokenizer`` when given, else the first model's; every model must share its
@@ -102,9 +102,9 @@ def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_siz
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"{path} is not a model directory (no config.json)")
     if tokenizer is not None:
-        shared = load_tokenizer(tokenizer)
+        shared = load_tokenizer(tokenizer, trust_remote_code)
     else:
-        tokenizers = [load_tokenizer(path) for path in paths]
+        tokenizers = [load_tokenizer(path, trust_remote_code) for path in paths]
         vocab = tokenizers[0].get_vocab()
         for path, other in zip(paths[1:], tokenizers[1:]):
             if other.get_vocab() != vocab:
@@ -117,7 +117,7 @@ def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_siz
     for path in paths:
         name = Path(path).name
         notify({"phase": "load", "model": name})
-        model = load_causal_lm(path)
+        model = load_causal_lm(path, trust_remote_code=trust_remote_code)
         rows_in_vocab = model.get_input_embeddings().num_embeddings
         if len(shared) > rows_in_vocab:
             raise ValueError(f"the tokenizer has {len(shared)} tokens but {path} only {rows_in_vocab} embeddings")

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from t2r_export.atomic import check_writable
+from t2r_export.atomic import check_replaceable, check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
 from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import attention_modules
 from t2r_export.preflight import check_model_and_tokenizer
-from t2r_export.train.checkpoint import (ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, load_optimizer_state,
+from t2r_export.train.checkpoint import (ADAPTER_DIR, CHECKPOINT_DIR, DAMAGED_HINT, STATE_FILE, load_optimizer_state,
                                          read_checkpoint_state, save_checkpoint, save_final, set_rng_state)
 from t2r_export.train.distributed import (Distributed, clip_gradients, feature_map_parameters, gather_model_state,
                                           global_mean, gradient_sync, init_distributed, micro_batches, reshard,
@@ -174,34 +174,27 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ValueError(f"data path {path} does not exist: expected a file or directory of .txt/.py/.md/.jsonl")
     if cfg.eval_max_tokens < 2:
         raise ValueError(f"eval max tokens must be at least 2, got {cfg.eval_max_tokens}")
-    check_output_dir(Path(cfg.out_dir))
     checkpoint = Path(cfg.out_dir) / CHECKPOINT_DIR
     if cfg.resume and not (checkpoint / STATE_FILE).is_file():
         raise ValueError(f"nothing to resume: no checkpoint at {checkpoint}; run without --resume to start")
     if not cfg.resume and checkpoint.exists():
         raise ValueError(f"{checkpoint} holds an unfinished run; pass --resume to continue it or choose another --out")
+    check_output_dir(Path(cfg.out_dir))
 
 
 def check_output_dir(out: Path) -> None:
+    """Before training, not after: the final save replaces ``out``, which only a folder of ours may be."""
     check_writable(out, "output directory")
+    check_replaceable(out, overwrite=True)
 
 
 # --- setup ------------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
     """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
-    from transformers import AutoTokenizer
+    from t2r_export.data.tokenizer import load_tokenizer
 
-    if cfg.tokenizer is not None:
-        from t2r_export.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); save one beside the "
-                             "model or pass --tokenizer") from None
+    tokenizer = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code)
     if is_t2r_model(model) and cfg.window != model.config.t2r.get("window", 0):
         raise ValueError(f"{path} is already a T2R model with window {model.config.t2r.get('window', 0)}; "
@@ -314,6 +307,7 @@ def build_optimizer(model, lr: float, cfg: FinetuneConfig, steps: int, warmup: b
 def resume_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
     """The checkpoint's recipe state, after checking that this run may continue it."""
     state = read_checkpoint_state(out_dir / CHECKPOINT_DIR)
+    check_trainer_state(state, out_dir / CHECKPOINT_DIR / STATE_FILE)
     saved = state["config"]
     changed = [k for k in RESUME_KEYS if saved.get(k) != _config_record(cfg).get(k)]
     if changed:
@@ -326,6 +320,22 @@ def resume_state(out_dir: Path, cfg: FinetuneConfig, global_batch: int) -> dict:
         raise ValueError(f"cannot resume: the checkpoint's global batch is {state['global_batch']} blocks, this "
                          f"run's is {global_batch} (batch size x processes x grad accum); keep the product equal")
     return state
+
+
+# what resuming reads from trainer_state.json, and the type each must have
+STATE_KEYS = {"config": dict, "global_batch": int, "stage": str, "step": int, "rng": dict, "tokens": dict,
+              "losses": dict, "valid": list}
+RNG_KEYS = ("torch", "cuda", "python", "numpy")
+
+
+def check_trainer_state(state: dict, path: Path) -> None:
+    """One ValueError line naming ``path`` when the recipe state it holds is damaged."""
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{path} lacks a valid {key!r} ({kind.__name__} expected); {DAMAGED_HINT}")
+    missing = [key for key in RNG_KEYS if key not in state["rng"]]
+    if missing or state["stage"] not in ("transfer", "finetune") or state["step"] < 0:
+        raise ValueError(f"{path} has an invalid stage, step or RNG state; {DAMAGED_HINT}")
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def round_weights_(model: torch.nn.Module, save_dtype: str) -> None:
 
 def save_atomically(model, tokenizer, out_dir: Path, record: dict, save_dtype: str = "float32") -> None:
     """Write model, tokenizer and training.json beside ``out_dir``, then swap the directory into place."""
-    with atomic_dir(Path(out_dir)) as tmp:
+    # the command checked --out (and --force) before training: a previous teacher here is ours to replace
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         save_weights(model, tmp, save_dtype)
         tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")

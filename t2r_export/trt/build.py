@@ -279,7 +279,8 @@ def _write_engines(bundle: Path, tensorrt_version: str, gpu_name: str, capabilit
     except EngineManifestError:
         old = None
     keep = old is not None and old.get("tensorrt_version") == tensorrt_version and old.get("gpu") == manifest["gpu"]
-    with atomic_dir(engines_dir) as tmp:
+    # the engines folder belongs to the bundle's builds: each build replaces it, keeping valid plans
+    with atomic_dir(engines_dir, overwrite=True, what="engines folder") as tmp:
         if keep:
             for precision, old_entry in old.get("engines", {}).items():
                 files = [g["file"] for g in old_entry["graphs"].values()]

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import contract
 from ..runtime.bundle import Bundle, load_bundle
+from ..runtime.decoder import DecoderBase
 from .cuda import cuda_call, gpu_info, import_cudart, import_tensorrt
 from .manifest import engine_paths
 
@@ -81,7 +82,7 @@ class _StateSet:
             buffer.free()
 
 
-class TrtDecoder:
+class TrtDecoder(DecoderBase):
     """A bundle's TensorRT step and prefill engines with the recurrent state kept on the GPU.
 
     Same interface as ``OrtDecoder``: ``reset(batch)``, ``prefill``, ``prefill_row``, ``step``,
@@ -118,34 +119,21 @@ class TrtDecoder:
         self._owned: list = []
         self._graphs: list = []
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- lifecycle (context manager and close() come from DecoderBase) ------------------------
 
-    def __enter__(self) -> TrtDecoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._release()
+    def _release(self) -> None:
+        self._free_buffers()
         if getattr(self, "_stream", None) is not None:
             cuda_call(import_cudart().cudaStreamDestroy(self._stream))
             self._stream = None
         self._engines = {}
-
-    @property
-    def batch(self) -> int:
-        return self._batch
 
     def state_nbytes(self) -> int:
         """Bytes of one decode state at the current batch size (two sets are resident for ping-pong)."""
         return contract.state_nbytes(self.config.state_shape, self._batch)
 
     def reset(self, batch: int) -> None:
-        if not self._engines:
-            raise RuntimeError("this TrtDecoder is closed")
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        batch = self._check_batch(batch)
         if batch != self._batch:
             self._allocate(batch)
         self._sets[0].zero(self._stream)
@@ -232,7 +220,7 @@ class TrtDecoder:
         if batch > self._max_batch():
             raise ValueError(f"batch {batch} exceeds the engines' optimization profile (max {self._max_batch()}); "
                              f"rebuild with `t2r-export trt {self.bundle.path} --max-batch {batch}`")
-        self._release()
+        self._free_buffers()
         self._batch = batch
         specs = contract.graph_inputs(self.config.state_shape, contract.STEP)
         shapes = {s.name: (batch, *s.shape[1:]) for s in specs if s.name.startswith("past_state.")}
@@ -326,7 +314,7 @@ class TrtDecoder:
             ids.free()
             pos.free()
 
-    def _release(self) -> None:
+    def _free_buffers(self) -> None:
         cudart = import_cudart()
         for graph, graph_exec in getattr(self, "_graphs", []):
             cuda_call(cudart.cudaGraphExecDestroy(graph_exec))
@@ -337,18 +325,3 @@ class TrtDecoder:
             owned.free()
         self._owned = []
         self._batch = 0
-
-    def _check_ids(self, input_ids, position_ids, step: bool, rows: int | None = None):
-        if self._batch == 0:
-            raise RuntimeError("call reset(batch) before running the decoder")
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
-        rows = self._batch if rows is None else rows
-        if input_ids.ndim != 2 or input_ids.shape[0] != rows or input_ids.shape[1] < 1 \
-                or (step and input_ids.shape[1] != 1):
-            want = f"[{rows}, 1]" if step else f"[{rows}, T>=1]"
-            raise ValueError(f"input_ids must have shape {want}, got {list(input_ids.shape)}")
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {list(position_ids.shape)} differs from input_ids "
-                             f"{list(input_ids.shape)}")
-        return input_ids, position_ids
