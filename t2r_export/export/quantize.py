@@ -32,6 +32,7 @@ import onnx
 
 from ..atomic import atomic_dir
 from . import contract
+from .weight_file import repack_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
                "OpTypesToExcludeOutputQuantization": ["MatMul"], "DedicatedQDQPair": True}
     if recipe.calibrate_method == "Percentile":
         options["CalibPercentile"] = recipe.percentile
-    quantize_static(str(src), str(dst), reader, quant_format=getattr(QuantFormat, recipe.quant_format),
+    # external data: a quantized graph above 2 GB is still written (repack_graphs then shares its weights)
+    quantize_static(str(src), str(dst), reader, use_external_data_format=True, quant_format=getattr(QuantFormat, recipe.quant_format),
                     op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=recipe.per_channel,
                     activation_type=getattr(QuantType, recipe.activation_type),
                     weight_type=getattr(QuantType, recipe.weight_type),
@@ -273,7 +275,8 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
     quantized.ir_version = model.ir_version
     onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props
                                                if p.key != "onnx.infer"}, "t2r.precision": "int8"})
-    onnx.save(quantized, str(dst))
+    onnx.save_model(quantized, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
     onnx.checker.check_model(str(dst), full_check=True)
     return nodes
 
@@ -336,6 +339,8 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
             progress(f"quantizing {kind}.onnx on {len(feeds)} calibration feeds")
             file = runtime["graphs"][kind]["file"]
             quantized[kind] = quantize_graph(fp32_bundle_dir / file, tmp / file, feeds, recipe)
+        # both quantized graphs read one weights file, the way fp32 bundles do
+        repack_graphs(tmp, [runtime["graphs"][kind]["file"] for kind in contract.GRAPH_KINDS])
         for name in BUNDLE_COPY:
             if (fp32_bundle_dir / name).is_file():
                 shutil.copy2(fp32_bundle_dir / name, tmp / name)
