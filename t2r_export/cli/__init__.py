@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from . import (bench_cmd, demo_cmd, experiment_cmd, export_cmd, pretrain_cmd, runtime_cmd, swap_cmd,
-               train_cmd, trt_cmd)
+from . import (bench_cmd, demo_cmd, experiment_cmd, export_cmd, pretrain_cmd, runtime_cmd, sizes_cmd,
+               swap_cmd, train_cmd, trt_cmd)
 
 app = typer.Typer(
     name="t2r-export",
@@ -37,6 +37,8 @@ COMMANDS = [
     ("trt", trt_cmd.trt, "Build TensorRT engines (fp16 / int8, fp32 state) into a bundle. Needs TensorRT + GPU."),
     ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
     ("bench", bench_cmd.bench, "Decode/prefill speed and memory of T2R vs the softmax original, one run."),
+    ("sizes", sizes_cmd.sizes, "Public models' configs (random weights) through swap, onnx, generate and check "
+                               "--trt: time, peak memory, bundle size."),
     ("experiment", experiment_cmd.experiment, "The paper's comparison on the bundled teacher (T2R vs ELU vs RFA vs "
                                               "scratch, transfer, feature sizes)."),
 ]

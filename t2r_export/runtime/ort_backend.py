@@ -102,8 +102,10 @@ def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, o
     for kind, file in files.items():
         options = session_options(threads, optimization)
         names = [name for name in graphs.get(file, []) if name in values]
+        # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
+        for name in names:
+            options.add_initializer(name, values[name])
         if names:
-            options.add_external_initializers(names, [values[name] for name in names])
             # prepacking would keep a second, re-laid-out copy of every matmul weight per session
             options.add_session_config_entry("session.disable_prepacking", "1")
         path = Path(folder) / file
