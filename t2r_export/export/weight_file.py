@@ -44,6 +44,10 @@ def external_tensor(name: str, dtype, shape, location: str, offset: int, length:
     return tensor
 
 
+class WeightFileError(ValueError):
+    """The weight file could not be written (a full disk, a vanished folder): one line, the OS's reason."""
+
+
 class WeightFile:
     """Appends tensors to ``path`` and returns external-data TensorProtos that point at them."""
 
@@ -55,7 +59,10 @@ class WeightFile:
         self.graphs: dict[str, list[str]] = {}
         self._graph: list[str] | None = None
         self._digests: dict[str, str] = {}
-        self._file = open(self.path, "wb")
+        try:
+            self._file = open(self.path, "wb")
+        except OSError as err:
+            raise WeightFileError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def __enter__(self) -> WeightFile:
         return self
@@ -101,22 +108,28 @@ class WeightFile:
         if array.shape != shape:
             raise ValueError(f"weight {name!r} has shape {list(array.shape)}, the graph expects {list(shape)}")
         array = np.ascontiguousarray(array)
-        offset = self._file.tell()
-        pad = -offset % ALIGNMENT
-        if pad:
-            self._file.write(b"\0" * pad)
-            offset += pad
-        self._file.write(memoryview(array).cast("B"))
+        try:
+            offset = self._file.tell()
+            pad = -offset % ALIGNMENT
+            if pad:
+                self._file.write(b"\0" * pad)
+                offset += pad
+            self._file.write(memoryview(array).cast("B"))
+        except OSError as err:
+            raise WeightFileError(f"writing weight {name!r} to {self.path}: {err.strerror or err}") from None
         entry = {"dtype": array.dtype.name, "shape": list(shape), "offset": offset, "length": int(array.nbytes)}
         self.entries[name] = entry
         return entry
 
     def write_index(self, path: str | Path | None = None) -> Path:
-        self._file.flush()
         path = Path(path) if path else self.path.with_name(WEIGHTS_INDEX)
         index = {"format": INDEX_FORMAT, "file": self.location, "alignment": ALIGNMENT, "graphs": self.graphs,
                  "tensors": self.entries}
-        path.write_text(json.dumps(index, indent=1) + "\n")
+        try:
+            self._file.flush()
+            path.write_text(json.dumps(index, indent=1) + "\n")
+        except OSError as err:
+            raise WeightFileError(f"writing {path}: {err.strerror or err}") from None
         return path
 
 
@@ -134,9 +147,11 @@ def repack_graphs(folder: Path, files: list[str], min_bytes: int = MIN_EXTERNAL_
     with WeightFile(folder / WEIGHTS_FILE) as store:
         for file in files:
             store.begin_graph(file)
-            model = onnx.load(str(folder / file), load_external_data=True)
-            for tensor in model.graph.initializer:
+            header = onnx.load(str(folder / file), load_external_data=False)
+            for tensor in header.graph.initializer:
                 old_data.update(e.value for e in tensor.external_data if e.key == "location")
+            del header
+            model = onnx.load(str(folder / file), load_external_data=True)
             kept = []
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor)
