@@ -90,33 +90,51 @@ class Stage:
     message: str = ""
 
 
-def run_stage(args: list[str], log: Path) -> Stage:
-    """One CLI invocation in its own process: wall time, that process's peak RSS, success."""
+# Linux carries a process's peak RSS across exec, and subprocess starts children with vfork: a child
+# of this (large) process would report this process's peak as its own. A small launcher forks the
+# command from its own small memory image and reports that grandchild's peak from wait4.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_process(argv: list[str], log: Path) -> Stage:
+    """One process, output appended to ``log``: wall time, its own peak RSS, success."""
+    peak_file = Path(log).with_name(Path(log).name + ".peak")
+    peak_file.unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log, "ab") as out:
-        out.write(("$ t2r-export " + " ".join(args) + "\n").encode())
+        out.write(("$ " + " ".join(argv) + "\n").encode())
         out.flush()
-        proc = subprocess.Popen([sys.executable, "-c", "from t2r_export.cli import main; main()", *args],
-                                stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(peak_file), *argv], stdout=out,
+                              stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - start
+    peak = int(peak_file.read_text()) if peak_file.is_file() else 0
+    peak_file.unlink(missing_ok=True)
     text = log.read_text(errors="replace").strip().splitlines()
-    return Stage(seconds, usage.ru_maxrss * 1024, proc.returncode == 0,
-                 "" if proc.returncode == 0 else (text[-1] if text else f"exit {proc.returncode}"))
+    return Stage(seconds, peak, code == 0, "" if code == 0 else (text[-1] if text else f"exit {code}"))
+
+
+def run_stage(args: list[str], log: Path) -> Stage:
+    """One ``t2r-export`` command in its own process."""
+    return run_process([sys.executable, "-c", "from t2r_export.cli import main; main()", *args], log)
 
 
 def _build_stage(name: str, out: Path, log: Path) -> tuple[Stage, int]:
     code = ("import sys; from pathlib import Path; from t2r_export.bench.sizes import build_checkpoint; "
-            "print(build_checkpoint(sys.argv[1], Path(sys.argv[2])))")
-    start = time.perf_counter()
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", code, name, str(out)], stdout=subprocess.PIPE, stderr=fh)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    ok = os.waitstatus_to_exitcode(status) == 0
-    stage = Stage(time.perf_counter() - start, usage.ru_maxrss * 1024, ok, "" if ok else "checkpoint build failed")
-    return stage, int(stdout.split()[-1]) if ok else 0
+            "print('parameters', build_checkpoint(sys.argv[1], Path(sys.argv[2])))")
+    stage = run_process([sys.executable, "-c", code, name, str(out)], log)
+    if not stage.ok:
+        return stage, 0
+    line = next(line for line in reversed(log.read_text().splitlines()) if line.startswith("parameters "))
+    return stage, int(line.split()[1])
 
 
 def folder_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
