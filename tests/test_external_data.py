@@ -193,3 +193,19 @@ def test_a_model_above_two_gigabytes_exports_and_matches_torch(tmp_path, tiny_to
     assert max(f.stat().st_size for f in bundle.glob("*.onnx")) < 2**20
     ratio = _bundle_bytes(bundle) / _safetensors_bytes(path)
     assert ratio <= SIZE_GOALS["bundle/checkpoint"], f"bundle / checkpoint = {ratio:.3f}"
+
+
+def test_the_calibration_cache_key_sees_the_weights_not_only_the_graph(fp32_bundle, tmp_path):
+    import shutil
+
+    from t2r_export.export.quantize import CalibrationRecipe, calibration_cache_key
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_bundle, copy)
+    before = calibration_cache_key(copy, ["x"], CalibrationRecipe())
+    # other weights, same graphs (as two checkpoints of one real shape are): the key must change
+    with open(copy / WEIGHTS_FILE, "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 0xFF]))
+    assert calibration_cache_key(copy, ["x"], CalibrationRecipe()) != before

@@ -25,7 +25,7 @@ from ..atomic import atomic_dir
 from ..models import is_t2r_model, load_t2r_model
 from . import contract
 from .graph import build_graph, state_shape
-from .weight_file import WEIGHTS_FILE, WeightFile
+from .weight_file import WEIGHTS_FILE, WeightFile, WeightFileError
 from .weights import extract_decoder
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ def _tool_versions() -> dict:
 def _save_graph(model_proto: onnx.ModelProto, path: Path) -> None:
     """Save a graph whose weights already live in the weight file: the proto itself stays small,
     so no model size runs into protobuf's 2 GB limit."""
-    onnx.save_model(model_proto, str(path))
+    try:
+        onnx.save_model(model_proto, str(path))
+    except OSError as err:
+        raise WeightFileError(f"writing {path}: {err.strerror or err}") from None
     onnx.checker.check_model(str(path), full_check=True)
 
 

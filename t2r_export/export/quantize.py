@@ -32,7 +32,7 @@ import onnx
 
 from ..atomic import atomic_dir
 from . import contract
-from .weight_file import repack_graphs
+from .weight_file import WEIGHTS_FILE, repack_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,12 @@ def _ids_feed(ids: list[int], start: int, state: dict) -> dict:
 def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: CalibrationRecipe) -> str:
     h = hashlib.sha256()
     h.update((Path(bundle_dir) / "step.onnx").read_bytes())
+    # the graph proto holds no weights any more: two checkpoints of one shape differ only in weights.bin
+    weights = Path(bundle_dir) / WEIGHTS_FILE
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     h.update("\0".join(prompts).encode())
     recording = {k: getattr(recipe, k) for k in ("max_prompt_tokens", "greedy_steps_per_prompt", "max_step_samples",
                                                   "calibration_batch")}
