@@ -76,10 +76,15 @@ def test_json_and_markdown_outputs(tmp_path, monkeypatch):
     stage = sizes.Stage(1.0, 2 * 10**9, True)
     row = sizes.SizeRow("gpt2-124m", 10**8, "fp32", 4 * 10**8, stage, stage, 4 * 10**8, 4 * 10**8, 10**6, stage,
                         stage)
-    monkeypatch.setattr(sizes, "run_sizes", lambda *a, **k: [row])
+    def one_row(*args, on_row=None, **kwargs):
+        on_row(row)
+        return [row]
+
+    monkeypatch.setattr(sizes, "run_sizes", one_row)
     md, js = tmp_path / "sizes.md", tmp_path / "sizes.json"
     result = runner.invoke(app, ["sizes", "--models", "gpt2-124m", "--precisions", "fp32", "--work",
                                  str(tmp_path / "w"), "--markdown", str(md), "--json", str(js)])
     assert result.exit_code == 0, result.output
     assert "| gpt2-124m |" in md.read_text()
     assert json.loads(js.read_text())[0]["export"]["peak_rss"] == stage.peak_rss
+    assert sizes.SizeRow.from_json(json.loads(js.read_text())[0]) == row

@@ -163,10 +163,16 @@ class SizeRow:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, raw: dict) -> SizeRow:
+        stages = {key: None if raw[key] is None else Stage(**raw[key]) for key in ("swap", "export", "generate", "check")}
+        return cls(**{**raw, **stages})
+
 
 def run_sizes(models: list[str], precisions: list[str], work: Path, threads: int = 0, verify: bool = True,
-              keep: bool = False, progress=print) -> list[SizeRow]:
-    """Build, swap, export, generate and check each model; one row per (model, precision)."""
+              keep: bool = False, progress=print, on_row=None) -> list[SizeRow]:
+    """Build, swap, export, generate and check each model; one row per (model, precision), each also
+    handed to ``on_row`` as soon as it is measured (a long run keeps what it finished)."""
     rows = []
     for name in models:
         root = Path(work) / name
@@ -199,6 +205,8 @@ def run_sizes(models: list[str], precisions: list[str], work: Path, threads: int
                 progress(f"{name}: check --trt ({precision})")
                 row.check = run_stage(["check", str(bundle), "--trt"], log)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             if not keep:
                 shutil.rmtree(bundle, ignore_errors=True)
         if not keep:

@@ -38,9 +38,17 @@ def sizes(
     for path in (markdown, json_out):
         if path is not None:
             check_writable_parent(path, "output file")
+    finished: list = []
+
+    def on_row(row) -> None:
+        # rewritten after every row, so an interrupted run keeps what it measured
+        finished.append(row.to_json())
+        if json_out is not None:
+            json_out.write_text(json.dumps(finished, indent=2) + "\n")
+
     try:
         rows = run_sizes(chosen, wanted, work, threads=threads, verify=verify, keep=keep,
-                         progress=lambda message: console.log(message))
+                         progress=lambda message: console.log(message), on_row=on_row)
     except RuntimeError as err:
         fail(str(err), code=1)
     table = Table(title="real model sizes (random weights, public configs)")
@@ -51,8 +59,6 @@ def sizes(
     console.print(table)
     if markdown is not None:
         markdown.write_text(markdown_table(rows) + "\n")
-    if json_out is not None:
-        json_out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
     failed = [f"{r.model} {r.precision}" for r in rows
               if not (r.export.ok and r.generate and r.generate.ok and r.check and r.check.ok)]
     if failed:

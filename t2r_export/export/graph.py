@@ -3,7 +3,9 @@
 Plain ONNX ops only (opset 17), no transposes on the decode path; per layer one fused q/k/v
 matmul, one RoPE rotation and one feature-map matmul for queries and keys together
 ([B, T, H_kv, G+1, d]), and RMSNorm in the Pow form ONNX Runtime fuses into one kernel. Names
-and shapes of the graph I/O come from ``contract``. Precision plans:
+and shapes of the graph I/O come from ``contract``. Given a ``WeightFile`` (``weight_file.py``), named
+weights become external data in the bundle's one shared weights.bin instead of proto contents; a
+tied lm head is a Gemm (transB=1) on the embedding itself. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
   outputs), phi(q)·z, the clamp and the division, the norms, and the logits (DESIGN §5).
