@@ -125,8 +125,14 @@ def test_the_runtime_maps_the_file_once_and_matches_ort_reading_the_graphs_itsel
     check_close("prefill logits, shared vs self-loaded weights", got, expected, ("ort", "fp32"))
 
 
-def test_int8_graphs_are_repacked_into_one_weight_file(fp32_bundle, tmp_path):
+def test_int8_graphs_are_repacked_into_one_weight_file(fp32_bundle, tmp_path, monkeypatch):
+    import functools
+
+    from t2r_export.export import quantize, weight_file
     from t2r_export.export.quantize import CalibrationRecipe, export_int8_bundle
+
+    # a low threshold, so this small model's per-channel zero points are big enough to be moved out
+    monkeypatch.setattr(quantize, "repack_graphs", functools.partial(weight_file.repack_graphs, min_bytes=64))
 
     recipe = CalibrationRecipe(max_step_samples=32, greedy_steps_per_prompt=4, max_prompt_tokens=16)
     out = export_int8_bundle(fp32_bundle, tmp_path / "int8", prompts=["def f(x):\n    return x", "import os"],
@@ -137,6 +143,10 @@ def test_int8_graphs_are_repacked_into_one_weight_file(fp32_bundle, tmp_path):
     assert locations == {WEIGHTS_FILE}
     quantized = [name for name in read_index(out)["tensors"] if name.endswith("_quantized")]
     assert quantized, "no int8 weight reached the shared file"
+    # the TensorRT check reads Q/DQ scales and zero points as constants without the weight file
+    from t2r_export.trt.compat import check_bundle
+
+    assert check_bundle(out) == []
     assert (out / WEIGHTS_FILE).stat().st_size < (fp32_bundle / WEIGHTS_FILE).stat().st_size
     with OrtDecoder(out, threads=1) as dec:
         dec.reset(1)

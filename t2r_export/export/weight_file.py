@@ -152,10 +152,13 @@ def repack_graphs(folder: Path, files: list[str], min_bytes: int = MIN_EXTERNAL_
                 old_data.update(e.value for e in tensor.external_data if e.key == "location")
             del header
             model = onnx.load(str(folder / file), load_external_data=True)
+            # scales and zero points stay in the graph: parsers and checkers read them as constants
+            qdq_params = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                          for name in node.input[1:]}
             kept = []
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor)
-                if array.nbytes >= min_bytes and array.dtype != object:
+                if array.nbytes >= min_bytes and array.dtype != object and tensor.name not in qdq_params:
                     kept.append(store.add_array(tensor.name, array))
                 else:
                     kept.append(numpy_helper.from_array(array, tensor.name))
