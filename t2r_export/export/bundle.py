@@ -168,7 +168,7 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
         if verify and precision == "fp32":
             reference = torch_reference(model, num_layers, vocab, chained_steps=chained_steps)
             # a model this function loaded is freed before ONNX Runtime maps the weights: the export
-            # peaks near one copy of the weights, not two (docs/design.md, export memory)
+            # peaks near one copy of the weights, not two (docs/sizes.md)
             if model_dir is not None:
                 del model
                 gc.collect()

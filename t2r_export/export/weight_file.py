@@ -9,7 +9,7 @@ a model above protobuf's 2 GB limit exports like a small one. Weights are writte
 time as the graph builder asks for them (a second request for the same name reuses the first
 entry), so an export never holds more than one converted tensor beside the torch model. The
 index lets the torch-free runtime memory-map the file once and hand the same buffers to both ONNX
-Runtime sessions (docs/design.md, weight sharing).
+Runtime sessions (docs/sizes.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ chosen for the graph, so the emitter needs no transposes:
 
 The big matrices are ``LazyWeight``s: a shape and a recipe, computed from the torch model only
 when a graph writes them, so an export streams weights into its weight file one at a time instead
-of holding a numpy copy of the whole model beside the torch one (docs/design.md, export memory).
+of holding a numpy copy of the whole model beside the torch one (docs/sizes.md).
 """
 
 from __future__ import annotations
