@@ -1,6 +1,6 @@
 """Read a T2R model's weights into one architecture-neutral description the graph emitter walks.
 
-What to read and where it lives comes from the architecture's adapter (``models/adapters.py``,
+What to read and where it lives comes from the architecture's adapter (``t2r_export/architectures.py``,
 ``ArchitectureAdapter.weights``); this module knows layouts, not architectures. Layouts are
 chosen for the graph, so the emitter needs no transposes:
 - every projection is stored as x @ W ([in, out]);
@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..models.adapters import ArchitectureAdapter, WeightLayout, attention_dims, get_adapter, resolve
+from ..architectures import ArchitectureAdapter, WeightLayout, attention_dims, get_adapter, resolve
 from ..models.attention import FEATURE_MAP_ATTR
 from ..models.swap import decoder_layers
 

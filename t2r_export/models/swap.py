@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..ops.feature_maps import FeatureMap
-from .adapters import ADAPTERS, T2R_PREFIX, ArchitectureAdapter, attention_dims, get_adapter, resolve
+from ..architectures import ADAPTERS, T2R_PREFIX, ArchitectureAdapter, attention_dims, get_adapter, resolve
 from .attention import ATTN_IMPLEMENTATION, FEATURE_MAP_ATTR, register_attention_function
 from .config import T2RConfig
 
