@@ -8,15 +8,13 @@ work happens; these only move the cheap ones to the front.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architectures import ADAPTERS, base_model_type, supported
 from .atomic import check_writable
 
-T2R_PREFIX = "t2r_"
 TOKENIZER_FILE = "tokenizer.json"
 # what a slow (python) tokenizer saves instead of tokenizer.json; transformers can still load those
 SLOW_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
@@ -28,27 +26,6 @@ class ModelInfo:
     model_type: str
     is_t2r: bool
     vocab_size: int | None
-
-
-def _supported_model_types() -> set[str] | None:
-    """The architectures of models/adapters.py, read without importing the (torch) models package.
-
-    The adapter table is plain dataclasses; None when it cannot be read alone (then the full check,
-    after the torch import, decides).
-    """
-    path = Path(__file__).parent / "models" / "adapters.py"
-    name = "t2r_export._preflight_adapters"
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        # dataclasses look their module up in sys.modules while the class is made
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return set(module.ADAPTERS)
-    except Exception:  # noqa: BLE001 - any failure only skips the early check
-        return None
-    finally:
-        sys.modules.pop(name, None)
 
 
 def check_model_dir(path: Path, what: str = "model", need_t2r: bool = False) -> ModelInfo:
@@ -67,11 +44,8 @@ def check_model_dir(path: Path, what: str = "model", need_t2r: bool = False) -> 
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str):
         raise ValueError(f"{config_file} names no model_type; expected a Hugging Face model config")
-    base = model_type[len(T2R_PREFIX):] if model_type.startswith(T2R_PREFIX) else model_type
-    supported = _supported_model_types()
-    if supported is not None and base not in supported:
-        raise ValueError(f"unsupported architecture {model_type!r} in {path}; "
-                         f"supported: {', '.join(sorted(supported))}")
+    if base_model_type(model_type) not in ADAPTERS:
+        raise ValueError(f"unsupported architecture {model_type!r} in {path}; supported: {supported()}")
     is_t2r = config.get("t2r") is not None
     if need_t2r and not is_t2r:
         raise ValueError(f"{path} is a softmax model, not a T2R model (its config has no t2r settings); "

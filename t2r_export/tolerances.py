@@ -50,6 +50,13 @@ MIN_AGREEMENT: dict[str, float] = {
     "int8": 0.93,
 }
 
+# memory and size goals for real model sizes (docs/sizes.md): ratios, not error bounds
+SIZE_GOALS: dict[str, float] = {
+    "bundle/checkpoint": 1.05,            # graphs + weight file vs the checkpoint's weights, same precision
+    "export peak/fp32": 1.5,              # export peak RSS vs the fp32 checkpoint
+    "runtime/weights+state": 1.2,         # decode RSS vs the weight file plus one state
+}
+
 
 class ToleranceError(AssertionError):
     """A comparison failed; the message names the output and its max error."""

@@ -46,3 +46,6 @@ def test_the_hybrid_exports_verified_with_its_window_in_the_state(tmp_path):
     runtime = result.runtime
     assert runtime.window == 64 and runtime.feature_map == "hedgehog" and runtime.verification.passed
     assert "past_state.0.wk" in runtime.graphs["step"].inputs
+    # the prompt-longer-than-the-window chain (64 + 8 tokens through prefill) was checked too
+    names = {f.name for f in runtime.verification.figures}
+    assert {"step batch 2: logits", "prefill 72 + 31 steps: logits"} <= names

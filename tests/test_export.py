@@ -24,7 +24,7 @@ runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 # what TensorRT's ONNX parser and every ONNX runtime handle; no contrib ops
-ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "LayerNormalization",
+ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "Gemm", "LayerNormalization",
                "MatMul", "Max", "Mul", "Neg", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin",
                "Slice", "Softmax", "Split", "Sqrt", "Tanh", "Unsqueeze"}
 # the sliding window adds its masked softmax (the prefill gathers each query's W keys)
@@ -186,7 +186,7 @@ def test_failed_verification_exits_non_zero_and_writes_no_bundle(tiny_t2r_dir, t
 
     def broken(model):
         dec = real(model)
-        dec.layers[0].o_weight = dec.layers[0].o_weight * 1.01
+        dec.layers[0].o_weight = np.asarray(dec.layers[0].o_weight) * 1.01
         return dec
 
     monkeypatch.setattr(bundle, "extract_decoder", broken)
@@ -240,3 +240,18 @@ def test_generate_with_tensorrt_but_no_tensorrt_is_one_line(tiny_t2r_dir, tmp_pa
     result = runner.invoke(app, ["generate", str(tmp_path / "b"), "--prompt", "x", "--provider", "tensorrt"])
     assert result.exit_code == 2 and "TensorRT" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_the_adapter_alone_tells_the_extractor_where_every_weight_lives(arch):
+    from conftest import TINY_CONFIGS
+
+    assert arch in TINY_CONFIGS, f"registered architecture {arch!r} has no tiny test model"
+    model = _swapped(arch, "t2r")
+    dec = extract_decoder(model)
+    embed = model.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(dec.embed), embed)
+    # HF ties these tiny models' heads: the description must say so, so the graphs store the matrix once
+    assert dec.tied_lm_head == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    np.testing.assert_array_equal(np.asarray(dec.lm_head), model.get_output_embeddings().weight.detach().numpy().T)
+    assert len(dec.layers) == model.config.num_hidden_layers

@@ -126,7 +126,7 @@ def test_info_is_torch_free_and_shows_everything(int8_bundle):
     text = " ".join(proc.stdout.split())
     runtime = RuntimeConfig.read(out / contract.RUNTIME_JSON)
     for needle in ("precision: int8", "format version 2", "step.onnx", "prefill.onnx", "tokenizer.json",
-                   "int8 bundle vs fp32 torch model", "PASS", "weights: inside each graph",
+                   "int8 bundle vs fp32 torch model", "PASS", "weights: weights.bin is shared by step.onnx and prefill.onnx",
                    f"checkpoint sha256 {runtime.source_checkpoint_sha256}",
                    f"onnxruntime {runtime.tools['onnxruntime']}"):
         assert needle in text, needle

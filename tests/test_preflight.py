@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -157,17 +156,14 @@ def test_tokenizer_paths(tmp_path):
         check_tokenizer(tmp_path / "bad.json", None)
 
 
-def test_the_early_architecture_list_is_the_adapter_table():
-    from t2r_export.models import ADAPTERS
-    from t2r_export.preflight import _supported_model_types
-
-    assert _supported_model_types() == set(ADAPTERS)
-
-
-def test_the_checks_take_well_under_two_seconds(tiny_t2r_dir):
-    start = time.perf_counter()
-    check_model_and_tokenizer(tiny_t2r_dir, need_t2r=True)
-    assert time.perf_counter() - start < 2.0
+def test_the_architecture_table_loads_without_torch():
+    # the early checks read the one adapter table; it must stay importable on a torch-free install
+    code = ("import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n"
+            "from t2r_export.architectures import ADAPTERS\nfrom t2r_export import preflight\n"
+            "print(sorted(ADAPTERS))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "llama" in done.stdout and "gpt2" in done.stdout
 
 
 def test_demo_without_out_writes_nothing(tmp_path, monkeypatch):

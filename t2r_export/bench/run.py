@@ -253,7 +253,9 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-        optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+        # only the node list is needed; the weights stay in the bundle's weights.bin
+        optimized = [node.op_type for node in
+                     onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
     by_op: dict[str, list] = {}
     model_run = []
     for event in events:

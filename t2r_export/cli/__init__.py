@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 
 from ..interrupt import report_interrupt, restore_default_handler
 from . import (bench_cmd, bench_tools_cmd, demo_cmd, experiment_cmd, export_cmd, info_cmd, pretrain_cmd,
-               runtime_cmd, swap_cmd, train_cmd, trt_cmd)
+               runtime_cmd, sizes_cmd, swap_cmd, train_cmd, trt_cmd)
 from .common import settings
 
 
@@ -75,6 +75,8 @@ COMMANDS = [
     ("info", info_cmd.info, "What a bundle holds: contract, precision, sizes, weight sharing, verification, "
                             "provenance."),
     ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
+    ("sizes", sizes_cmd.sizes, "Public models' configs (random weights) through swap, onnx, generate and check "
+                               "--trt: time, peak memory, bundle size."),
 ]
 # (group, help, default subcommand, does a positional argument select the default, subcommands)
 GROUPS = [

@@ -3,12 +3,14 @@
     bundle/
       step.onnx        one token per row, explicit fp32 state in and out
       prefill.onnx     T tokens per row, same state tensors
+      weights.bin      every weight once, read by both graphs as ONNX external data (+ weights.json, its index)
       tokenizer.json   (+ tokenizer_config.json ...)
       runtime.json     everything a runtime needs, and the versions/hash that made it
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import platform
@@ -22,12 +24,11 @@ from ..atomic import atomic_dir
 from ..models import is_t2r_model, load_t2r_model
 from .. import contract
 from .graph import build_graph, state_shape
+from .weight_file import WEIGHTS_FILE, WeightFile, WeightFileError
 from .weights import extract_decoder
 
 logger = logging.getLogger(__name__)
 
-# protobuf cannot hold more than 2 GB: bigger models keep their weights in one side file
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def check_plan(model, bundle_dir: Path, runtime: contract.RuntimeConfig,
@@ -79,12 +80,25 @@ def _tool_versions() -> dict:
 
 
 def _save_graph(model_proto: onnx.ModelProto, path: Path) -> None:
-    if model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
+    """Save a graph whose weights already live in the weight file: the proto itself stays small,
+    so no model size runs into protobuf's 2 GB limit."""
+    try:
         onnx.save_model(model_proto, str(path))
+    except OSError as err:
+        raise WeightFileError(f"writing {path}: {err.strerror or err}") from None
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def write_graphs(dec, folder: Path, precision: str) -> None:
+    """step.onnx and prefill.onnx in ``folder``, their weights streamed once into weights.bin."""
+    with WeightFile(folder / WEIGHTS_FILE) as store:
+        for kind in contract.GRAPH_KINDS:
+            store.begin_graph(f"{kind}.onnx")
+            graph = build_graph(dec, kind, precision, store)
+            logger.info("writing and checking %s.onnx", kind)
+            _save_graph(graph, folder / f"{kind}.onnx")
+            del graph
+        store.write_index()
 
 
 def _copy_tokenizer(model_dir: Path | None, tokenizer, dst: Path) -> None:
@@ -134,7 +148,7 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
     after every check passed; on failure (ToleranceError) nothing is left at ``out``. ``model_dir``
     names the directory an in-memory model was loaded from (tokenizer, checkpoint hash).
     """
-    from .verify import verify_bundle_graphs
+    from .verify import check_bundle_graphs, torch_reference
 
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
@@ -146,17 +160,21 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
     model.eval()
     dec = extract_decoder(model)
     runtime = runtime_config(model, dec, precision, checkpoint_sha256(model_dir, model))
+    num_layers, vocab = len(dec.layers), dec.vocab_size
     report = None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        for kind in contract.GRAPH_KINDS:
-            graph = build_graph(dec, kind, precision)
-            logger.info("writing and checking %s.onnx", kind)
-            _save_graph(graph, tmp / f"{kind}.onnx")
-            del graph
         _copy_tokenizer(model_dir, tokenizer, tmp)
+        write_graphs(dec, tmp, precision)
+        # the description reads the weights straight from the model; nothing needs it after writing
+        del dec
         if verify and precision == "fp32":
-            report = verify_bundle_graphs(model, tmp / "step.onnx", tmp / "prefill.onnx", len(dec.layers),
-                                          dec.vocab_size, chained_steps=chained_steps)
+            reference = torch_reference(model, num_layers, vocab, chained_steps=chained_steps)
+            # a model this function loaded is freed before ONNX Runtime maps the weights: the export
+            # peaks near one copy of the weights, not two (docs/sizes.md)
+            if isinstance(model_or_dir, (str, Path)):
+                del model
+                gc.collect()
+            report = check_bundle_graphs(reference, tmp)
             runtime = runtime.replace(verification=report.record())
         elif verify:
             runtime = runtime.replace(verification=check_plan(model, tmp, runtime, verify_texts))

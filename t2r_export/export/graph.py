@@ -3,8 +3,10 @@
 Plain ONNX ops only (opset 17), no transposes on the decode path; per layer one fused q/k/v
 matmul, one RoPE rotation and one feature-map matmul for queries and keys together
 ([B, T, H_kv, G+1, d]), and RMSNorm in the Pow form ONNX Runtime fuses into one kernel. Names
-and shapes of the graph I/O come from ``contract``; the sliding-window hybrid's attention is emitted
-by ``window.py``. Precision plans:
+and shapes of the graph I/O come from ``contract``; the sliding-window hybrid's attention is emitted by
+``window.py``. Given a ``WeightFile`` (``weight_file.py``), named
+weights become external data in the bundle's one shared weights.bin instead of proto contents; a
+tied lm head is a Gemm (transB=1) on the embedding itself. Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
   outputs), phi(q)·z, the clamp and the division, the norms, and the logits (docs/design.md#precision-plan).
@@ -21,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
-from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm
+from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm, materialize
 from .window import window_prefill, window_step
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ INT64_MAX = np.iinfo(np.int64).max
 class GraphBuilder:
     """A tiny helper over onnx.helper: unique names, initializers, nodes."""
 
-    def __init__(self, compute_dtype=np.float32):
+    def __init__(self, compute_dtype=np.float32, store=None):
+        # a WeightFile: named weights go there as external data instead of into the proto
+        self.store = store
         self.scope_name = ""
         self.in_island = False
         # names of the nodes that must run in fp32 whatever the plan (TensorRT precision constraints)
@@ -65,8 +69,13 @@ class GraphBuilder:
     def weight(self, name: str, arr: np.ndarray, fp32: bool = False) -> str:
         """A named initializer; asking again for the same name returns the first one (shared weights)."""
         if name not in self._weights:
-            dtype = np.float32 if fp32 else self.compute_dtype
-            self._weights[name] = self.const(arr.astype(dtype), name=name)
+            dtype = np.dtype(np.float32 if fp32 else self.compute_dtype)
+            if self.store is not None and self.store.wants(arr.shape, dtype):
+                # the weight is computed (from a LazyWeight) only if the file does not hold it yet
+                self.initializers.append(self.store.tensor(name, lambda: materialize(arr), dtype, arr.shape))
+                self._weights[name] = name
+            else:
+                self._weights[name] = self.const(materialize(arr).astype(dtype), name=name)
         return self._weights[name]
 
     @contextmanager
@@ -108,14 +117,14 @@ class GraphBuilder:
 class DecoderEmitter:
     """Walks DecoderWeights once per graph kind."""
 
-    def __init__(self, dec: DecoderWeights, kind: str, precision: str = "fp32"):
+    def __init__(self, dec: DecoderWeights, kind: str, precision: str = "fp32", store=None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         self.dec, self.kind, self.precision = dec, kind, precision
         self.low = np.float16 if precision != "fp32" else np.float32
         # the state dtype: fp32 except in the deliberately broken all-fp16 variant
         self.state_dtype = np.float16 if precision == "fp16-all" else np.float32
-        self.g = GraphBuilder(self.low)
+        self.g = GraphBuilder(self.low, store)
         self.hkv = dec.num_kv_heads
         self.groups = dec.num_heads // dec.num_kv_heads
         self.d = dec.head_dim
@@ -298,7 +307,13 @@ class DecoderEmitter:
         if self.kind == contract.PREFILL:
             x = g.slice_last(x, 1)                                                  # [B, 1, D]
         x = self.norm(x, dec.final_norm, "final_norm")
-        logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
+        if dec.tied_lm_head:
+            # the embedding itself, read transposed by Gemm: one copy of the weight serves both ends
+            with g.scope("lm_head"):
+                flat = g.reshape(x, [-1, dec.hidden_size])
+                logits = g.op("Gemm", flat, g.weight("embed", dec.embed), transB=1)
+        else:
+            logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
         with g.scope("logits", fp32_island=True):
             g.op("Reshape", self.to_fp32(logits), g.const([-1, dec.vocab_size], np.int64), outputs=["logits"])
         return self._model()
@@ -329,7 +344,8 @@ def state_shape(dec: DecoderWeights) -> contract.StateShape:
                                window=dec.window)
 
 
-def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32") -> onnx.ModelProto:
+def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32", store=None) -> onnx.ModelProto:
+    """The ``kind`` graph; with a ``WeightFile`` store its weights are written there, not into the proto."""
     if kind not in contract.GRAPH_KINDS:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
-    return DecoderEmitter(dec, kind, precision).build()
+    return DecoderEmitter(dec, kind, precision, store).build()

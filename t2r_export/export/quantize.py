@@ -34,6 +34,7 @@ import onnx
 
 from ..atomic import atomic_dir
 from .. import contract
+from .weight_file import WEIGHTS_FILE, repack_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,12 @@ def calibration_cache_key(bundle_dir: Path, prompts: list[str], recipe: Calibrat
     from ..runtime.bundle import load_bundle
 
     h.update(load_bundle(bundle_dir).graph_path(contract.STEP).read_bytes())
+    # the graph proto holds no weights any more: two checkpoints of one shape differ only in weights.bin
+    weights = Path(bundle_dir) / WEIGHTS_FILE
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     h.update("\0".join(prompts).encode())
     recording = {k: getattr(recipe, k) for k in ("max_prompt_tokens", "greedy_steps_per_prompt", "max_step_samples",
                                                   "calibration_batch")}
@@ -297,7 +304,8 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
                "OpTypesToExcludeOutputQuantization": ["MatMul"], "DedicatedQDQPair": True}
     if recipe.calibrate_method == "Percentile":
         options["CalibPercentile"] = recipe.percentile
-    quantize_static(str(src), str(dst), reader, quant_format=getattr(QuantFormat, recipe.quant_format),
+    # external data: a quantized graph above 2 GB is still written (repack_graphs then shares its weights)
+    quantize_static(str(src), str(dst), reader, use_external_data_format=True, quant_format=getattr(QuantFormat, recipe.quant_format),
                     op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=recipe.per_channel,
                     activation_type=getattr(QuantType, recipe.activation_type),
                     weight_type=getattr(QuantType, recipe.weight_type),
@@ -308,7 +316,8 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
     quantized.ir_version = model.ir_version
     onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props
                                                if p.key != "onnx.infer"}, contract.PRECISION_KEY: "int8"})
-    onnx.save(quantized, str(dst))
+    onnx.save_model(quantized, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
     onnx.checker.check_model(str(dst), full_check=True)
     return nodes
 
@@ -377,6 +386,8 @@ def export_int8_bundle(fp32_bundle_dir: str | Path, out: str | Path, prompts: st
             progress(f"quantizing {kind}.onnx on {len(feeds)} calibration feeds")
             graphs[kind] = dataclasses.replace(source.config.graphs[kind], file=f"{kind}.onnx")
             quantized[kind] = quantize_graph(source.graph_path(kind), tmp / graphs[kind].file, feeds, recipe)
+        # both quantized graphs read one weights file, the way fp32 bundles do
+        repack_graphs(tmp, [graphs[kind].file for kind in contract.GRAPH_KINDS])
         for name in contract.TOKENIZER_FILES:
             if source.file(name).is_file():
                 shutil.copy2(source.file(name), tmp / name)

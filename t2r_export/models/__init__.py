@@ -1,6 +1,6 @@
 """T2R models: feature maps attached to HF causal LMs, plus their save/load and decode helpers."""
 
-from .adapters import ADAPTERS, ArchitectureAdapter, attention_dims, get_adapter
+from ..architectures import ADAPTERS, ArchitectureAdapter, attention_dims, get_adapter
 from .attention import RecurrentState
 from .config import T2RConfig
 from .recurrent import decode_step, new_state, prefill

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import attention_dims
+from ..architectures import attention_dims
 from .attention import FEATURE_MAP_ATTR, RecurrentState
 from .swap import attention_modules
 

@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..ops.feature_maps import FeatureMap
-from .adapters import ADAPTERS, T2R_PREFIX, ArchitectureAdapter, attention_dims, get_adapter
+from ..architectures import ADAPTERS, T2R_PREFIX, ArchitectureAdapter, attention_dims, get_adapter, resolve
 from .attention import ATTN_IMPLEMENTATION, FEATURE_MAP_ATTR, register_attention_function
 from .config import T2RConfig
 
@@ -27,10 +27,7 @@ _T2R_CLASSES: dict[str, tuple[type, type]] = {}
 
 
 def decoder_layers(model, adapter: ArchitectureAdapter):
-    obj = model
-    for part in adapter.layers.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return resolve(model, adapter.layers)
 
 
 def attention_modules(model) -> list:

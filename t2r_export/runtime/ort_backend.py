@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
+from ..export.weight_file import map_weights, read_index
 from .bundle import Bundle, BundleError, load_bundle, session_io
 from .decoder import DecoderBase
 
@@ -71,6 +72,50 @@ def session_options(threads: int = 0, optimization: str = "all"):
     options.intra_op_num_threads = threads
     options.graph_optimization_level = levels[optimization]
     return options
+
+
+def shared_weights(folder: str | Path) -> tuple[dict, dict[str, list[str]]]:
+    """(name -> OrtValue over the memory-mapped weights file, graph file -> names it reads), or two
+    empty dicts for a bundle whose weights sit inside its graphs. Both sessions get the same OrtValues:
+    the weights are in memory once, as file-backed pages the kernel can share and drop."""
+    import onnxruntime as ort
+
+    try:
+        index = read_index(folder)
+        if index is None:
+            return {}, {}
+        views = map_weights(folder, index)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BundleError(f"{Path(folder) / 'weights.json'}: {err}") from None
+    return {name: ort.OrtValue.ortvalue_from_numpy(view) for name, view in views.items()}, index.get("graphs", {})
+
+
+def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, optimization: str = "all",
+                  providers=("CPUExecutionProvider",)) -> dict:
+    """One ONNX Runtime session per ``kind -> graph file`` of a bundle folder, sharing one copy of the weights.
+
+    The returned dict also keeps the weight OrtValues alive (key ``"weights"``) as long as the sessions.
+    """
+    import onnxruntime as ort
+
+    values, graphs = shared_weights(folder)
+    sessions: dict = {"weights": values}
+    for kind, file in files.items():
+        options = session_options(threads, optimization)
+        names = [name for name in graphs.get(file, []) if name in values]
+        # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
+        for name in names:
+            options.add_initializer(name, values[name])
+        if names:
+            # prepacking would keep a second, re-laid-out copy of every matmul weight per session
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        path = Path(folder) / file
+        try:
+            sessions[kind] = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, NoSuchFile, ...
+            text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+            raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
+    return sessions
 
 
 class _StateSet:
@@ -128,10 +173,16 @@ class OrtDecoder(DecoderBase):
         self.provider = provider
         self.io_binding = io_binding
         providers = resolve_providers(provider)
-        options = session_options(threads, optimization)
+        # bad threads / optimization values fail here, before any file is opened
+        session_options(threads, optimization)
         self._device = _DEVICES[provider]
         self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
-        self._sessions = {kind: self._open(kind, options, providers) for kind in contract.GRAPH_KINDS}
+        files = {kind: self.config.graphs[kind].file for kind in contract.GRAPH_KINDS}
+        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers)
+        self._weights = sessions.pop("weights")
+        for kind, session in sessions.items():
+            self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
+        self._sessions = sessions
         self._batch = 0
         self._parity = 0
 
@@ -139,6 +190,8 @@ class OrtDecoder(DecoderBase):
 
     def _release(self) -> None:
         self._sessions = {}
+        self._weights = {}
+        self._batch = 0
         for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_logits_view", "_ids", "_pos"):
             self.__dict__.pop(attr, None)
 
@@ -221,19 +274,6 @@ class OrtDecoder(DecoderBase):
         return {name: array.copy() for name, array in self._state.items()}
 
     # ---- internals -------------------------------------------------------------------------
-
-    def _open(self, kind: str, options, providers: list[str]):
-        import onnxruntime as ort
-
-        path = self.bundle.graph_path(kind)
-        try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, NoSuchFile, ...
-            text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
-            raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
-        inputs, outputs = session_io(session)
-        self.bundle.check_graph_io(kind, inputs, outputs, session.get_modelmeta().custom_metadata_map)
-        return session
 
     def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         specs = contract.graph_inputs(self.config.state_shape, contract.STEP)

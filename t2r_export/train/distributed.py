@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from t2r_export.models.adapters import get_adapter
+from t2r_export.architectures import get_adapter
 from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import decoder_layers
 
