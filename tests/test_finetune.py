@@ -185,6 +185,8 @@ fsdp = finetune(FinetuneConfig(**fsdp_settings), progress=keep_checkpoint)
 resumed = finetune(FinetuneConfig(**dict(fsdp_settings, out_dir=resume_dir, resume=True)))
 if dist.get_rank() == 0:
     Path(losses_file).write_text(json.dumps([r["losses"] for r in (ddp, fsdp, resumed)]))
+# both ranks leave the group together: a rank tearing gloo down while the other is still inside it aborts
+dist.barrier()
 dist.destroy_process_group()
 """
 
