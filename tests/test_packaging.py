@@ -36,10 +36,10 @@ def test_calibration_cache_goes_to_the_user_cache_dir(monkeypatch, tmp_path):
 
     monkeypatch.delenv("T2R_EXPORT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert calibration_cache_dir() == tmp_path / "xdg" / "t2r-export" / "calibration"
+    assert calibration_cache_dir() == tmp_path / "xdg" / "t2r_export" / "calibration"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert calibration_cache_dir() == tmp_path / "home" / ".cache" / "t2r-export" / "calibration"
+    assert calibration_cache_dir() == tmp_path / "home" / ".cache" / "t2r_export" / "calibration"
     monkeypatch.setenv("T2R_EXPORT_CACHE", str(tmp_path / "mine"))
     assert calibration_cache_dir() == tmp_path / "mine" / "calibration"
 

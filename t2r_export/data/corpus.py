@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -162,8 +164,8 @@ def tokenize_documents(tokenizer, docs: Sequence[str]) -> np.ndarray:
 
 
 def cache_dir_default() -> Path:
-    """``$T2R_EXPORT_CACHE`` if set, else ``~/.cache/t2r_export``."""
-    return Path(os.environ.get("T2R_EXPORT_CACHE", Path.home() / ".cache" / "t2r_export"))
+    """The package's one cache root (``t2r_export.cache``)."""
+    return cache_root()
 
 
 def _stream_key(tokenizer, split: str, files: Sequence[Path]) -> str:

@@ -23,7 +23,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 import onnx
 
 from ..atomic import atomic_dir
+from ..cache import cache_root
 from .. import contract
 from .weight_file import WEIGHTS_FILE, repack_graphs
 
@@ -51,12 +51,8 @@ def calibration_resource(name: str):
 
 
 def calibration_cache_dir() -> Path:
-    """Recorded calibration feeds: ``$T2R_EXPORT_CACHE/calibration``, else the user cache directory
-    (``$XDG_CACHE_HOME`` or ``~/.cache``) ``/t2r-export/calibration``; never the install tree."""
-    if os.environ.get("T2R_EXPORT_CACHE"):
-        return Path(os.environ["T2R_EXPORT_CACHE"]) / "calibration"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "t2r-export" / "calibration"
+    """Recorded calibration feeds, under the package's one cache root; never the install tree."""
+    return cache_root() / "calibration"
 
 
 @dataclass

@@ -40,7 +40,6 @@ import torch.distributed as torch_dist
 from t2r_export.atomic import check_replaceable, check_writable
 from t2r_export.data.corpus import iter_blocks, read_text_files, stdlib_token_stream, tokenize_documents
 from t2r_export.models import T2RConfig, is_t2r_model, load_causal_lm, swap_attention
-from t2r_export.models.attention import FEATURE_MAP_ATTR
 from t2r_export.models.swap import attention_modules
 from t2r_export.preflight import check_model_and_tokenizer
 from t2r_export.train.checkpoint import (ADAPTER_DIR, CHECKPOINT_DIR, DAMAGED_HINT, STATE_FILE, load_optimizer_state,
@@ -139,7 +138,7 @@ class FinetuneConfig:
     num_threads: int | None = None
     # None = every stdlib file of a split; a small number makes test runs take seconds
     max_files: int | None = None
-    # None = $T2R_EXPORT_CACHE or ~/.cache/t2r_export
+    # None = the package cache root ($T2R_EXPORT_CACHE, else $XDG_CACHE_HOME or ~/.cache, /t2r_export)
     cache_dir: Path | None = None
     trust_remote_code: bool = False
 

@@ -98,7 +98,7 @@ class PretrainConfig:
     num_threads: int | None = None
     # None = every file of a split; a small number makes test runs take seconds
     max_files: int | None = None
-    # None = $T2R_EXPORT_CACHE or ~/.cache/t2r_export
+    # None = the package cache root ($T2R_EXPORT_CACHE, else $XDG_CACHE_HOME or ~/.cache, /t2r_export)
     cache_dir: Path | None = None
     # weights are stored in float16 (half the package size); config.json still says float32, so
     # from_pretrained computes in fp32. Valid/test are evaluated on these rounded weights.
