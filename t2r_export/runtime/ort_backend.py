@@ -112,6 +112,8 @@ def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, o
         path = Path(folder) / file
         try:
             sessions[kind] = ort.InferenceSession(str(path), options, providers=list(providers))
+            # the session reads these buffers in place: it keeps them alive however the caller holds it
+            sessions[kind].t2r_shared_weights = values
         except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, NoSuchFile, ...
             text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
             raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
