@@ -85,7 +85,7 @@ def test_wheel_install_exports_int8_and_generates(tiny_t2r_dir, tmp_path):
     out = work / "int8"
     exported = run("onnx", str(tiny_t2r_dir), "-o", str(out), "--precision", "int8", "--chained-steps", "8")
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    assert list((cache / "t2r-export" / "calibration").glob("calib-*.npz"))
+    assert list((cache / "t2r_export" / "calibration").glob("calib-*.npz"))
     generated = run("generate", str(out), "--prompt", "def f(", "--max-new-tokens", "4", "--threads", "1")
     assert generated.returncode == 0, generated.stdout + generated.stderr
     # the install tree is read, never written
