@@ -28,7 +28,8 @@ from .window import window_prefill, window_step
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "fp16-all")
+# what the emitter writes directly; int8 is quantized from an fp32 bundle (quantize.py)
+PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "int8")
 INT64_MAX = np.iinfo(np.int64).max
 
 

@@ -45,8 +45,8 @@ __all__ = ["EngineBuildError", "EngineManifestError", "BuildPlan", "BuildResult"
 
 logger = logging.getLogger(__name__)
 
-ISLAND_KEY = "t2r.fp32_island"
-PRECISIONS = ("fp32", "fp16", "int8")
+# bundles TensorRT builds engines from (fp16-all exists to show the overflow, not to ship)
+ENGINE_PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "fp16-all")
 # a layer the ONNX parser adds for a node is named after it, later ones get "_<n>" appended
 _AUX_SUFFIX = re.compile(r"_\d+$")
 
@@ -75,8 +75,8 @@ def plan_build(tensorrt_version: str, fp16: bool, int8: bool, bundle_precision: 
     """
     check_tensorrt_version(tensorrt_version)
     major = tensorrt_major(tensorrt_version)
-    if bundle_precision not in PRECISIONS:
-        raise ValueError(f"bundle precision {bundle_precision!r} cannot be built; expected one of {PRECISIONS}")
+    if bundle_precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"bundle precision {bundle_precision!r} cannot be built; expected one of {ENGINE_PRECISIONS}")
     if int8 and bundle_precision != "int8":
         raise ValueError("--int8 builds from the Q/DQ graphs of an int8 bundle; make one with "
                          "`t2r-export onnx --precision int8` and pass that bundle")
@@ -120,7 +120,7 @@ def profile_shapes(state_shape: contract.StateShape, kind: str, max_batch: int,
 
 def island_from_metadata(metadata: dict[str, str]) -> set[str]:
     """The fp32-island node names the emitter recorded in the model's metadata."""
-    value = metadata.get(ISLAND_KEY, "")
+    value = metadata.get(contract.ISLAND_KEY, "")
     return {name for name in value.split(",") if name}
 
 
