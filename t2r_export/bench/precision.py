@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .. import contract
 from ..tolerances import MIN_AGREEMENT, TOLERANCES
 
 # the goals of tolerances.py, in percent: the fp16 plan's top-1 agreement with fp32, int8's perplexity delta
@@ -242,7 +243,7 @@ def prepare_bundles(source: Path | None, work: Path, fp16: Path | None = None, f
 
     source = Path(source) if source else bundled_model_dir("t2r")
     bundles: dict[str, Path] = {}
-    if (source / "runtime.json").is_file():
+    if (source / contract.RUNTIME_JSON).is_file():
         bundles["fp32"] = source
         for name, path in (("fp16", fp16), ("fp16-all", fp16_all)):
             if path is not None:

@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import contract
 from ..machine import cpu_model
 from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
@@ -273,7 +274,6 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
 
 def profile_step_and_floor(bundle, dec, threads: int) -> dict:
     """Where the T2R step graph's time goes, beside the floor's (ORT profiling)."""
-    from .. import contract
     from .softmax_graph import build_floor_graph
 
     shape = bundle.config.state_shape
@@ -373,11 +373,7 @@ def exporter_fingerprint(package: Path | None = None) -> str:
     """sha256 of the whole exporter's source: every file of ``t2r_export/export/`` and the bundle
     contract, so a cached bundle from an older exporter is never timed as if it were today's graph.
     ``package``: the package directory (default: this one)."""
-    if package is None:
-        from .. import contract
-
-        package = Path(contract.__file__).parent
-    package = Path(package)
+    package = Path(package) if package is not None else Path(contract.__file__).parent
     files = sorted((package / "export").rglob("*.py")) + [package / "contract.py"]
     h = hashlib.sha256()
     for path in files:
@@ -395,7 +391,7 @@ def default_bundle(t2r_model: Path, cache_root: Path | None = None) -> Path:
     sha = checkpoint_sha256(Path(t2r_model), None)
     key = f"{sha[:16]}-{exporter_fingerprint()[:12]}"
     out = Path(cache_root or cache_dir_default()) / "bench-bundle" / key
-    if not (out / "runtime.json").is_file():
+    if not (out / contract.RUNTIME_JSON).is_file():
         export_bundle(Path(t2r_model), out)
     return out
 

@@ -200,7 +200,7 @@ def run_sizes(models: list[str], precisions: list[str], work: Path, threads: int
             if export.ok:
                 row.bundle_bytes = folder_bytes(bundle, (".onnx", ".bin", ".data"))
                 row.weights_bytes = folder_bytes(bundle, (".bin",))
-                row.state_bytes = json.loads((bundle / "runtime.json").read_text()).get("state_bytes_per_sequence", 0)
+                row.state_bytes = contract.RuntimeConfig.read(bundle / contract.RUNTIME_JSON).state_bytes_per_sequence or 0
                 progress(f"{name}: generate ({precision})")
                 row.generate = run_stage(["generate", str(bundle), "--prompt", "def main():", "--max-new-tokens",
                                           "16", "--threads", str(threads)], log)
