@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
-from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, Norm, materialize
+from .weights import DecoderWeights, FeatureMapWeights, LayerWeights, LazyWeight, Norm, materialize
 from .window import window_prefill, window_step
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,28 @@ logger = logging.getLogger(__name__)
 # what the emitter writes directly; int8 is quantized from an fp32 bundle (quantize.py)
 PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "int8")
 INT64_MAX = np.iinfo(np.int64).max
+
+
+def per_head_columns(num_heads: int, num_kv_heads: int, head_dim: int) -> np.ndarray:
+    """Column order taking the fused [per KV head (G q, k), then every v] layout to per KV head
+    (G q, k, v): one Reshape and one Split then give queries and key, and the value, per KV head."""
+    d, groups = head_dim, num_heads // num_kv_heads
+    qk_width = num_kv_heads * (groups + 1) * d
+    order = []
+    for h in range(num_kv_heads):
+        start = h * (groups + 1) * d
+        order += list(range(start, start + (groups + 1) * d))
+        order += list(range(qk_width + h * d, qk_width + (h + 1) * d))
+    return np.asarray(order, dtype=np.int64)
+
+
+def regroup(arr, order: np.ndarray):
+    """A fused q/k/v weight [D, n] or bias [n] with its columns in ``order`` (lazily for a LazyWeight)."""
+    if arr is None:
+        return None
+    if isinstance(arr, LazyWeight):
+        return LazyWeight(arr.shape, lambda: np.ascontiguousarray(arr.numpy()[:, order]))
+    return np.ascontiguousarray(np.asarray(arr)[..., order])
 
 
 class GraphBuilder:
@@ -130,6 +152,8 @@ class DecoderEmitter:
         self.groups = dec.num_heads // dec.num_kv_heads
         self.d = dec.head_dim
         self.k = dec.feature_dim
+        # the fused q/k/v weight's columns regrouped per KV head (docs/design.md#graph-layout)
+        self.order = per_head_columns(dec.num_heads, dec.num_kv_heads, dec.head_dim)
 
     # -- dtype boundaries --------------------------------------------------------------------
     def to_low(self, x):
@@ -238,15 +262,16 @@ class DecoderEmitter:
     def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
         g, hkv, G, d = self.g, self.hkv, self.groups, self.d
         p = f"layers.{i}.attn"
-        qkv = self.linear(x, layer.qkv_weight, layer.qkv_bias, p + ".qkv")
-        qk, v = g.op("Split", qkv, g.const([hkv * (G + 1) * d, hkv * d], np.int64), axis=-1, outputs=2)
-        qk = g.reshape(qk, [0, 0, hkv, G + 1, d])                         # per KV head: G queries, 1 key
+        qkv = self.linear(x, regroup(layer.qkv_weight, self.order), regroup(layer.qkv_bias, self.order), p + ".qkv")
+        # per KV head: G queries, its key, its value
+        qk, v = g.op("Split", g.reshape(qkv, [0, 0, hkv, G + 2, d]), g.const([G + 1, 1], np.int64), axis=3,
+                     outputs=2)
         if rope:
             cos, sin, rot = rope
             with g.scope(f"layers.{i}.rope"):
                 qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("MatMul", qk, rot), sin))
         if self.dec.window:
-            out = self.window_attention(qk, g.reshape(v, [0, 0, hkv, 1, d]), layer, i)
+            out = self.window_attention(qk, v, layer, i)
             return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
         with g.scope(f"layers.{i}.phi"):
             phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")
@@ -254,7 +279,7 @@ class DecoderEmitter:
         core = self.attention_core_step if self.kind == contract.STEP else self.attention_core_prefill
         # the running sums, phi(q)·z and the division stay fp32 in every plan (docs/design.md#precision-plan)
         with g.scope(f"layers.{i}.state", fp32_island=True):
-            out = core(phi_q, phi_k, g.reshape(v, [0, 0, hkv, 1, d]), i)
+            out = core(phi_q, phi_k, v, i)
         return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
 
     def window_attention(self, qk: str, v: str, layer: LayerWeights, i: int) -> str:
@@ -289,14 +314,10 @@ class DecoderEmitter:
             cos, sin = g.unsqueeze(self.to_low(cos), [2, 3]), g.unsqueeze(self.to_low(sin), [2, 3])
         return cos, sin, g.weight("rope.rotate_half", self.dec.rotate_half)
 
-    def build(self) -> onnx.ModelProto:
-        g, dec = self.g, self.dec
-        x = g.op("Gather", g.weight("embed", dec.embed), "input_ids", axis=0)    # [B, T, D]
-        if dec.pos_embed is not None:
-            x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
-        rope = self.rope_tables() if dec.rope else None
-        for i, layer in enumerate(dec.layers):
-            logger.info("building the %s graph: layer %d/%d", self.kind, i + 1, len(dec.layers))
+    def decoder_layers(self, x: str, rope) -> str:
+        g = self.g
+        for i, layer in enumerate(self.dec.layers):
+            logger.info("building the %s graph: layer %d/%d", self.kind, i + 1, len(self.dec.layers))
             h = self.norm(x, layer.norm1, f"layers.{i}.norm1")
             attn = self.attention(h, layer, i, rope)
             if layer.parallel_residual:
@@ -305,6 +326,14 @@ class DecoderEmitter:
             else:
                 x = g.op("Add", x, attn)
                 x = g.op("Add", x, self.mlp(self.norm(x, layer.norm2, f"layers.{i}.norm2"), layer, i))
+        return x
+
+    def build(self) -> onnx.ModelProto:
+        g, dec = self.g, self.dec
+        x = g.op("Gather", g.weight("embed", dec.embed), "input_ids", axis=0)    # [B, T, D]
+        if dec.pos_embed is not None:
+            x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
+        x = self.decoder_layers(x, self.rope_tables() if dec.rope else None)
         if self.kind == contract.PREFILL:
             x = g.slice_last(x, 1)                                                  # [B, 1, D]
         x = self.norm(x, dec.final_norm, "final_norm")
@@ -349,4 +378,8 @@ def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32", store=N
     """The ``kind`` graph; with a ``WeightFile`` store its weights are written there, not into the proto."""
     if kind not in contract.GRAPH_KINDS:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
+    if kind == contract.STEP and not dec.window:
+        from .step_graph import StepEmitter
+
+        return StepEmitter(dec, precision, store).build()
     return DecoderEmitter(dec, kind, precision, store).build()

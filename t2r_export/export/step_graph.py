@@ -1,0 +1,110 @@
+"""The step graph without a sequence axis: fewer nodes for ONNX Runtime to dispatch per token.
+
+A step sees one token per row, so every tensor can drop the T axis: input_ids [B, 1] become [B]
+once, the hidden state is [B, D], the lm head needs no reshape and the logits leave the graph as
+[B, V] without one. Per layer the q/k/v columns are regrouped per KV head (its G queries, its key,
+its value), so one Reshape gives [B, H_kv, G+2, d] and one Split gives the rotated part and a
+value already shaped for the outer product; the feature map, both running sums and the division
+then work on [B, H_kv, ...] with no further reshapes of q or v. RoPE reads rotate_half as a
+Gather of the head dims with the sign folded into the sine table (an index lookup where the
+general emitter runs a [d, d] MatMul). Sliding-window models keep the general emitter
+(``graph.py``), whose window part expects the T axis. The math: docs/design.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import contract
+from .graph import DecoderEmitter, regroup
+from .weights import LayerWeights
+
+
+def rotate_half_gather(rotate_half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, sign) with (x @ R)[..., j] == sign[j] * x[..., index[j]] for rotate_half's R.
+
+    R has at most one non-zero (+-1) per column; a zero column (a pass-through dim) maps to itself
+    with sign 0, where the sine is 0 anyway."""
+    index = np.abs(rotate_half).argmax(axis=0).astype(np.int64)
+    sign = rotate_half[index, np.arange(rotate_half.shape[1])].astype(np.float32)
+    if not np.array_equal(np.abs(sign) > 0, np.abs(rotate_half).sum(axis=0) > 0):
+        raise ValueError("rotate_half is not a signed permutation")
+    index[sign == 0] = np.flatnonzero(sign == 0)
+    return index, sign
+
+
+class StepEmitter(DecoderEmitter):
+    """The plain step graph for models without a sliding window (``build_graph`` picks it)."""
+
+    def __init__(self, dec, precision: str = "fp32", store=None):
+        if dec.window:
+            raise ValueError("the lean step graph has no sliding-window part; use DecoderEmitter")
+        super().__init__(dec, contract.STEP, precision, store)
+
+    def rope_tables(self):
+        """cos and the signed sin [B, 1, 1, d] from position_ids [B], and rotate_half's gather index."""
+        g = self.g
+        index, sign = rotate_half_gather(np.asarray(self.dec.rotate_half))
+        with g.scope("rope", fp32_island=True):
+            pos = g.reshape(g.cast("position_ids", np.float32), [-1, 1])                 # [B, 1]
+            angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
+            cos = g.op("Cos", angle)
+            scale = self.dec.rope_scale
+            # one Mul gives the sine its rotate_half signs and the rope scale together
+            sin = g.op("Mul", g.op("Sin", angle), g.weight("rope.sin_sign", sign * np.float32(scale), fp32=True))
+            if scale != 1.0:
+                cos = g.op("Mul", cos, g.const(scale, np.float32))
+            cos, sin = g.unsqueeze(self.to_low(cos), [1, 2]), g.unsqueeze(self.to_low(sin), [1, 2])
+        return cos, sin, g.const(index, np.int64, name="rope.rotate_half_index")
+
+    def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
+        g, hkv, G, d, k = self.g, self.hkv, self.groups, self.d, self.k
+        p = f"layers.{i}.attn"
+        qkv = self.linear(x, regroup(layer.qkv_weight, self.order), regroup(layer.qkv_bias, self.order), p + ".qkv")
+        qkv = g.reshape(qkv, [-1, hkv, G + 2, d])                          # per KV head: G queries, key, value
+        qk, v = g.op("Split", qkv, g.const([G + 1, 1], np.int64), axis=2, outputs=2)
+        if rope:
+            cos, sin, index = rope
+            with g.scope(f"layers.{i}.rope"):
+                qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("Gather", qk, index, axis=-1), sin))
+        with g.scope(f"layers.{i}.phi"):
+            phi = self.feature_map(qk, layer.feature_map, f"layers.{i}.phi")  # [B, H_kv, G+1, K]
+            phi_q, phi_k = g.op("Split", phi, g.const([G, 1], np.int64), axis=2, outputs=2)
+        # the running sums, phi(q)·z and the division stay fp32 in every plan (docs/design.md#precision-plan)
+        with g.scope(f"layers.{i}.state", fp32_island=True):
+            s_in, z_in = contract.past_name(i, "s"), contract.past_name(i, "z")
+            pk = self.to_state(phi_k)                                      # [B, H_kv, 1, K]
+            outer = g.op("Mul", g.reshape(pk, [-1, hkv, k, 1]), self.to_state(v))
+            s_out = g.op("Add", s_in, outer, outputs=[contract.present_name(i, "s")])
+            z_out = g.op("Add", z_in, g.reshape(pk, [-1, hkv, k]), outputs=[contract.present_name(i, "z")])
+            pq = self.to_state(phi_q)                                      # [B, H_kv, G, K]
+            num = g.op("MatMul", pq, s_out)                                # [B, H_kv, G, d]
+            den = g.op("MatMul", pq, g.unsqueeze(z_out, [-1]))             # [B, H_kv, G, 1]
+            out = g.op("Div", num, g.op("Max", den, g.const(self.dec.eps, self.state_dtype)))
+            out = g.reshape(self.to_low(out), [-1, self.dec.num_heads * d])
+        return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
+
+    def build(self):
+        g, dec = self.g, self.dec
+        ids = g.reshape("input_ids", [-1])
+        x = g.op("Gather", g.weight("embed", dec.embed), ids, axis=0)                    # [B, D]
+        if dec.pos_embed is not None:
+            pos = g.reshape("position_ids", [-1])
+            x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), pos, axis=0))
+        x = self.decoder_layers(x, self.rope_tables() if dec.rope else None)
+        x = self.norm(x, dec.final_norm, "final_norm")
+        if dec.tied_lm_head:
+            with g.scope("lm_head"):
+                logits = g.op("Gemm", x, g.weight("embed", dec.embed), transB=1)
+        else:
+            logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
+        with g.scope("logits", fp32_island=True):
+            self.name_output(self.to_fp32(logits), "logits")
+        return self._model()
+
+    def name_output(self, x: str, name: str) -> None:
+        """Rename the last node's output ``x`` to the graph output ``name`` (no Identity node)."""
+        node = self.g.nodes[-1]
+        if list(node.output) != [x]:
+            raise ValueError(f"{x} is not the last node's only output")
+        node.output[0] = name
