@@ -44,8 +44,11 @@ OPSET = 17
 
 # precision plans (docs/design.md#precision-plan); the state stays fp32 except in fp16-all, the
 # deliberately unsafe plan kept to show why the state must not be fp16
-PRECISIONS = ("fp32", "fp16", "fp16-all", "int8")
-STATE_DTYPES = {"fp32": "float32", "fp16": "float32", "fp16-all": "float16", "int8": "float32"}
+PRECISIONS = ("fp32", "fp16", "fp16-all", "int8", "int4", "int8-wo")
+STATE_DTYPES = {"fp32": "float32", "fp16": "float32", "fp16-all": "float16", "int8": "float32", "int4": "float32",
+                "int8-wo": "float32"}
+# weight-only plans: ONNX Runtime's MatMulNBits (a contrib op), so no TensorRT engine is built from them
+WEIGHT_ONLY_PRECISIONS = ("int4", "int8-wo")
 # graph metadata: the plan a graph was built for, and the nodes that must run in fp32 whatever the plan
 PRECISION_KEY = "t2r.precision"
 ISLAND_KEY = "t2r.fp32_island"

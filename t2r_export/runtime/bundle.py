@@ -30,7 +30,8 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
 # onnx TensorProto data types that tell a graph's weight precision apart
 _INT8_TYPES, _FLOAT16_TYPE = {2, 3}, 10
-_WEIGHT_FAMILY = {"fp32": "fp32", "fp16": "fp16", "fp16-all": "fp16", "int8": "int8"}
+# weight-only plans store their blocks as uint8
+_WEIGHT_FAMILY = {"fp32": "fp32", "fp16": "fp16", "fp16-all": "fp16", "int8": "int8", "int4": "int8", "int8-wo": "int8"}
 
 
 __all__ = ["Bundle", "BundleError", "GraphEntry", "RuntimeConfig", "TensorInfo", "check_closed", "inspect_bundle",

@@ -46,7 +46,7 @@ __all__ = ["EngineBuildError", "EngineManifestError", "BuildPlan", "BuildResult"
 logger = logging.getLogger(__name__)
 
 # bundles TensorRT builds engines from (fp16-all exists to show the overflow, not to ship)
-ENGINE_PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "fp16-all")
+ENGINE_PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "fp16-all" and p not in contract.WEIGHT_ONLY_PRECISIONS)
 # a layer the ONNX parser adds for a node is named after it, later ones get "_<n>" appended
 _AUX_SUFFIX = re.compile(r"_\d+$")
 
