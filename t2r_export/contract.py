@@ -41,6 +41,11 @@ GRAPH_KINDS = (STEP, PREFILL)
 BATCH = "batch"
 SEQUENCE = "sequence"
 OPSET = 17
+# graph targets (docs/design.md#targets): "plain" is opset 17 with standard ops only, the TensorRT
+# target and the default; "ort" uses ONNX's LLM ops (RMSNormalization and RotaryEmbedding from
+# opset 23, LinearAttention from opset 27) that ONNX Runtime runs as single kernels
+TARGETS = ("plain", "ort")
+TARGET_OPSETS = {"plain": OPSET, "ort": 27}
 
 # precision plans (docs/design.md#precision-plan); the state stays fp32 except in fp16-all, the
 # deliberately unsafe plan kept to show why the state must not be fp16
@@ -92,8 +97,18 @@ WINDOW_PARTS = (
 )
 
 
-def state_parts(window: int | str = 0) -> tuple[StatePart, ...]:
-    """One layer's state parts, in graph order: s, z, and the window's with W > 0."""
+# the ort target: LinearAttention keeps one [d_k, d_v] state per KV head; T2R's normalised attention
+# runs through it with a constant-1 channel appended to v, so the last column of that state is z
+ORT_STATE_PARTS = (
+    StatePart("sz", ("num_kv_heads", "feature_dim", "value_width"), "sum of phi(k) [v, 1]^T: s, with z as its last "
+              "column"),
+)
+
+
+def state_parts(window: int | str = 0, target: str = "plain") -> tuple[StatePart, ...]:
+    """One layer's state parts, in graph order: s, z, and the window's with W > 0; sz for the ort target."""
+    if target == "ort":
+        return ORT_STATE_PARTS
     return STATE_PARTS + WINDOW_PARTS if window else STATE_PARTS
 
 
@@ -106,12 +121,18 @@ class StateShape:
     vocab_size: int
     # keys and values per layer in the sliding window (0 = none, the paper's T2R)
     window: int = 0
-    # None: the window's parts (state_parts)
+    # None: the parts of the window and the target (state_parts)
     parts: tuple[StatePart, ...] | None = None
+    target: str = "plain"
 
     def __post_init__(self):
         if self.parts is None:
-            object.__setattr__(self, "parts", state_parts(self.window))
+            object.__setattr__(self, "parts", state_parts(self.window, self.target))
+
+    @property
+    def value_width(self):
+        """Dv + 1: v with the constant-1 channel (the ort target's state)."""
+        return self.head_dim + 1 if isinstance(self.head_dim, int) else f"{self.head_dim}+1"
 
     def part_shape(self, part: StatePart) -> tuple:
         return tuple(getattr(self, axis) for axis in part.axes)
@@ -229,6 +250,7 @@ class RuntimeConfig:
     t2r: dict = field(default_factory=dict)
     verification: VerificationRecord | None = None
     quantization: dict | None = None
+    target: str = "plain"
 
     def __post_init__(self):
         if self.state_dtype is None and self.precision in STATE_DTYPES:
@@ -237,7 +259,8 @@ class RuntimeConfig:
     @property
     def state_shape(self) -> StateShape:
         return StateShape(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, feature_dim=self.feature_dim,
-                          head_dim=self.head_dim, vocab_size=self.vocab_size, window=self.window)
+                          head_dim=self.head_dim, vocab_size=self.vocab_size, window=self.window,
+                          target=self.target)
 
     @property
     def filler_token_id(self) -> int:
@@ -353,6 +376,7 @@ def _parse(raw: Any) -> RuntimeConfig:
     optional = {"state_bytes_per_sequence": lambda key: _int(raw, key, 1),
                 "hidden_size": lambda key: _int(raw, key, 1), "source_checkpoint_sha256": lambda key: _str(raw, key),
                 "feature_map": lambda key: _choice(raw, key, FEATURE_MAPS),
+                "target": lambda key: _choice(raw, key, TARGETS),
                 "window": lambda key: _window(raw, key),
                 "t2r": lambda key: _obj(raw, key), "quantization": lambda key: _obj(raw, key),
                 "verification": lambda key: _verification(raw[key])}

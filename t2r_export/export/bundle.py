@@ -89,12 +89,12 @@ def _save_graph(model_proto: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def write_graphs(dec, folder: Path, precision: str) -> None:
+def write_graphs(dec, folder: Path, precision: str, target: str = "plain") -> None:
     """step.onnx and prefill.onnx in ``folder``, their weights streamed once into weights.bin."""
     with WeightFile(folder / WEIGHTS_FILE) as store:
         for kind in contract.GRAPH_KINDS:
             store.begin_graph(f"{kind}.onnx")
-            graph = build_graph(dec, kind, precision, store)
+            graph = build_graph(dec, kind, precision, store, target)
             logger.info("writing and checking %s.onnx", kind)
             _save_graph(graph, folder / f"{kind}.onnx")
             del graph
@@ -112,10 +112,10 @@ def _copy_tokenizer(model_dir: Path | None, tokenizer, dst: Path) -> None:
         raise ValueError(f"no tokenizer.json beside the model ({model_dir}); a bundle needs a fast tokenizer")
 
 
-def runtime_config(model, dec, precision: str, sha: str) -> contract.RuntimeConfig:
+def runtime_config(model, dec, precision: str, sha: str, target: str = "plain") -> contract.RuntimeConfig:
     """The bundle's runtime.json, typed; verification records are added once they ran."""
     cfg = model.config
-    shape = state_shape(dec)
+    shape = state_shape(dec, target)
     state_dtype = contract.STATE_DTYPES[precision]
     graphs = {}
     for kind in contract.GRAPH_KINDS:
@@ -131,15 +131,16 @@ def runtime_config(model, dec, precision: str, sha: str) -> contract.RuntimeConf
         max_position=None if dec.rope else int(dec.pos_embed.shape[0]), bos_token_id=cfg.bos_token_id,
         eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
         pad_token_id=cfg.pad_token_id, precision=precision, state_dtype=state_dtype,
-        state_bytes_per_sequence=contract.state_nbytes(shape, state_dtype=state_dtype), opset=contract.OPSET,
-        window=dec.window, graphs=graphs, tools=_tool_versions(), source_checkpoint_sha256=sha,
+        state_bytes_per_sequence=contract.state_nbytes(shape, state_dtype=state_dtype),
+        opset=contract.TARGET_OPSETS[target], target=target, window=dec.window, graphs=graphs,
+        tools=_tool_versions(), source_checkpoint_sha256=sha,
         t2r=dict(cfg.t2r))
 
 
 def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True,
                   chained_steps: int = 256, tokenizer=None, overwrite: bool = True,
                   verify_texts: list[str] | None = None, model_dir: Path | None = None,
-                  trust_remote_code: bool = False) -> ExportResult:
+                  trust_remote_code: bool = False, target: str = "plain") -> ExportResult:
     """Export a T2R model (object or saved directory) to a verified bundle directory ``out``.
 
     fp32 is checked against the torch model (batches, chained steps, prefill); fp16 and fp16-all
@@ -159,16 +160,20 @@ def export_bundle(model_or_dir, out: Path, precision: str = "fp32", verify: bool
             raise ValueError("expected a T2R model (run swap_attention first)")
     model.eval()
     dec = extract_decoder(model)
-    runtime = runtime_config(model, dec, precision, checkpoint_sha256(model_dir, model))
+    if target == "ort":
+        from .ort_target import check_ort_target
+
+        check_ort_target(dec)
+    runtime = runtime_config(model, dec, precision, checkpoint_sha256(model_dir, model), target)
     num_layers, vocab = len(dec.layers), dec.vocab_size
     report = None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         _copy_tokenizer(model_dir, tokenizer, tmp)
-        write_graphs(dec, tmp, precision)
+        write_graphs(dec, tmp, precision, target)
         # the description reads the weights straight from the model; nothing needs it after writing
         del dec
         if verify and precision == "fp32":
-            reference = torch_reference(model, num_layers, vocab, chained_steps=chained_steps)
+            reference = torch_reference(model, num_layers, vocab, chained_steps=chained_steps, target=target)
             # a model this function loaded is freed before ONNX Runtime maps the weights: the export
             # peaks near one copy of the weights, not two (docs/sizes.md)
             if isinstance(model_or_dir, (str, Path)):

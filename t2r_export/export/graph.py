@@ -370,15 +370,23 @@ class DecoderEmitter:
         return model
 
 
-def state_shape(dec: DecoderWeights) -> contract.StateShape:
+def state_shape(dec: DecoderWeights, target: str = "plain") -> contract.StateShape:
     return contract.StateShape(len(dec.layers), dec.num_kv_heads, dec.feature_dim, dec.head_dim, dec.vocab_size,
-                               window=dec.window)
+                               window=dec.window, target=target)
 
 
-def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32", store=None) -> onnx.ModelProto:
-    """The ``kind`` graph; with a ``WeightFile`` store its weights are written there, not into the proto."""
+def build_graph(dec: DecoderWeights, kind: str, precision: str = "fp32", store=None,
+                target: str = "plain") -> onnx.ModelProto:
+    """The ``kind`` graph for ``target``; with a ``WeightFile`` store its weights are written there, not into
+    the proto."""
     if kind not in contract.GRAPH_KINDS:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
+    if target not in contract.TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(contract.TARGETS)}")
+    if target == "ort":
+        from .ort_target import build_ort_graph
+
+        return build_ort_graph(dec, kind, precision, store)
     if kind == contract.STEP and not dec.window:
         from .step_graph import StepEmitter
 

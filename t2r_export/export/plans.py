@@ -22,18 +22,24 @@ from .bundle import ExportResult, check_plan, export_bundle
 def export_plan(model_or_dir, out: Path, precision: str = "fp32", verify: bool = True, chained_steps: int = 256,
                 calibration_prompts: Path | None = None, verify_texts: list[str] | None = None, tokenizer=None,
                 overwrite: bool = True, progress: Callable[[str], None] | None = None,
-                trust_remote_code: bool = False) -> ExportResult:
+                trust_remote_code: bool = False, target: str = "plain") -> ExportResult:
     if precision not in contract.PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(contract.PRECISIONS)}")
+    if target not in contract.TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(contract.TARGETS)}")
+    if target == "ort" and precision not in ("fp32", *contract.WEIGHT_ONLY_PRECISIONS):
+        raise ValueError(f"--target ort is built in fp32 or quantized weight-only "
+                         f"({', '.join(contract.WEIGHT_ONLY_PRECISIONS)}), not {precision}; use --target plain for "
+                         f"{precision}")
     if calibration_prompts is not None and not Path(calibration_prompts).is_file():
         raise ValueError(f"calibration prompts file not found: {calibration_prompts}")
     if precision in contract.WEIGHT_ONLY_PRECISIONS:
         return _export_weight_only(model_or_dir, Path(out), precision, verify, chained_steps, verify_texts, tokenizer,
-                                   overwrite, progress, trust_remote_code)
+                                   overwrite, progress, trust_remote_code, target)
     if precision != "int8":
         return export_bundle(model_or_dir, out, precision=precision, verify=verify, chained_steps=chained_steps,
                              tokenizer=tokenizer, overwrite=overwrite, verify_texts=verify_texts,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, target=target)
     return _export_int8(model_or_dir, Path(out), verify, chained_steps, calibration_prompts, verify_texts, tokenizer,
                         overwrite, progress, trust_remote_code)
 
@@ -62,7 +68,7 @@ def _export_int8(model_or_dir, out: Path, verify: bool, chained_steps: int, prom
 
 def _export_weight_only(model_or_dir, out: Path, precision: str, verify: bool, chained_steps: int,
                         verify_texts: list[str] | None, tokenizer, overwrite: bool, progress,
-                        trust_remote_code: bool = False) -> ExportResult:
+                        trust_remote_code: bool = False, target: str = "plain") -> ExportResult:
     """int4 / int8-wo: a verified fp32 bundle in a scratch folder, quantized (weight_only.py) and
     checked against the fp32 model like int8; the scratch folder goes whatever happens."""
     from ..models import load_t2r_model
@@ -74,7 +80,7 @@ def _export_weight_only(model_or_dir, out: Path, precision: str, verify: bool, c
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
         fp32 = export_bundle(model, Path(scratch) / "fp32", verify=verify, chained_steps=chained_steps,
-                             tokenizer=tokenizer, model_dir=model_dir)
+                             tokenizer=tokenizer, model_dir=model_dir, target=target)
         texts = verify_texts or load_prompts()
 
         def check(folder: Path, runtime: contract.RuntimeConfig) -> contract.VerificationRecord:

@@ -58,19 +58,23 @@ def ort_session(path_or_bytes, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def _state_parts(state, i: int) -> dict:
-    """Layer i's state tensors by contract part name (s, z, and wk, wv, wm with a window)."""
+def _state_parts(state, i: int, target: str = "plain") -> dict:
+    """Layer i's state tensors by contract part name (s, z, and wk, wv, wm with a window; the ort
+    target's sz: s with z as its last column)."""
+    if target == "ort":
+        s, z = state.layer(i)[:2]
+        return {contract.ORT_STATE_PARTS[0].name: torch.cat([s, z.unsqueeze(-1)], dim=-1)}
     return dict(zip([p.name for p in contract.state_parts(state.window)], state.layer(i), strict=True))
 
 
-def _state_feeds(state, num_layers: int) -> dict:
+def _state_feeds(state, num_layers: int, target: str = "plain") -> dict:
     return {contract.past_name(i, part): tensor.detach().cpu().numpy().astype(np.float32)
-            for i in range(num_layers) for part, tensor in _state_parts(state, i).items()}
+            for i in range(num_layers) for part, tensor in _state_parts(state, i, target).items()}
 
 
 def _run(session, input_ids: np.ndarray, positions: np.ndarray, state_feeds: dict, num_layers: int):
-    wm = state_feeds.get(contract.past_name(0, "wm"))
-    pairs = contract.state_pairs(num_layers, contract.state_parts(0 if wm is None else wm.shape[-1]))
+    # the feeds name the state: past_state.{i}.{part} in, present_state.{i}.{part} out
+    pairs = [(past, "present_state." + past[len("past_state."):]) for past in state_feeds]
     outputs = ["logits"] + [present for _, present in pairs]
     values = session.run(outputs, {"input_ids": input_ids, "position_ids": positions, **state_feeds})
     next_feeds = {past: v for (past, _), v in zip(pairs, values[1:])}
@@ -87,6 +91,7 @@ class TorchReference:
     """
 
     num_layers: int
+    target: str = "plain"
     batches: list = field(default_factory=list)
     prompt_len: int = 0
     steps: int = 0
@@ -104,11 +109,11 @@ def reference_step_batches(model, ref: TorchReference, vocab: int, batches=(1, 3
         ids = torch.randint(0, vocab, (batch, prompt_len + 1), generator=gen)
         state = new_state(model, batch)
         prefill(model, ids[:, :prompt_len], state)
-        feeds = _state_feeds(state, ref.num_layers)
+        feeds = _state_feeds(state, ref.num_layers, ref.target)
         pos = torch.full((batch, 1), prompt_len, dtype=torch.long)
         logits = decode_step(model, ids[:, prompt_len:], pos, state)
         after = {contract.present_name(i, part): tensor.numpy().copy()
-                 for i in range(ref.num_layers) for part, tensor in _state_parts(state, i).items()}
+                 for i in range(ref.num_layers) for part, tensor in _state_parts(state, i, ref.target).items()}
         ref.batches.append((batch, ids[:, prompt_len:].numpy(), pos.numpy(), feeds, logits.numpy(), after))
 
 
@@ -118,7 +123,7 @@ def reference_chain(model, ref: TorchReference, vocab: int, steps: int = 256, pr
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
     state = new_state(model, 1)
-    ref.zero = _state_feeds(state, ref.num_layers)
+    ref.zero = _state_feeds(state, ref.num_layers, ref.target)
     with torch.no_grad():
         logits = prefill(model, prompt, state)
         tokens = prompt[0].tolist()
@@ -130,9 +135,10 @@ def reference_chain(model, ref: TorchReference, vocab: int, steps: int = 256, pr
     ref.tokens, ref.prompt_len, ref.steps = tokens, prompt_len, steps
 
 
-def torch_reference(model, num_layers: int, vocab: int, chained_steps: int = 256) -> TorchReference:
+def torch_reference(model, num_layers: int, vocab: int, chained_steps: int = 256,
+                    target: str = "plain") -> TorchReference:
     model.eval()
-    ref = TorchReference(num_layers)
+    ref = TorchReference(num_layers, target)
     logger.info("verifying: the step graph at batch 1 and 3 against torch")
     reference_step_batches(model, ref, vocab)
     logger.info("verifying: %d chained greedy steps and the prefill graph against torch", chained_steps)
