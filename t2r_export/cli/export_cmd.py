@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ..contract import PRECISIONS
+from ..contract import PRECISIONS, TARGETS, WEIGHT_ONLY_PRECISIONS
 from .common import FORCE_HELP, TRUST_HELP, claimed_output, console, fail
 from .progress import log_to_status
 from .verification import print_bundle
@@ -23,7 +23,11 @@ def onnx_export(
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (or a folder holding it) to ship in the "
                                                         "bundle; default: the model folder's own."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
-                                               "calibrated on recorded decode states) | fp16-all (overflow demo)."),
+                                               "calibrated on recorded decode states) | int4 / int8-wo (weight-only "
+                                               "MatMulNBits, ONNX Runtime only) | fp16-all (overflow demo)."),
+    target: str = typer.Option("plain", help="plain (opset 17, standard ops: ONNX Runtime and TensorRT) | ort "
+                                             "(opset 27 LinearAttention, RMSNormalization, RotaryEmbedding: ONNX "
+                                             "Runtime >= 1.32 only; fp32 or weight-only)."),
     calibration_prompts: Optional[Path] = typer.Option(None, help="int8: prompts file (default: the packaged "
                                                                    "calibration prompts)."),
     verify_text: Optional[Path] = typer.Option(None, help="fp16/int8: UTF-8 text the bundle is checked on against "
@@ -43,6 +47,11 @@ def onnx_export(
         fail(f"--chained-steps must be ≥ 1, got {chained_steps}")
     if precision not in PRECISIONS:
         fail(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        fail(f"unknown --target {target!r}; expected one of {', '.join(TARGETS)}")
+    if target == "ort" and precision not in ("fp32", *WEIGHT_ONLY_PRECISIONS):
+        fail(f"--target ort is built in fp32 or weight-only ({', '.join(WEIGHT_ONLY_PRECISIONS)}), not {precision}; "
+             f"use --target plain for {precision}")
     texts = _read_text(verify_text) if verify_text is not None else None
     model = model or bundled_model_dir("t2r")
     with claimed_output(out, force, inputs=[model, tokenizer, calibration_prompts, verify_text],
@@ -60,7 +69,8 @@ def onnx_export(
             with console.status(f"exporting {model} → {out}") as status, log_to_status(status, "t2r_export"):
                 result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
                                      calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
-                                     overwrite=force, trust_remote_code=trust_remote_code, progress=status.update)
+                                     overwrite=force, trust_remote_code=trust_remote_code, progress=status.update,
+                                     target=target)
         except ToleranceError as err:
             fail(f"verification failed, no bundle written: {err}", code=1)
         except ValueError as err:
