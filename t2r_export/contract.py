@@ -499,7 +499,8 @@ def render_markdown(example: StateShape | None = None) -> str:
         "axis: memory is the same at token 10 and token 100,000. State tensors are float32 in every",
         "precision plan except `fp16-all`, the unsafe plan kept to show why",
         f"(precision → state dtype: {plans}). Opset {OPSET}; plain ONNX ops only (no ONNX Runtime",
-        "contrib ops), so the same files parse in TensorRT. `input_ids`/`position_ids` are int64",
+        "contrib ops; the weight-only plans' MatMulNBits is ONNX Runtime only), so the same files parse",
+        "in TensorRT. `input_ids`/`position_ids` are int64",
         "(TensorRT 10 accepts int64 inputs). Every file a bundle names (graphs, their external data,",
         f"tokenizer, engines) lies inside the bundle folder. `{RUNTIME_JSON}` (format `{FORMAT}`,",
         f"version {FORMAT_VERSION}) describes the rest.",
@@ -523,6 +524,15 @@ def render_markdown(example: StateShape | None = None) -> str:
               "`z` then sum only the keys that left the window.", "",
               "| name | dtype | shape | meaning |", "| --- | --- | --- | --- |"]
     for spec in _state_specs(windowed, past_name, "state before these tokens:", "float32")[len(STATE_PARTS):]:
+        shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        lines.append(f"| `{spec.name}` | {spec.dtype} | {shape} | {spec.doc} |")
+    lines.append("")
+    ort = StateShape(num_layers=1, num_kv_heads="H_kv", feature_dim="K", head_dim="Dv", vocab_size="V", target="ort")
+    lines += ["## The ort target (runtime.json `target` = ort)", "",
+              f"Opset {TARGET_OPSETS['ort']}, for ONNX Runtime: the same ids and logits, and one state tensor per "
+              "layer in", "LinearAttention's own layout instead of `s` and `z` (layer 0 shown):", "",
+              "| name | dtype | shape | meaning |", "| --- | --- | --- | --- |"]
+    for spec in _state_specs(ort, past_name, "state before these tokens:", "float32"):
         shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
         lines.append(f"| `{spec.name}` | {spec.dtype} | {shape} | {spec.doc} |")
     lines.append("")

@@ -29,6 +29,11 @@ def every_precision(tmp_path_factory, tiny_tokenizer):
     prompts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\nprint(os.getcwd())\n"]
     bundles["int8"] = export_int8_bundle(bundles["fp32"], root / "int8", prompts=prompts, recipe=recipe,
                                          cache_dir=root / "cache").out
+    from t2r_export.export.weight_only import export_weight_only_bundle
+
+    for precision in contract.WEIGHT_ONLY_PRECISIONS:
+        export_weight_only_bundle(bundles["fp32"], root / precision, precision)
+        bundles[precision] = root / precision
     return bundles
 
 

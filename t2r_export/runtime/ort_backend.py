@@ -91,10 +91,11 @@ def shared_weights(folder: str | Path) -> tuple[dict, dict[str, list[str]]]:
 
 
 def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, optimization: str = "all",
-                  providers=("CPUExecutionProvider",)) -> dict:
+                  providers=("CPUExecutionProvider",), prepack: bool = False) -> dict:
     """One ONNX Runtime session per ``kind -> graph file`` of a bundle folder, sharing one copy of the weights.
 
     The returned dict also keeps the weight OrtValues alive (key ``"weights"``) as long as the sessions.
+    ``prepack``: keep ONNX Runtime's weight prepacking (the weight-only plans need it, see below).
     """
     import onnxruntime as ort
 
@@ -106,7 +107,7 @@ def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, o
         # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
         for name in names:
             options.add_initializer(name, values[name])
-        if names:
+        if names and not prepack:
             # prepacking would keep a second, re-laid-out copy of every matmul weight per session
             options.add_session_config_entry("session.disable_prepacking", "1")
         path = Path(folder) / file
@@ -180,7 +181,10 @@ class OrtDecoder(DecoderBase):
         self._device = _DEVICES[provider]
         self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         files = {kind: self.config.graphs[kind].file for kind in contract.GRAPH_KINDS}
-        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers)
+        # MatMulNBits runs its block kernels only on prepacked weights (the teacher's int4 step: 61 ms
+        # without, 2.5 ms with); its packed copy is about as small as the blocks themselves
+        prepack = self.config.precision in contract.WEIGHT_ONLY_PRECISIONS
+        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack)
         self._weights = sessions.pop("weights")
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
