@@ -165,3 +165,42 @@ def test_teacher_int4_meets_the_perplexity_goal(tmp_path):
     figures = {f.name: f.value for f in result.runtime.verification.figures}
     assert figures["teacher-forced steps: perplexity delta"] <= TOLERANCES[("ppl-delta", "int4")]
     assert result.runtime.verification.passed
+
+
+@pytest.mark.parametrize("target", contract.TARGETS)
+def test_prefill_over_several_chunks_equals_the_steps(tmp_path, target):
+    """Two prefill calls (70 then 131 tokens: several chunks, neither a multiple of the chunk, the
+    second from a non-zero state) against one step per token, batch 2, both in ONNX Runtime."""
+    from conftest import make_tiny_model
+    from t2r_export.export.bundle import write_graphs
+    from t2r_export.export.graph import state_shape
+    from t2r_export.export.prefill_graph import CHUNK
+    from t2r_export.export.weights import extract_decoder
+    from t2r_export.models import T2RConfig, swap_attention
+    from t2r_export.runtime.ort_backend import open_sessions
+    from t2r_export.tolerances import check_close
+
+    dec = extract_decoder(swap_attention(make_tiny_model("llama"), T2RConfig()))
+    write_graphs(dec, tmp_path, "fp32", target)
+    sessions = open_sessions(tmp_path, {kind: f"{kind}.onnx" for kind in contract.GRAPH_KINDS}, threads=1)
+    shape = state_shape(dec, target)
+    pairs = contract.state_pairs(shape.num_layers, shape.parts)
+    outputs = ["logits"] + [present for _, present in pairs]
+    batch, first, second = 2, CHUNK + 6, 2 * CHUNK + 3
+    ids = np.random.default_rng(0).integers(0, dec.vocab_size, (batch, first + second))
+    zero = {spec.name: np.zeros((batch, *spec.shape[1:]), np.float32)
+            for spec in contract.graph_inputs(shape)[2:]}
+
+    def run(kind, start, stop, state):
+        positions = np.tile(np.arange(start, stop), (batch, 1))
+        values = sessions[kind].run(outputs, {"input_ids": ids[:, start:stop], "position_ids": positions, **state})
+        return values[0], {past: v for (past, _), v in zip(pairs, values[1:])}
+
+    _, state = run("prefill", 0, first, zero)
+    logits, state = run("prefill", first, first + second, state)
+    stepped = zero
+    for t in range(first + second):
+        step_logits, stepped = run("step", t, t + 1, stepped)
+    check_close("prefill logits", logits, step_logits, ("ort-prefill", "fp32"))
+    for name, value in state.items():
+        check_close(name, value, stepped[name], ("ort-state", "fp32"), relative=True)

@@ -56,6 +56,19 @@ def regroup(arr, order: np.ndarray):
     return np.ascontiguousarray(np.asarray(arr)[..., order])
 
 
+def rotate_half_gather(rotate_half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, sign) with (x @ R)[..., j] == sign[j] * x[..., index[j]] for rotate_half's R.
+
+    R has at most one non-zero (+-1) per column; a zero column (a pass-through dim) maps to itself
+    with sign 0, where the sine is 0 anyway."""
+    index = np.abs(rotate_half).argmax(axis=0).astype(np.int64)
+    sign = rotate_half[index, np.arange(rotate_half.shape[1])].astype(np.float32)
+    if not np.array_equal(sign != 0, np.abs(rotate_half).sum(axis=0) > 0):
+        raise ValueError("rotate_half is not a signed permutation")
+    index[sign == 0] = np.flatnonzero(sign == 0)
+    return index, sign
+
+
 class GraphBuilder:
     """A tiny helper over onnx.helper: unique names, initializers, nodes."""
 
@@ -242,23 +255,10 @@ class DecoderEmitter:
         return g.reshape(self.to_low(out), [-1, 1, self.dec.num_heads * d])
 
     def attention_core_prefill(self, phi_q, phi_k, v, i: int):
-        """T tokens: running sums by CumSum over T (memory linear in T), last ones are the new state."""
-        g, hkv, k, d = self.g, self.hkv, self.k, self.d
-        s_in, z_in = contract.past_name(i, "s"), contract.past_name(i, "z")
-        pk = self.to_state(g.reshape(phi_k, [0, 0, hkv, k, 1]))
-        vv = self.to_state(v)                                             # [B, T, H_kv, 1, d]
-        axis = g.const(1, np.int64)
-        s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(s_in, [1]))
-        z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(z_in, [1]))
-        g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64),
-             outputs=[contract.present_name(i, "s")])
-        g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64),
-             outputs=[contract.present_name(i, "z")])
-        pq = self.to_state(phi_q)                                         # [B, T, H_kv, G, K]
-        num = g.op("MatMul", pq, s_all)                                   # [B, T, H_kv, G, d]
-        den = g.op("MatMul", pq, g.unsqueeze(z_all, [-1]))                # [B, T, H_kv, G, 1]
-        out = g.op("Div", num, g.op("Max", den, g.const(self.dec.eps, self.state_dtype)))
-        return g.reshape(self.to_low(out), [0, 0, self.dec.num_heads * d])
+        """T tokens in chunk-parallel form (``prefill_graph.py``); the last sums are the new state."""
+        from .prefill_graph import chunked_prefill
+
+        return chunked_prefill(self, phi_q, phi_k, v, i)
 
     def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
         g, hkv, G, d = self.g, self.hkv, self.groups, self.d
@@ -268,9 +268,9 @@ class DecoderEmitter:
         qk, v = g.op("Split", g.reshape(qkv, [0, 0, hkv, G + 2, d]), g.const([G + 1, 1], np.int64), axis=3,
                      outputs=2)
         if rope:
-            cos, sin, rot = rope
+            cos, sin, index = rope
             with g.scope(f"layers.{i}.rope"):
-                qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("MatMul", qk, rot), sin))
+                qk = g.op("Add", g.op("Mul", qk, cos), g.op("Mul", g.op("Gather", qk, index, axis=-1), sin))
         if self.dec.window:
             out = self.window_attention(qk, v, layer, i)
             return self.linear(out, layer.o_weight, layer.o_bias, p + ".o")
@@ -300,20 +300,28 @@ class DecoderEmitter:
             h = self.act(h, layer.act)
         return self.linear(h, layer.mlp_out, layer.mlp_out_bias, p + ".out")
 
+    def positions(self) -> tuple[str, list[int]]:
+        """position_ids as fp32 [B, T, 1], and the axes that make the tables broadcast over [H_kv, G+1]."""
+        return self.g.unsqueeze(self.g.cast("position_ids", np.float32), [-1]), [2, 3]
+
     def rope_tables(self):
-        """cos/sin [B, T, 1, 1, d] from position_ids, and the shared rotate_half matrix R [d, d];
-        zero frequencies leave pass-through dims alone (cos 1, sin 0)."""
+        """cos and sin [B, T, 1, 1, d] from position_ids, and rotate_half as a Gather index over the
+        head dims with its signs folded into the sine: x @ R == sign * x[..., index]. Zero
+        frequencies leave pass-through dims alone (cos 1, sin 0)."""
         g = self.g
+        index, sign = rotate_half_gather(np.asarray(self.dec.rotate_half))
         # angles reach 1e4+ at long positions: fp16 would lose them, so the tables are made in fp32
         with g.scope("rope", fp32_island=True):
-            pos = g.unsqueeze(g.cast("position_ids", np.float32), [-1])            # [B, T, 1]
+            pos, axes = self.positions()
             angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
-            cos, sin = g.op("Cos", angle), g.op("Sin", angle)
-            if self.dec.rope_scale != 1.0:
-                scale = g.const(self.dec.rope_scale, np.float32)
-                cos, sin = g.op("Mul", cos, scale), g.op("Mul", sin, scale)
-            cos, sin = g.unsqueeze(self.to_low(cos), [2, 3]), g.unsqueeze(self.to_low(sin), [2, 3])
-        return cos, sin, g.weight("rope.rotate_half", self.dec.rotate_half)
+            scale = np.float32(self.dec.rope_scale)
+            # one Mul gives the sine its rotate_half signs and the rope scale together
+            sin = g.op("Mul", g.op("Sin", angle), g.weight("rope.sin_sign", sign * scale, fp32=True))
+            cos = g.op("Cos", angle)
+            if scale != 1.0:
+                cos = g.op("Mul", cos, g.const(scale, np.float32))
+            cos, sin = g.unsqueeze(self.to_low(cos), axes), g.unsqueeze(self.to_low(sin), axes)
+        return cos, sin, g.const(index, np.int64, name="rope.rotate_half_index")
 
     def decoder_layers(self, x: str, rope) -> str:
         g = self.g

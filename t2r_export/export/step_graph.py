@@ -5,10 +5,8 @@ once, the hidden state is [B, D], the lm head needs no reshape and the logits le
 [B, V] without one. Per layer the q/k/v columns are regrouped per KV head (its G queries, its key,
 its value), so one Reshape gives [B, H_kv, G+2, d] and one Split gives the rotated part and a
 value already shaped for the outer product; the feature map, both running sums and the division
-then work on [B, H_kv, ...] with no further reshapes of q or v. RoPE reads rotate_half as a
-Gather of the head dims with the sign folded into the sine table (an index lookup where the
-general emitter runs a [d, d] MatMul). Sliding-window models keep the general emitter
-(``graph.py``), whose window part expects the T axis. The math: docs/design.md.
+then work on [B, H_kv, ...] with no further reshapes of q or v. Sliding-window models keep the
+general emitter (``graph.py``), whose window part expects the T axis. The math: docs/design.md.
 """
 
 from __future__ import annotations
@@ -20,19 +18,6 @@ from .graph import DecoderEmitter, regroup
 from .weights import LayerWeights
 
 
-def rotate_half_gather(rotate_half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, sign) with (x @ R)[..., j] == sign[j] * x[..., index[j]] for rotate_half's R.
-
-    R has at most one non-zero (+-1) per column; a zero column (a pass-through dim) maps to itself
-    with sign 0, where the sine is 0 anyway."""
-    index = np.abs(rotate_half).argmax(axis=0).astype(np.int64)
-    sign = rotate_half[index, np.arange(rotate_half.shape[1])].astype(np.float32)
-    if not np.array_equal(np.abs(sign) > 0, np.abs(rotate_half).sum(axis=0) > 0):
-        raise ValueError("rotate_half is not a signed permutation")
-    index[sign == 0] = np.flatnonzero(sign == 0)
-    return index, sign
-
-
 class StepEmitter(DecoderEmitter):
     """The plain step graph for models without a sliding window (``build_graph`` picks it)."""
 
@@ -41,21 +26,8 @@ class StepEmitter(DecoderEmitter):
             raise ValueError("the lean step graph has no sliding-window part; use DecoderEmitter")
         super().__init__(dec, contract.STEP, precision, store)
 
-    def rope_tables(self):
-        """cos and the signed sin [B, 1, 1, d] from position_ids [B], and rotate_half's gather index."""
-        g = self.g
-        index, sign = rotate_half_gather(np.asarray(self.dec.rotate_half))
-        with g.scope("rope", fp32_island=True):
-            pos = g.reshape(g.cast("position_ids", np.float32), [-1, 1])                 # [B, 1]
-            angle = g.op("Mul", pos, g.weight("rope.inv_freq", self.dec.inv_freq, fp32=True))
-            cos = g.op("Cos", angle)
-            scale = self.dec.rope_scale
-            # one Mul gives the sine its rotate_half signs and the rope scale together
-            sin = g.op("Mul", g.op("Sin", angle), g.weight("rope.sin_sign", sign * np.float32(scale), fp32=True))
-            if scale != 1.0:
-                cos = g.op("Mul", cos, g.const(scale, np.float32))
-            cos, sin = g.unsqueeze(self.to_low(cos), [1, 2]), g.unsqueeze(self.to_low(sin), [1, 2])
-        return cos, sin, g.const(index, np.int64, name="rope.rotate_half_index")
+    def positions(self) -> tuple[str, list[int]]:
+        return self.g.reshape(self.g.cast("position_ids", np.float32), [-1, 1]), [1, 2]      # [B, 1]
 
     def attention(self, x: str, layer: LayerWeights, i: int, rope) -> str:
         g, hkv, G, d, k = self.g, self.hkv, self.groups, self.d, self.k

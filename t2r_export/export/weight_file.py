@@ -158,7 +158,9 @@ def repack_graphs(folder: Path, files: list[str], min_bytes: int = MIN_EXTERNAL_
             kept = []
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor)
-                if array.nbytes >= min_bytes and array.dtype != object and tensor.name not in qdq_params:
+                # int64 tensors are shapes, pads and indices, which shape inference reads from the proto
+                if (array.nbytes >= min_bytes and array.dtype not in (object, np.int64)
+                        and tensor.name not in qdq_params):
                     kept.append(store.add_array(tensor.name, array))
                 else:
                     kept.append(numpy_helper.from_array(array, tensor.name))
