@@ -24,6 +24,11 @@ from .graph import DecoderEmitter, state_shape
 from .weights import DecoderWeights, LayerWeights, LazyWeight, Norm
 
 OPSET = contract.TARGET_OPSETS["ort"]
+# ONNX Runtime 1.32 has no kernel for the standard LinearAttention: it runs the op's function body
+# (a Scan over tokens, ~50 nodes per layer). Its com.microsoft twin, the same inputs, attributes
+# and outputs, has a CPU kernel.
+MICROSOFT = "com.microsoft"
+LINEAR_ATTENTION_DOMAIN = MICROSOFT
 
 
 def ort_columns(num_heads: int, num_kv_heads: int, head_dim: int):
@@ -74,14 +79,42 @@ class OrtEmitter(DecoderEmitter):
                              "plans quantize an fp32 bundle")
         super().__init__(dec, kind, precision, store)
         self.ort_order = ort_columns(dec.num_heads, dec.num_kv_heads, dec.head_dim)
+        self._final_normed = False
 
     def norm(self, x: str, n: Norm, prefix: str) -> str:
+        # decoder_layers already applied the final norm when it fused the last residual into it
+        if prefix == "final_norm" and self._final_normed:
+            return x
         if n.kind != "rms":
             return super().norm(x, n, prefix)
         g = self.g
         with g.scope(prefix, fp32_island=True):
             return g.op("RMSNormalization", x, g.weight(prefix + ".weight", n.weight, fp32=True), axis=-1,
                         epsilon=n.eps)
+
+    def decoder_layers(self, x: str, rope) -> str:
+        """Sequential-residual RMSNorm models: each residual Add and the norm after it are one
+        com.microsoft SkipSimplifiedLayerNormalization (the last one is the final norm)."""
+        dec = self.dec
+        norms = [n for layer in dec.layers for n in (layer.norm1, layer.norm2)] + [dec.final_norm]
+        if any(layer.parallel_residual for layer in dec.layers) or any(n.kind != "rms" for n in norms):
+            return super().decoder_layers(x, rope)
+        h = self.norm(x, dec.layers[0].norm1, "layers.0.norm1")
+        for i, layer in enumerate(dec.layers):
+            h, x = self.skip_norm(self.attention(h, layer, i, rope), x, layer.norm2, f"layers.{i}.norm2")
+            last = i + 1 == len(dec.layers)
+            after, prefix = (dec.final_norm, "final_norm") if last else (dec.layers[i + 1].norm1, f"layers.{i + 1}.norm1")
+            h, x = self.skip_norm(self.mlp(h, layer, i), x, after, prefix)
+        self._final_normed = True
+        return h
+
+    def skip_norm(self, y: str, skip: str, n: Norm, prefix: str) -> tuple[str, str]:
+        """(rmsnorm(y + skip), y + skip) in one kernel."""
+        g = self.g
+        with g.scope(prefix, fp32_island=True):
+            out = g.op("SkipSimplifiedLayerNormalization", y, skip, g.weight(prefix + ".weight", n.weight, fp32=True),
+                       outputs=[g._name("normed"), "", "", g._name("residual")], epsilon=n.eps, domain=MICROSOFT)
+        return out[0], out[3]
 
     def rope_tables(self):
         """cos and sin [B, T, rotary/2] from position_ids (no position table: positions stay unbounded)."""
@@ -118,7 +151,8 @@ class OrtEmitter(DecoderEmitter):
             name = contract.ORT_STATE_PARTS[0].name
             out = g.op("LinearAttention", g.reshape(phi_q, [0, 0, heads * k]), g.reshape(phi_k, [0, 0, hkv * k]), v1,
                        contract.past_name(i, name), outputs=[g._name("linearattention"), contract.present_name(i, name)],
-                       q_num_heads=heads, kv_num_heads=hkv, update_rule="linear", scale=1.0)[0]
+                       q_num_heads=heads, kv_num_heads=hkv, update_rule="linear", scale=1.0,
+                       domain=LINEAR_ATTENTION_DOMAIN)[0]
             num, den = g.op("Split", g.reshape(out, [0, 0, heads, d + 1]), g.const([d, 1], np.int64), axis=-1,
                             outputs=2)
             out = g.op("Div", num, g.op("Max", den, g.const(self.dec.eps, np.float32)))
@@ -136,7 +170,9 @@ class OrtEmitter(DecoderEmitter):
 
         graph = helper.make_graph(self.g.nodes, f"t2r_{self.kind}_ort", [value_info(s) for s in specs_in],
                                   [value_info(s) for s in specs_out], initializer=self.g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="t2r-export")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MICROSOFT, 1)],
+                                  producer_name="t2r-export")
         # the IR version opset 27 needs (ONNX Runtime 1.32 reads it)
         model.ir_version = 11
         helper.set_model_props(model, {contract.PRECISION_KEY: self.precision,
