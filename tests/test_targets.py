@@ -63,7 +63,8 @@ def test_the_ort_target_uses_the_llm_ops_and_a_merged_state(bundles):
     checks = {f.name.split(":")[0] for f in runtime.verification.figures}
     assert {"step batch 1", "step batch 3", "16 chained steps", "prefill 8 + 15 steps"} <= checks
     for kind in contract.GRAPH_KINDS:
-        assert {"LinearAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= _ops(out["ort"] / f"{kind}.onnx")
+        ops = _ops(out["ort"] / f"{kind}.onnx")
+        assert {"LinearAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
     # one state tensor per layer: s with z as its last column, as many bytes as s and z
     shape = runtime.state_shape
     assert runtime.graphs["step"].inputs[2:] == tuple(contract.past_name(i, "sz") for i in range(runtime.num_layers))

@@ -1,8 +1,11 @@
-"""The ``ort`` target: step and prefill graphs built from ONNX's LLM ops, for ONNX Runtime.
+"""The ``ort`` target: step and prefill graphs built from LLM ops ONNX Runtime runs as single kernels.
 
-Per layer: ``RMSNormalization`` (opset 23), one q/k/v matmul, ``RotaryEmbedding`` (opset 23) on
-the queries and keys, the feature map, and ``LinearAttention`` (opset 27, update rule "linear",
-scale 1) for both running sums, the query products and the recurrence over T in the prefill.
+Per layer: one q/k/v matmul, ``RotaryEmbedding`` (opset 23) on the queries and keys, the feature
+map, ``LinearAttention`` (update rule "linear", scale 1; the com.microsoft op, see below) for both
+running sums, the query products and the recurrence over T in the prefill, and each residual Add
+fused with the RMSNorm after it (com.microsoft ``SkipSimplifiedLayerNormalization``; the first
+norm is ``RMSNormalization``, opset 23; models with LayerNorm or parallel residuals keep plain
+norms and Adds).
 T2R divides phi(q)·S by phi(q)·z; LinearAttention has no denominator, so v gets a constant-1
 channel: the state [B, H_kv, K, Dv+1] then holds S with z as its last column, and the output's
 last column per head is the denominator. The 1 comes out of the q/k/v matmul itself (a zero
@@ -102,8 +105,10 @@ class OrtEmitter(DecoderEmitter):
         h = self.norm(x, dec.layers[0].norm1, "layers.0.norm1")
         for i, layer in enumerate(dec.layers):
             h, x = self.skip_norm(self.attention(h, layer, i, rope), x, layer.norm2, f"layers.{i}.norm2")
-            last = i + 1 == len(dec.layers)
-            after, prefix = (dec.final_norm, "final_norm") if last else (dec.layers[i + 1].norm1, f"layers.{i + 1}.norm1")
+            if i + 1 == len(dec.layers):
+                after, prefix = dec.final_norm, "final_norm"
+            else:
+                after, prefix = dec.layers[i + 1].norm1, f"layers.{i + 1}.norm1"
             h, x = self.skip_norm(self.mlp(h, layer, i), x, after, prefix)
         self._final_normed = True
         return h
@@ -150,7 +155,8 @@ class OrtEmitter(DecoderEmitter):
         with g.scope(f"layers.{i}.state", fp32_island=True):
             name = contract.ORT_STATE_PARTS[0].name
             out = g.op("LinearAttention", g.reshape(phi_q, [0, 0, heads * k]), g.reshape(phi_k, [0, 0, hkv * k]), v1,
-                       contract.past_name(i, name), outputs=[g._name("linearattention"), contract.present_name(i, name)],
+                       contract.past_name(i, name),
+                       outputs=[g._name("linearattention"), contract.present_name(i, name)],
                        q_num_heads=heads, kv_num_heads=hkv, update_rule="linear", scale=1.0,
                        domain=LINEAR_ATTENTION_DOMAIN)[0]
             num, den = g.op("Split", g.reshape(out, [0, 0, heads, d + 1]), g.const([d, 1], np.int64), axis=-1,
