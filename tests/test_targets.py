@@ -205,3 +205,12 @@ def test_prefill_over_several_chunks_equals_the_steps(tmp_path, target):
     check_close("prefill logits", logits, step_logits, ("ort-prefill", "fp32"))
     for name, value in state.items():
         check_close(name, value, stepped[name], ("ort-state", "fp32"), relative=True)
+
+
+def test_tensorrt_refuses_an_ort_target_bundle_before_looking_for_tensorrt(bundles):
+    from t2r_export.trt.build import build_engines
+
+    _, out = bundles
+    with pytest.raises(ValueError, match="is a --target ort bundle .ONNX Runtime only.; TensorRT builds from the "
+                                         "plain target"):
+        build_engines(out["ort"])

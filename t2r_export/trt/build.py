@@ -181,6 +181,9 @@ def build_engines(bundle: str | Path, fp16: bool = False, int8: bool = False, ma
         loaded = load_bundle(bundle)
     except BundleError as err:
         raise ValueError(str(err)) from None
+    if loaded.config.target != "plain":
+        raise ValueError(f"{bundle} is a --target {loaded.config.target} bundle (ONNX Runtime only); TensorRT builds "
+                         "from the plain target: `t2r-export onnx --target plain`")
     if workspace_mb < 1:
         raise ValueError(f"--workspace must be >= 1 MB, got {workspace_mb}")
     trt = import_tensorrt()
