@@ -55,6 +55,7 @@ class LoadReport:
     state_bytes_per_stream: int
     server_cpu_s: float
     client_cpu_s: float
+    baseline_tokens_per_cpu_s: float
     lost: int
     mixed: int
 
@@ -83,6 +84,9 @@ class LoadReport:
                                             f"{self.state_bytes_per_stream / 1000:.1f} KB)"),
             ("CPU time server / client", f"{self.server_cpu_s:.1f} s / {self.client_cpu_s:.1f} s (wall "
                                          f"{self.wall_s:.1f} s, {psutil_cores()} cores)"),
+            ("tokens per CPU-second, server / runtime", f"{self.completion_tokens / max(self.server_cpu_s, 1e-9):.1f} / "
+                                                        f"{self.baseline_tokens_per_cpu_s:.1f} (prefill included; "
+                                                        "CPU time does not count what else runs on the machine)"),
             ("lost / mixed up", f"{self.lost} / {self.mixed}"),
         ]
         for name, value in rows:
@@ -115,7 +119,9 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     with OrtDecoder(loaded, threads=threads) as decoder:
         batch = [ids[i % len(ids)] for i in range(streams)]
         generate_ids(decoder, tokenizer, batch, 4, greedy)
+        cpu = time.process_time()
         baseline = generate_ids(decoder, tokenizer, batch, max_tokens, greedy).timing
+        baseline_cpu = time.process_time() - cpu
         solo = [generate_ids(decoder, tokenizer, [row], max_tokens, greedy).rows[0].text for row in ids]
         packed_ms, full_ms = _step_costs(decoder, streams, max(1, streams // 8))
     port = free_port()
@@ -165,7 +171,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_idle_mb=rss_idle / mb, rss_one_stream_mb=rss_one / mb, rss_peak_mb=peak.peak / mb,
         rss_after_mb=rss_after / mb,
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
-        state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu, lost=requests - len(done), mixed=mixed)
+        state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+        baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done), mixed=mixed)
 
 
 def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
