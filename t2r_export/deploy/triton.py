@@ -144,7 +144,9 @@ def write_repository(bundle, out: Path, backend: str = "onnxruntime", max_batch:
             else:
                 notes.append(f"{model}/1/model.plan is missing: build it on the serving GPU with the TensorRT of "
                              f"your Triton release (see README.md in the repository)")
-    (out / "client_example.py").write_text(CLIENT_EXAMPLE.replace("@VOCAB@", str(config.vocab_size)))
+    # the template is a data file: it is the user's script, not a module of this package
+    template = (Path(__file__).with_name("client_example.py.in")).read_text()
+    (out / "client_example.py").write_text(template.replace("@VOCAB@", str(config.vocab_size)))
     (out / "README.md").write_text(_readme(config, backend, max_batch))
     return notes
 
@@ -178,50 +180,3 @@ def _readme(config, backend: str, max_batch: int) -> str:
 The configs were checked against Triton's own schema (`tritonclient`'s model_config_pb2) and the
 graphs' inputs and outputs when they were written; the Triton server itself was not run.
 """
-
-
-CLIENT_EXAMPLE = '''"""Greedy decoding against the t2r_step model with tritonclient (gRPC): one sequence, token by token.
-
-    pip install "tritonclient[grpc]" tokenizers numpy
-    python client_example.py --url localhost:8001 --ids 1 2 3 --new 16
-"""
-
-import argparse
-
-import numpy as np
-import tritonclient.grpc as grpcclient
-
-VOCAB = @VOCAB@
-
-
-def step(client, sequence_id, token, position, start=False, end=False):
-    ids = grpcclient.InferInput("input_ids", [1, 1], "INT64")
-    ids.set_data_from_numpy(np.array([[token]], dtype=np.int64))
-    pos = grpcclient.InferInput("position_ids", [1, 1], "INT64")
-    pos.set_data_from_numpy(np.array([[position]], dtype=np.int64))
-    result = client.infer("t2r_step", [ids, pos], outputs=[grpcclient.InferRequestedOutput("logits")],
-                          sequence_id=sequence_id, sequence_start=start, sequence_end=end)
-    return result.as_numpy("logits")[0]
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--url", default="localhost:8001")
-    parser.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3], help="prompt token ids")
-    parser.add_argument("--new", type=int, default=16, help="tokens to generate")
-    parser.add_argument("--sequence-id", type=int, default=1)
-    args = parser.parse_args()
-    client = grpcclient.InferenceServerClient(args.url)
-    tokens = list(args.ids)
-    for position, token in enumerate(tokens):
-        logits = step(client, args.sequence_id, token, position, start=position == 0)
-    for index in range(args.new):
-        tokens.append(int(np.argmax(logits)))
-        # the last request ends the sequence, which frees its state slot on the server
-        logits = step(client, args.sequence_id, tokens[-1], len(tokens) - 1, end=index == args.new - 1)
-    print(tokens)
-
-
-if __name__ == "__main__":
-    main()
-'''
