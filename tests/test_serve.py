@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -186,6 +187,11 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--max-batch", "0"]), 2, "--max-batch")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--port", "70000"]), 2, "--port")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--streams", "0"]), 2, "--streams")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_failure(invoke(["serve", bundle_dir, "--port", port]), 2, f"cannot listen on 127.0.0.1:{port}")
 
 
 def test_bounded_load_test(bundle_dir, tmp_path):

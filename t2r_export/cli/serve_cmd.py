@@ -49,6 +49,7 @@ def serve(
     except ImportError as err:
         fail(f"`serve` needs {err.name}: {SERVE_EXTRA}")
     loaded, name = _bundle_and_name(bundle, model_name)
+    _check_listen(host, port)
     try:
         engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
                         prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))
@@ -65,6 +66,20 @@ def serve(
         engine.stop()
     if not server.started:
         fail(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """fail() in one line when ``host:port`` cannot be listened on (in use, or not this machine's address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as err:
+        fail(f"cannot listen on {host}:{port}: {err.strerror or err} (another server on that port, or an address "
+             "this machine does not have); pick another --port or --host")
 
 
 def serve_load(

@@ -179,8 +179,14 @@ class Engine:
             if request.cancelled:
                 continue
             row = len(self._active)
-            logits, request.reused = prefill_cached(self.decoder, row, request.prompt_ids, self.cache, self.identity,
-                                                    request.cache_points)
+            try:
+                logits, request.reused = prefill_cached(self.decoder, row, request.prompt_ids, self.cache,
+                                                        self.identity, request.cache_points)
+            except ValueError as err:
+                # one bad prompt fails alone; the rows already decoding go on
+                request.reason = "error"
+                request.deliver(("error", 400, str(err).splitlines()[0][:300]))
+                continue
             request.logits = logits[0]
             request.position = len(request.prompt_ids)
             request.stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
