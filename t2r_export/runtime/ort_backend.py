@@ -197,7 +197,8 @@ class OrtDecoder(DecoderBase):
         self._sessions = {}
         self._weights = {}
         self._batch = 0
-        for attr in ("_sets", "_zero_row", "_step_bindings", "_row_bindings", "_state", "_logits", "_logits_view", "_ids", "_pos"):
+        for attr in ("_sets", "_zero_row", "_step_bindings", "_row_bindings", "_state", "_logits", "_logits_view",
+                     "_ids", "_pos"):
             self.__dict__.pop(attr, None)
 
     def state_nbytes(self) -> int:
