@@ -84,9 +84,9 @@ class LoadReport:
                                             f"{self.state_bytes_per_stream / 1000:.1f} KB)"),
             ("CPU time server / client", f"{self.server_cpu_s:.1f} s / {self.client_cpu_s:.1f} s (wall "
                                          f"{self.wall_s:.1f} s, {psutil_cores()} cores)"),
-            ("tokens per CPU-second, server / runtime", f"{self.completion_tokens / max(self.server_cpu_s, 1e-9):.1f} / "
-                                                        f"{self.baseline_tokens_per_cpu_s:.1f} (prefill included; "
-                                                        "CPU time does not count what else runs on the machine)"),
+            ("tokens per CPU-second, server / runtime",
+             f"{self.completion_tokens / max(self.server_cpu_s, 1e-9):.1f} / {self.baseline_tokens_per_cpu_s:.1f} "
+             "(prefill included; CPU time does not count what else runs on the machine)"),
             ("lost / mixed up", f"{self.lost} / {self.mixed}"),
         ]
         for name, value in rows:
@@ -172,7 +172,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_after_mb=rss_after / mb,
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
-        baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done), mixed=mixed)
+        baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
+        mixed=mixed)
 
 
 def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
