@@ -230,6 +230,8 @@ def test_state_cli_bad_usage_fails_in_one_line(bundle_dir, tmp_path):
     assert_one_line_failure(invoke(["generate", bundle_dir, "-p", "a", "-p", "b", "--state-out", tmp_path / "x"]),
                             2, "one stream")
     assert_one_line_failure(invoke(["generate", bundle_dir, "-p", "a", "--state-out", tmp_path]), 2, "--state-out")
+    assert_one_line_failure(invoke(["generate", bundle_dir, "-p", "a", "--provider", "tensorrt", "--state-out",
+                                    tmp_path / "s"]), 2, "ONNX Runtime")
 
 
 def test_row_shapes_follow_the_contract(bundle):

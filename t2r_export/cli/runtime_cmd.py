@@ -41,6 +41,9 @@ def generate(
         fail("give a prompt with --prompt (or a saved stream with --state-in)")
     if (state_in or state_out) and len(prompt) > 1:
         fail(f"--state-in/--state-out carry one stream, got {len(prompt)} prompts; give one --prompt")
+    if (state_in or state_out) and provider == "tensorrt":
+        fail("--state-in/--state-out run on ONNX Runtime (--provider cpu, cuda or ort-tensorrt), not on the TensorRT "
+             "engines")
     if state_out is not None and (state_out.is_dir() or not state_out.resolve().parent.is_dir()):
         fail(f"--state-out {state_out} must be a file in an existing folder")
     for index, text in enumerate(prompt):
