@@ -17,6 +17,9 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("ort-iobinding", "fp32"): 1e-6,      # the IO-binding path vs plain session.run: same kernels, logits
     ("ort-iobinding-state", "fp32"): 1e-5,  # the same, on the running sums
     ("ort-prefill", "fp32"): 1e-5,        # prefill graph vs chained steps, both in ONNX Runtime
+    # a row stepped in a batch vs alone: other matmul shapes, same math (the bundled T2R model:
+    # 4.7e-5 at most over 64 rows x 20 steps, logits of size ~10)
+    ("ort-batched-row", "fp32"): 1e-4,
     ("trt", "fp32"): 1e-3,                # TensorRT engines vs ONNX Runtime (TF32 and other tactics)
     ("trt", "fp16"): 3e-2,
     ("train-loss", "fp32"): 1e-4,         # pinned losses of a 2-step finetune, one thread, same torch

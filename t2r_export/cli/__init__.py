@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 
 from ..interrupt import report_interrupt, restore_default_handler
 from . import (bench_cmd, bench_tools_cmd, demo_cmd, experiment_cmd, export_cmd, info_cmd, pretrain_cmd,
-               runtime_cmd, sizes_cmd, swap_cmd, train_cmd, trt_cmd)
+               runtime_cmd, serve_cmd, sizes_cmd, swap_cmd, train_cmd, triton_cmd, trt_cmd)
 from .common import settings
 
 
@@ -75,6 +75,12 @@ COMMANDS = [
     ("info", info_cmd.info, "What a bundle holds: contract, precision, sizes, weight sharing, verification, "
                             "provenance."),
     ("generate", runtime_cmd.generate, "Generate text from a bundle with the torch-free runtime."),
+    ("serve", serve_cmd.serve, "An OpenAI-compatible HTTP server over a bundle: continuous batching, streaming, "
+                               "prefix cache."),
+    ("serve-load", serve_cmd.serve_load, "Load-test `serve` on 127.0.0.1: requests/s, tokens/s, latency, memory, "
+                                         "correctness."),
+    ("triton", triton_cmd.triton, "A Triton Inference Server model repository: sequence batcher, implicit state, "
+                                  "client example."),
     ("sizes", sizes_cmd.sizes, "Public models' configs (random weights) through swap, onnx, generate and check "
                                "--trt: time, peak memory, bundle size."),
 ]

@@ -274,3 +274,8 @@ class _RowStream:
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
+
+
+# the other decode loops (runtime/resume.py, the server's engine) share these
+RowStream = _RowStream
+check_finite = _check_finite

@@ -148,13 +148,16 @@ class _StateSet:
             else:
                 value.update_inplace(np.zeros(self.shapes[name], dtype=self.dtype))
 
-    def bind(self, binding, name: str, bound_as: str, as_input: bool, row: int | None = None) -> None:
-        """Bind tensor ``name`` (or one batch row of it, in place) as graph tensor ``bound_as``."""
+    def bind(self, binding, name: str, bound_as: str, as_input: bool, row: int | None = None,
+             rows: int | None = None) -> None:
+        """Bind tensor ``name`` (one batch row of it, or its first ``rows`` rows, in place) as ``bound_as``."""
         shape = self.shapes[name]
         ptr = self.values[name].data_ptr()
         if row is not None:
             ptr += row * int(np.prod(shape[1:])) * self.dtype.itemsize
             shape = (1, *shape[1:])
+        elif rows is not None:
+            shape = (rows, *shape[1:])
         bind = binding.bind_input if as_input else binding.bind_output
         bind(bound_as, self.device, 0, self.dtype, list(shape), ptr)
 
@@ -198,7 +201,8 @@ class OrtDecoder(DecoderBase):
         self._sessions = {}
         self._weights = {}
         self._batch = 0
-        for attr in ("_sets", "_zero_row", "_step_bindings", "_state", "_logits", "_logits_view", "_ids", "_pos"):
+        for attr in ("_sets", "_zero_row", "_step_bindings", "_row_bindings", "_state", "_logits", "_logits_view",
+                     "_ids", "_pos"):
             self.__dict__.pop(attr, None)
 
     def state_nbytes(self) -> int:
@@ -272,6 +276,90 @@ class OrtDecoder(DecoderBase):
         self._sessions[contract.PREFILL].run_with_iobinding(binding)
         return self._logits_view[row:row + 1]
 
+    # ---- rows as values: read, write, copy, and stepping only the first n rows ---------------------
+
+    def read_row(self, row: int) -> dict[str, np.ndarray]:
+        """Copies of row ``row``'s state, ``past_state.*`` name -> ``[1, ...]`` (see runtime/state.py)."""
+        self._check_row(row)
+        if not self.io_binding:
+            return {name: array[row:row + 1].copy() for name, array in self._state.items()}
+        current = self._sets[self._parity]
+        if self._device == "cpu":
+            return {past: current.host[past][row:row + 1].copy() for past, _ in self._pairs}
+        return {past: current.read(past)[row:row + 1].copy() for past, _ in self._pairs}
+
+    def write_row(self, row: int, state: dict[str, np.ndarray]) -> None:
+        """Set row ``row``'s state from ``past_state.*`` arrays ``[1, ...]`` (dtype and shape checked)."""
+        self._check_row(row)
+        shapes = self._state_shapes(1)
+        for name, shape in shapes.items():
+            array = state.get(name)
+            if array is None or array.shape != shape or array.dtype != np.dtype(self.config.state_dtype):
+                found = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
+                raise ValueError(f"state tensor {name!r} is {found}, expected {self.config.state_dtype}{list(shape)}")
+        if not self.io_binding:
+            for name in shapes:
+                self._state[name][row] = state[name][0]
+            return
+        current = self._sets[self._parity]
+        for name in shapes:
+            if self._device == "cpu":
+                current.host[name][row] = state[name][0]
+            else:
+                full = current.read(name)
+                full[row] = state[name][0]
+                current.values[name].update_inplace(full)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` gets row ``src``'s state (a fork, or compacting the active rows)."""
+        if src != dst:
+            self.write_row(dst, self.read_row(src))
+
+    def extend_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Row ``row`` continues from its current state over ``[1, T]`` tokens → its logits ``[1, V]``.
+
+        What a restored state or a prefix-cache hit needs: only the tokens after the saved position
+        are prefilled. The graph writes into a one-row scratch state, then the row takes it.
+        """
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=1)
+        self._check_row(row)
+        state = self.read_row(row)
+        session = self._sessions[contract.PREFILL]
+        names = [o.name for o in session.get_outputs()]
+        results = dict(zip(names, session.run(None, {"input_ids": input_ids, "position_ids": position_ids, **state})))
+        self.write_row(row, {past: results[present] for past, present in self._pairs})
+        return results["logits"]
+
+    def step_rows(self, rows: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One step of the first ``rows`` rows only (``[rows, 1]`` ids) → their logits ``[rows, V]``.
+
+        Rows are contiguous in the state buffers, so the first n rows of a set are a valid ``[n, ...]``
+        tensor: a server keeps its active rows packed at the front (copy_row when one leaves) and
+        steps exactly those, paying for n rows, not the capacity. Rows past ``rows`` are left stale.
+        """
+        self._require_open()
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 1 <= rows <= self._batch:
+            raise ValueError(f"rows must be an integer in [1, {self._batch}] (the batch), got {rows!r}")
+        rows = int(rows)
+        if rows == self._batch:
+            return self.step(input_ids, position_ids)
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=True, rows=rows)
+        if not self.io_binding:
+            session = self._sessions[contract.STEP]
+            feed = {"input_ids": input_ids, "position_ids": position_ids,
+                    **{name: array[:rows] for name, array in self._state.items()}}
+            names = [o.name for o in session.get_outputs()]
+            results = dict(zip(names, session.run(None, feed)))
+            for past, present in self._pairs:
+                self._state[past][:rows] = results[present]
+            return results["logits"]
+        binding = self._rows_binding(rows, self._parity)
+        np.copyto(self._ids[:rows], input_ids)
+        np.copyto(self._pos[:rows], position_ids)
+        self._sessions[contract.STEP].run_with_iobinding(binding)
+        self._parity ^= 1
+        return self._logits_view[:rows]
+
     def read_state(self) -> dict[str, np.ndarray]:
         """Copies of the current state on the host, keyed by ``past_state.*`` name (for checks and debugging)."""
         if self.io_binding:
@@ -280,6 +368,29 @@ class OrtDecoder(DecoderBase):
         return {name: array.copy() for name, array in self._state.items()}
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _check_row(self, row) -> None:
+        self._require_open()
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._batch:
+            raise ValueError(f"row {row!r} is outside the batch of {self._batch}")
+
+    def _rows_binding(self, rows: int, parity: int):
+        """The step binding over the first ``rows`` rows for one parity, made once and kept."""
+        key = (rows, parity)
+        binding = self._row_bindings.get(key)
+        if binding is not None:
+            return binding
+        binding = self._sessions[contract.STEP].io_binding()
+        vocab = self._logits.shape[1]
+        for name, array in (("input_ids", self._ids), ("position_ids", self._pos)):
+            binding.bind_input(name, "cpu", 0, np.int64, [rows, 1], array.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, [rows, vocab], self._logits.ctypes.data)
+        current, other = self._sets[parity], self._sets[parity ^ 1]
+        for past, present in self._pairs:
+            current.bind(binding, past, past, as_input=True, rows=rows)
+            other.bind(binding, past, present, as_input=False, rows=rows)
+        self._row_bindings[key] = binding
+        return binding
 
     def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         specs = contract.graph_inputs(self.config.state_shape, contract.STEP)
@@ -312,6 +423,7 @@ class OrtDecoder(DecoderBase):
                 binding.bind_ortvalue_input(past, self._sets[parity].values[past])
                 binding.bind_ortvalue_output(present, self._sets[parity ^ 1].values[past])
             self._step_bindings.append(binding)
+        self._row_bindings: dict[tuple[int, int], object] = {}
 
     def _prefill_binding(self, input_ids: np.ndarray, position_ids: np.ndarray):
         binding = self._sessions[contract.PREFILL].io_binding()

@@ -1,0 +1,112 @@
+"""`t2r-export serve BUNDLE`: an OpenAI-compatible HTTP server with continuous batching (t2r_export/serve),
+and `t2r-export serve-load BUNDLE`: its load test. Torch-free; needs the `serve` extra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import err_console, fail
+
+SERVE_EXTRA = "install the server with `pip install 't2r-export[serve]'`"
+
+
+def _bundle_and_name(bundle: Path, model_name: str | None):
+    from ..runtime import BundleError, load_bundle
+
+    try:
+        loaded = load_bundle(bundle)
+        loaded.load_tokenizer()
+    except BundleError as err:
+        fail(str(err))
+    return loaded, model_name or Path(bundle).resolve().name
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `t2r-export onnx`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_batch: int = typer.Option(64, help="Streams decoded together at most; more requests wait their turn."),
+    max_prompt_tokens: int = typer.Option(4096, help="Longest prompt accepted, in tokens (longer: HTTP 400)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    prefix_cache_mb: float = typer.Option(64.0, help="Memory for cached prompt-prefix states (0 = no cache)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads; 0 = its default."),
+    provider: str = typer.Option("cpu", help="cpu | cuda | ort-tensorrt (ONNX Runtime execution providers)."),
+    model_name: str = typer.Option(None, help="The model id clients name (default: the bundle folder's name)."),
+) -> None:
+    for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
+                             max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0)):
+        if value < low or (name == "--port" and value > 65535):
+            fail(f"{name} must be {'in [0, 65535]' if name == '--port' else f'>= {low}'}, got {value}")
+    if prefix_cache_mb < 0:
+        fail(f"--prefix-cache-mb must be >= 0, got {prefix_cache_mb}")
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+        from ..serve.engine import Engine
+    except ImportError as err:
+        fail(f"`serve` needs {err.name}: {SERVE_EXTRA}")
+    loaded, name = _bundle_and_name(bundle, model_name)
+    _check_listen(host, port)
+    try:
+        engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
+                        prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))
+    except ValueError as err:
+        fail(str(err))
+    app = create_app(engine, name, max_prompt_tokens, max_tokens)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    engine.start()
+    err_console.print(f"serving {name} ({bundle}) on http://{host}:{port}/v1, up to {max_batch} streams; "
+                      "Ctrl-C stops", highlight=False, soft_wrap=True)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    if not server.started:
+        fail(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """fail() in one line when ``host:port`` cannot be listened on (in use, or not this machine's address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as err:
+        fail(f"cannot listen on {host}:{port}: {err.strerror or err} (another server on that port, or an address "
+             "this machine does not have); pick another --port or --host")
+
+
+def serve_load(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `t2r-export onnx`."),
+    streams: int = typer.Option(64, help="Concurrent requests (and the server's --max-batch)."),
+    requests: int = typer.Option(256, help="Requests to send in all."),
+    max_tokens: int = typer.Option(64, help="max_tokens of every request."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Server-sent events or whole responses."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads of the server and the baseline."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+) -> None:
+    """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
+    for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens)):
+        if value < 1:
+            fail(f"{name} must be >= 1, got {value}")
+    try:
+        from ..serve.load import LoadError, run_load_test
+    except ImportError as err:
+        fail(f"`serve-load` needs {err.name}: {SERVE_EXTRA}")
+    _bundle_and_name(bundle, None)
+    try:
+        report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
+                               threads=threads)
+    except LoadError as err:
+        fail(str(err), code=1)
+    report.print(err_console)
+    if json_out is not None:
+        json_out.write_text(report.to_json())
+    if report.lost or report.mixed:
+        fail(f"{report.lost} requests lost and {report.mixed} mixed up", code=1)

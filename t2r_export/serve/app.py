@@ -1,0 +1,202 @@
+"""The HTTP side of `t2r-export serve`: FastAPI routes in OpenAI's shapes over one :class:`Engine`.
+
+    /v1/completions, /v1/chat/completions   (stream=true: server-sent events, ending ``data: [DONE]``)
+    /v1/models, /health, /metrics
+
+Bad requests get a 4xx JSON body in OpenAI's error shape and never reach the decode loop;
+a streaming client that disconnects cancels its request, which frees its row at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..runtime.sampling import SamplingParams
+from .engine import Engine, EngineFull, Request, default_seed
+from .protocol import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, TURN_STOP, ApiError, ChatRequest,
+                       CompletionRequest, chat_body, chat_segments, completion_body, completion_prompt, error_body,
+                       new_id)
+
+
+def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096):
+    app = FastAPI(title="t2r-export serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    add_bos = engine.bundle.tokenizer_config().get("add_bos_token") is True
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = f"{where or 'the request'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(error_body(message, param=where), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, err: HTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(err.detail), kind), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, err: Exception):
+        text = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        return JSONResponse(error_body(f"internal error: {text}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.metrics()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "t2r-export"}]}
+
+    def check_common(body, default_tokens: int, limit_field: int | None = None) -> tuple[int, SamplingParams]:
+        if body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
+                           "model_not_found", "not_found_error")
+        if body.n != 1:
+            raise ApiError(400, f"n = {body.n} is not supported; send n requests with their own seeds", "n")
+        max_tokens = limit_field if limit_field is not None else body.max_tokens
+        max_tokens = min(default_tokens, max_tokens_limit) if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= max_tokens_limit:
+            raise ApiError(400, f"max_tokens = {max_tokens} is outside [1, {max_tokens_limit}] (the server's "
+                           "--max-tokens limit)", "max_tokens")
+        seed = default_seed() if body.seed is None else body.seed
+        return max_tokens, SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed)
+
+    def check_prompt(ids: list[int], max_tokens: int) -> None:
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
+        if len(ids) > max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens} "
+                           "(--max-prompt-tokens)", "prompt", "context_length_exceeded")
+        bad = [t for t in ids if not 0 <= t < engine.config.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.config.vocab_size})",
+                           "prompt")
+        limit = engine.config.max_position
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                           f"max_position {limit}", "max_tokens", "context_length_exceeded")
+
+    def encode(text: str, first: bool) -> list[int]:
+        ids = engine.tokenizer.encode(text, add_special_tokens=first).ids
+        bos = engine.config.bos_token_id
+        if first and add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    async def run(http: HttpRequest, request: Request, events: asyncio.Queue, render, stream: bool):
+        try:
+            engine.submit(request)
+        except EngineFull as err:
+            raise ApiError(429, str(err), code="rate_limit_exceeded", kind="rate_limit_error") from None
+        if stream:
+            return StreamingResponse(_sse(request, events, render), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return JSONResponse(error_body("client disconnected"), status_code=499)
+                    continue
+                if event[0] == "text":
+                    text.append(event[1])
+                elif event[0] == "error":
+                    return JSONResponse(error_body(event[2], "server_error"), status_code=event[1])
+                else:
+                    return render("".join(text), event[1], event[2], False)
+        finally:
+            request.cancel()
+
+    def make_request(ids, max_tokens, sampling, stops, stream, cache_points=()):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = Request(ids, max_tokens, sampling, stops, loop, events, cache_points=tuple(cache_points),
+                          incremental=stream)
+        return request, events
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        max_tokens, sampling = check_common(body, DEFAULT_COMPLETION_TOKENS)
+        prompt = completion_prompt(body)
+        ids = list(prompt) if isinstance(prompt, list) else encode(prompt, True)
+        check_prompt(ids, max_tokens)
+        echo = (prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)) if body.echo else ""
+        request, events = make_request(ids, max_tokens, sampling, body.stop_list(), body.stream)
+        rid = new_id("cmpl")
+
+        def render(text, reason, usage, chunk):
+            body_ = completion_body(rid, model_name, text, reason, usage, chunk)
+            return body_ if chunk else body_ | {"choices": [body_["choices"][0] | {"text": echo + text}]}
+
+        return await run(http, request, events, render, body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: HttpRequest):
+        max_tokens, sampling = check_common(body, DEFAULT_CHAT_TOKENS, body.max_completion_tokens)
+        system, rest = chat_segments(body)
+        head = encode(system, True) if system else []
+        ids = head + encode(rest, not head)
+        check_prompt(ids, max_tokens)
+        stops = [*body.stop_list(), TURN_STOP]
+        request, events = make_request(ids, max_tokens, sampling, stops, body.stream,
+                                       [len(head)] if head else [])
+        rid = new_id("chatcmpl")
+        first = [True]
+
+        def render(text, reason, usage, chunk):
+            body_ = chat_body(rid, model_name, text, reason, usage, chunk, first[0])
+            first[0] = False
+            return body_
+
+        return await run(http, request, events, render, body.stream)
+
+    return app
+
+
+async def _sse(request: Request, events: asyncio.Queue, render):
+    """Server-sent events; text that piled up since the last write goes out as one chunk."""
+    try:
+        while True:
+            event = await events.get()
+            text = []
+            while event[0] == "text":
+                text.append(event[1])
+                if events.empty():
+                    break
+                event = events.get_nowait()
+            if text:
+                yield f"data: {json.dumps(render(''.join(text), None, None, True))}\n\n"
+            if event[0] == "done":
+                # the last chunk carries the usage (OpenAI sends it with stream_options.include_usage)
+                yield f"data: {json.dumps(render('', event[1], event[2], True) | {'usage': event[2]})}\n\n"
+                break
+            if event[0] == "error":
+                yield f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        # a client that went away cancels its request: the decode loop frees its row at the next step
+        request.cancel()

@@ -1,0 +1,271 @@
+"""`t2r-export serve-load`: start `serve` as a child process on a free 127.0.0.1 port and load it.
+
+In one run: the runtime's own batched decode at batch ``streams`` (``generate_ids``, the same
+prompts and sampling, decode time only) as the baseline; each prompt decoded alone by the runtime
+(what every served answer must equal); then the server, first one request alone (its RSS is the
+one-stream figure), then ``requests`` requests at ``streams`` concurrency with the async openai
+client. Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
+prefill and HTTP included) and its ratio to the baseline, p50/p99 latency, the server's RSS idle,
+after one stream, at its peak under load and after, the growth per extra stream, and requests
+lost (no answer) or mixed up (an answer that is not its prompt's solo answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .local import free_port
+
+
+class LoadError(RuntimeError):
+    """The server could not be started or answered nothing."""
+
+
+@dataclass
+class LoadReport:
+    streams: int
+    requests: int
+    max_tokens: int
+    stream: bool
+    wall_s: float
+    completion_tokens: int
+    requests_per_s: float
+    tokens_per_s: float
+    baseline_tokens_per_s: float
+    ratio: float
+    baseline_with_prefill_tokens_per_s: float
+    ratio_with_prefill: float
+    packed_step_ms: float
+    full_step_ms: float
+    p50_latency_s: float
+    p99_latency_s: float
+    rss_idle_mb: float
+    rss_one_stream_mb: float
+    rss_peak_mb: float
+    rss_after_mb: float
+    rss_per_extra_stream_kb: float
+    state_bytes_per_stream: int
+    server_cpu_s: float
+    client_cpu_s: float
+    baseline_tokens_per_cpu_s: float
+    lost: int
+    mixed: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def print(self, console) -> None:
+        rows = [
+            ("requests", f"{self.requests} at {self.streams} concurrent ({'streamed' if self.stream else 'whole'}), "
+                         f"max_tokens {self.max_tokens}"),
+            ("wall time", f"{self.wall_s:.2f} s"),
+            ("requests/s", f"{self.requests_per_s:.2f}"),
+            ("tokens/s (aggregate)", f"{self.tokens_per_s:.1f} ({self.completion_tokens} completion tokens)"),
+            (f"runtime batched decode, batch {self.streams}", f"{self.baseline_tokens_per_s:.1f} tokens/s (decode "
+                                                              "only)"),
+            ("ratio", f"{self.ratio:.2f} (goal >= 0.80)"),
+            ("the same with its prompts' prefill", f"{self.baseline_with_prefill_tokens_per_s:.1f} tokens/s, ratio "
+                                                   f"{self.ratio_with_prefill:.2f}"),
+            (f"step of {max(1, self.streams // 8)} active rows of {self.streams}",
+             f"{self.packed_step_ms:.2f} ms packed (step_rows) vs {self.full_step_ms:.2f} ms full batch"),
+            ("latency p50 / p99", f"{self.p50_latency_s:.3f} s / {self.p99_latency_s:.3f} s"),
+            ("server RSS idle / 1 stream / peak / after",
+             f"{self.rss_idle_mb:.1f} / {self.rss_one_stream_mb:.1f} / {self.rss_peak_mb:.1f} / "
+             f"{self.rss_after_mb:.1f} MB"),
+            ("RSS growth per extra stream", f"{self.rss_per_extra_stream_kb:.1f} KB (one state: "
+                                            f"{self.state_bytes_per_stream / 1000:.1f} KB)"),
+            ("CPU time server / client", f"{self.server_cpu_s:.1f} s / {self.client_cpu_s:.1f} s (wall "
+                                         f"{self.wall_s:.1f} s, {psutil_cores()} cores)"),
+            ("tokens per CPU-second, server / runtime",
+             f"{self.completion_tokens / max(self.server_cpu_s, 1e-9):.1f} / {self.baseline_tokens_per_cpu_s:.1f} "
+             "(prefill included; CPU time does not count what else runs on the machine)"),
+            ("lost / mixed up", f"{self.lost} / {self.mixed}"),
+        ]
+        for name, value in rows:
+            console.print(f"{name:>44}: {value}", highlight=False, soft_wrap=True)
+
+
+def psutil_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_prompts(count: int) -> list[str]:
+    """Distinct prompts, so an answer delivered to the wrong request shows."""
+    return [f"# task {i}: {['sort', 'parse', 'count', 'merge'][i % 4]} the items\ndef task_{i}(items):\n"
+            for i in range(count)]
+
+
+def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
+                  stream: bool = True, threads: int = 0) -> LoadReport:
+    import psutil
+
+    from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
+
+    loaded = load_bundle(bundle)
+    tokenizer = loaded.load_tokenizer()
+    prompts = load_prompts(requests)
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    greedy = SamplingParams(temperature=0.0)
+    with OrtDecoder(loaded, threads=threads) as decoder:
+        batch = [ids[i % len(ids)] for i in range(streams)]
+        generate_ids(decoder, tokenizer, batch, 4, greedy)
+        cpu = time.process_time()
+        baseline = generate_ids(decoder, tokenizer, batch, max_tokens, greedy).timing
+        baseline_cpu = time.process_time() - cpu
+        solo = [generate_ids(decoder, tokenizer, [row], max_tokens, greedy).rows[0].text for row in ids]
+        packed_ms, full_ms = _step_costs(decoder, streams, max(1, streams // 8))
+    port = free_port()
+    command = [sys.executable, "-c", "from t2r_export.cli import main; main()", "serve", str(bundle),
+               "--port", str(port), "--max-batch", str(streams), "--prefix-cache-mb", "0",
+               "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(server, base)
+        proc = psutil.Process(server.pid)
+        rss_idle = proc.memory_info().rss
+        one = asyncio.run(_fire(base, prompts[:1], 1, max_tokens, stream))
+        rss_one = proc.memory_info().rss
+        peak = _PeakRss(proc)
+        peak.start()
+        server_cpu, client_cpu = sum(proc.cpu_times()[:2]), time.process_time()
+        start = time.perf_counter()
+        results = asyncio.run(_fire(base, prompts, streams, max_tokens, stream))
+        wall = time.perf_counter() - start
+        server_cpu, client_cpu = sum(proc.cpu_times()[:2]) - server_cpu, time.process_time() - client_cpu
+        peak.stop()
+        rss_after = proc.memory_info().rss
+        state_bytes = json.loads(urllib.request.urlopen(f"{base}/metrics", timeout=10).read())["state_bytes_per_stream"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    if one[0] is None:
+        raise LoadError("the server answered no request")
+    done = [r for r in results if r is not None]
+    latencies = sorted(r[1] for r in done)
+    tokens = sum(r[2] for r in done)
+    mixed = sum(1 for r, want in zip(results, solo) if r is not None and r[0] != want)
+    rate = tokens / wall if wall > 0 else 0.0
+    with_prefill = baseline.decode_tokens / (baseline.prefill_s + baseline.decode_s)
+    mb = 1 << 20
+    return LoadReport(
+        streams=streams, requests=requests, max_tokens=max_tokens, stream=stream, wall_s=wall,
+        completion_tokens=tokens, requests_per_s=len(done) / wall, tokens_per_s=rate,
+        baseline_tokens_per_s=baseline.tokens_per_s, ratio=rate / baseline.tokens_per_s,
+        baseline_with_prefill_tokens_per_s=with_prefill, ratio_with_prefill=rate / with_prefill,
+        packed_step_ms=packed_ms, full_step_ms=full_ms,
+        p50_latency_s=_quantile(latencies, 0.50), p99_latency_s=_quantile(latencies, 0.99),
+        rss_idle_mb=rss_idle / mb, rss_one_stream_mb=rss_one / mb, rss_peak_mb=peak.peak / mb,
+        rss_after_mb=rss_after / mb,
+        rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
+        state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+        baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
+        mixed=mixed)
+
+
+def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
+    """ms per step with ``active`` rows busy: stepping only them (packed) vs the whole ``capacity`` batch."""
+    import numpy as np
+
+    decoder.reset(capacity)
+    ids, positions = np.full((capacity, 1), 5, np.int64), np.full((capacity, 1), 16, np.int64)
+    costs = []
+    for run in (lambda: decoder.step_rows(active, ids[:active], positions[:active]),
+                lambda: decoder.step(ids, positions)):
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        costs.append((time.perf_counter() - start) / repeats * 1000)
+    return costs[0], costs[1]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _wait_healthy(server: subprocess.Popen, base: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            last = (server.stderr.read() or "").strip().splitlines()
+            raise LoadError(f"the server exited ({server.returncode}): {last[-1] if last else 'no message'}")
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise LoadError(f"the server did not answer {base}/health within {timeout:.0f} s")
+
+
+async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
+    """(text, latency s, completion tokens) per prompt, or None where the request failed."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str):
+        async with gate:
+            start = time.perf_counter()
+            try:
+                if stream:
+                    parts, tokens = [], 0
+                    chunks = await client.completions.create(model="t2r", prompt=prompt, max_tokens=max_tokens,
+                                                             temperature=0, stream=True)
+                    async for chunk in chunks:
+                        if chunk.choices:
+                            parts.append(chunk.choices[0].text)
+                        if chunk.usage is not None:
+                            tokens = chunk.usage.completion_tokens
+                    return "".join(parts), time.perf_counter() - start, tokens
+                answer = await client.completions.create(model="t2r", prompt=prompt, max_tokens=max_tokens,
+                                                         temperature=0)
+                return answer.choices[0].text, time.perf_counter() - start, answer.usage.completion_tokens
+            except openai.OpenAIError:
+                return None
+
+    try:
+        return await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        await client.close()
+
+
+class _PeakRss:
+    """Samples a process's RSS every 20 ms in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.peak = proc.memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except OSError:
+                return
+

@@ -1,0 +1,104 @@
+"""The prefix cache: a hit reproduces the uncached run, the byte bound holds, LRU order (runtime/prefix_cache.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from t2r_export.runtime import OrtDecoder, load_bundle
+from t2r_export.runtime.prefix_cache import PrefixCache, prefill_cached
+from t2r_export.runtime.state import bundle_identity
+from t2r_export.tolerances import TOLERANCES
+
+from toy_bundle import build_toy_bundle
+
+PREFILL_TOL = TOLERANCES[("ort-prefill", "fp32")]
+SYSTEM = "You are a helpful assistant. Answer in Python.\n"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(build_toy_bundle(tmp_path_factory.mktemp("cache") / "bundle", max_position=512))
+
+
+@pytest.fixture(scope="module")
+def decoder(bundle):
+    with OrtDecoder(bundle, threads=1) as dec:
+        dec.reset(2)
+        yield dec
+
+
+def _greedy(decoder, row, logits, position, steps=20):
+    tokens = []
+    for t in range(steps):
+        tokens.append(int(np.argmax(logits[0])))
+        ids = np.full((decoder.batch, 1), 3, np.int64)
+        ids[row, 0] = tokens[-1]
+        positions = np.zeros((decoder.batch, 1), np.int64)
+        positions[row, 0] = position + t
+        logits = decoder.step(ids, positions)[row:row + 1]
+    return tokens
+
+
+def test_a_hit_gives_the_tokens_and_logits_of_no_cache(bundle, decoder):
+    tokenizer, identity = bundle.load_tokenizer(), bundle_identity(bundle)
+    system = tokenizer.encode(SYSTEM).ids
+    first = system + tokenizer.encode("def main():", add_special_tokens=False).ids
+    second = system + tokenizer.encode("import os", add_special_tokens=False).ids
+    cache = PrefixCache()
+    _, reused = prefill_cached(decoder, 0, first, cache, identity, cache_points=[len(system)])
+    assert reused == 0 and len(cache) == 2
+    cached_logits, reused = prefill_cached(decoder, 1, second, cache, identity)
+    assert reused == len(system) and cache.hits == 1
+    cached_tokens = _greedy(decoder, 1, cached_logits, len(second))
+    plain_logits, reused = prefill_cached(decoder, 1, second, None, identity)
+    assert reused == 0
+    np.testing.assert_allclose(cached_logits, plain_logits, rtol=PREFILL_TOL, atol=PREFILL_TOL)
+    assert cached_tokens == _greedy(decoder, 1, plain_logits, len(second))
+    assert len(set(cached_tokens)) > 1
+
+
+def test_an_exact_hit_runs_no_graph(bundle, decoder):
+    identity = bundle_identity(bundle)
+    ids = bundle.load_tokenizer().encode("for i in range(10):").ids
+    cache = PrefixCache()
+    logits, _ = prefill_cached(decoder, 0, ids, cache, identity)
+    state = decoder.read_row(0)
+    calls = []
+    real = decoder.prefill_row
+    decoder.prefill_row = lambda *a: calls.append(a) or real(*a)
+    try:
+        again, reused = prefill_cached(decoder, 1, ids, cache, identity)
+    finally:
+        del decoder.prefill_row
+    assert reused == len(ids) and calls == []
+    np.testing.assert_array_equal(again, logits)
+    for name, value in decoder.read_row(1).items():
+        np.testing.assert_array_equal(value, state[name])
+
+
+def test_eviction_respects_the_byte_bound_least_recently_used_first(bundle, decoder):
+    identity = bundle_identity(bundle)
+    decoder.reset(2)
+    tensors, logits = decoder.read_row(0), np.zeros((1, bundle.config.vocab_size), np.float32)
+    size = sum(a.nbytes for a in tensors.values()) + logits.nbytes
+    cache = PrefixCache(max_bytes=int(2.5 * size))
+    for ids in ([5], [5, 6], [7]):
+        assert cache.put(identity, ids, tensors, logits)
+        if ids == [5, 6]:
+            # touch [5]: [5, 6] is now the least recently used
+            assert cache.longest(identity, [5, 9])[0] == 1
+        assert cache.nbytes <= cache.max_bytes
+    assert [key[1] for key in cache.keys()] == [(5,), (7,)]
+    assert cache.nbytes == 2 * size
+    # one entry larger than the bound is refused, not stored over the bound
+    assert not PrefixCache(max_bytes=size - 1).put(identity, [1], tensors, logits)
+
+
+def test_entries_are_per_bundle(bundle, decoder):
+    cache = PrefixCache()
+    tensors, logits = decoder.read_row(0), np.zeros((1, bundle.config.vocab_size), np.float32)
+    cache.put("bundle-a", [5, 6], tensors, logits)
+    assert cache.longest("bundle-b", [5, 6, 7]) == (0, None)
+    assert cache.longest("bundle-a", [5, 6, 7])[0] == 2
+    assert cache.longest("bundle-a", [5]) == (0, None)

@@ -1,0 +1,206 @@
+"""`t2r-export serve` with the real openai client against a server on 127.0.0.1 (t2r_export/serve)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from t2r_export.runtime import OrtDecoder, SamplingParams, generate, load_bundle
+from t2r_export.serve.local import local_server
+
+from hostile_helpers import assert_one_line_failure, invoke
+from toy_bundle import build_toy_bundle
+
+MODEL = "toy"
+PROMPTS = ["def main():", "import os\nimport sys\n", "for i in range(10):", "class Point:", "print('hello",
+           "the quick brown", "héllo wörld", "def f(x):\n    return", "import sys\nfor", "class A:\n    def"]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return build_toy_bundle(tmp_path_factory.mktemp("serve") / "bundle", max_position=256)
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    # max_batch 3 < the concurrent requests: rows join and leave while others decode
+    with local_server(bundle_dir, model_name=MODEL, max_batch=3, max_prompt_tokens=150, max_tokens_limit=100) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=60)
+
+
+def _alone(bundle_dir, prompt, max_tokens, temperature=0.0, top_p=1.0, seed=0, stop=()):
+    bundle = load_bundle(bundle_dir)
+    with OrtDecoder(bundle, threads=1) as decoder:
+        result = generate(decoder, bundle.load_tokenizer(), prompt, max_new_tokens=max_tokens, stop_strings=list(stop),
+                          sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+    return result.rows[0]
+
+
+def test_completion_equals_the_runtime(client, bundle_dir):
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    expected = _alone(bundle_dir, PROMPTS[0], 12)
+    assert answer.choices[0].text == expected.text and expected.text
+    assert answer.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert answer.usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_streamed_chunks_add_up_to_the_whole_answer(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0.8, seed=5)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0.8, seed=5,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_and_streamed_chat(client):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop please"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, seed=1)
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, seed=1, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert "\n### " not in whole.choices[0].message.content
+
+
+def test_concurrent_requests_equal_the_same_requests_alone(client, server, bundle_dir):
+    jobs = [dict(prompt=p, max_tokens=8 + 3 * (i % 4), temperature=[0.0, 0.9][i % 2], top_p=[1.0, 0.9][i % 3 == 0],
+                 seed=100 + i) for i, p in enumerate(PROMPTS)]
+
+    def ask(job):
+        return client.completions.create(model=MODEL, **job).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    alone = [ask(job) for job in jobs]
+    assert together == alone
+    assert together == [_alone(bundle_dir, j["prompt"], j["max_tokens"], j["temperature"], j["top_p"], j["seed"]).text
+                        for j in jobs]
+    assert len(set(together)) == len(jobs)
+
+
+def test_stop_strings_end_the_answer_before_them(client, bundle_dir):
+    free = _alone(bundle_dir, PROMPTS[2], 30).text
+    stop = free[5:7]
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop])
+    assert answer.choices[0].text == free[:free.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_models_health_metrics(server, client, bundle_dir):
+    from t2r_export import contract
+
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    root = server[:-len("/v1")]
+    assert json.loads(urllib.request.urlopen(f"{root}/health").read())["status"] == "ok"
+    metrics = json.loads(urllib.request.urlopen(f"{root}/metrics").read())
+    assert metrics["max_batch"] == 3 and metrics["tokens_total"] > 0 and metrics["requests_total"] > 0
+    assert metrics["state_bytes_per_stream"] == contract.state_nbytes(load_bundle(bundle_dir).config.state_shape)
+
+
+def _post(server, path, body: bytes):
+    request = urllib.request.Request(f"{server}{path}", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/completions", b"{not json", 400, "not valid JSON"),
+    ("/completions", json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "does not exist"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "def " * 200}).encode(), 400, "over this server's limit"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "empty"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": [99999]}).encode(), 400, "outside the vocabulary"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n = 2"),
+    ("/completions", json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    ("/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages is empty"),
+    ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).encode(),
+     400, "role"),
+    ("/nowhere", b"{}", 404, "Not Found"),
+])
+def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(server, client, path, body, status, needle):
+    code, answer = _post(server, path, body)
+    assert code == status, answer
+    assert needle in answer["error"]["message"] and answer["error"]["type"]
+    assert client.completions.create(model=MODEL, prompt="def", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_the_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=101)
+
+
+def test_a_disconnected_stream_frees_its_row(tmp_path):
+    long_bundle = build_toy_bundle(tmp_path / "long", max_position=4200)
+    with local_server(long_bundle, model_name=MODEL, max_batch=2, max_tokens_limit=4000) as url:
+        root = url[:-len("/v1")]
+        body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 4000, "temperature": 0,
+                           "stream": True}).encode()
+        request = urllib.request.Request(f"{url}/completions", data=body, headers={"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request)
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        deadline = time.monotonic() + 10
+        while (metrics := json.loads(urllib.request.urlopen(f"{root}/metrics").read()))["active_streams"]:
+            assert time.monotonic() < deadline, "the disconnected request still holds its row"
+            time.sleep(0.02)
+    # it left long before its 4000 tokens
+    assert 0 < metrics["tokens_total"] < 2000
+
+
+def test_a_shared_system_prompt_is_prefilled_once(bundle_dir):
+    system = {"role": "system", "content": "You are a careful Python programmer who writes short code."}
+    with local_server(bundle_dir, model_name=MODEL, max_batch=2) as url, \
+            local_server(bundle_dir, model_name=MODEL, max_batch=2, prefix_cache_bytes=0) as plain_url:
+        answers = []
+        for base in (url, plain_url):
+            chat = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+            answers.append([chat.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+                system, {"role": "user", "content": question}]).choices[0].message.content
+                for question in ("sort a list", "read a file", "sort a list")])
+        metrics = json.loads(urllib.request.urlopen(url[:-3] + "/metrics").read())["prefix_cache"]
+    assert answers[0] == answers[1]
+    assert metrics["hits"] == 2 and metrics["entries"] == 3
+
+
+def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
+    assert_one_line_failure(invoke(["serve", tmp_path / "missing"]), 2, "does not exist")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--max-batch", "0"]), 2, "--max-batch")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--port", "70000"]), 2, "--port")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--streams", "0"]), 2, "--streams")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_failure(invoke(["serve", bundle_dir, "--port", port]), 2, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_bounded_load_test(bundle_dir, tmp_path):
+    out = tmp_path / "load.json"
+    result = invoke(["serve-load", bundle_dir, "--streams", "4", "--requests", "12", "--max-tokens", "8",
+                     "--threads", "1", "--json", out])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["lost"] == 0 and report["mixed"] == 0
+    assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
+    assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
+    assert report["p99_latency_s"] >= report["p50_latency_s"] > 0
