@@ -19,7 +19,9 @@ def record():
 
 def test_the_hybrid_is_hedgehog_with_a_window_within_the_token_budget(record):
     finetune = json.loads((bundled_model_dir("hybrid") / "finetune.json").read_text())
-    assert finetune["config"]["feature_map"] == "hedgehog" and finetune["config"]["window"] == 64
+    config = finetune["config"]
+    assert config["feature_map"] == "hedgehog" and config["window"] == 64 and config["decay"]
+    assert config["distill"] and config["attention_transfer_steps"] > 0
     tokens = sum(finetune["tokens_seen"].values())
     # at most 10% of the teacher's 2,252,800 pretraining tokens (t2r_export/teacher/README.md)
     assert tokens <= 225_280 and record["tokens_used"] == tokens
@@ -49,3 +51,21 @@ def test_the_hybrid_exports_verified_with_its_window_in_the_state(tmp_path):
     # the prompt-longer-than-the-window chain (64 + 8 tokens through prefill) was checked too
     names = {f.name for f in runtime.verification.figures}
     assert {"step batch 2: logits", "prefill 72 + 31 steps: logits"} <= names
+
+
+@pytest.mark.slow
+def test_the_hybrid_holds_up_at_long_positions(record):
+    """Perplexity at positions 4k-16k no worse than at 256-1k (one 16,384-token test sequence), and the
+    recorded figures are what the evaluation gives."""
+    from t2r_export.data.corpus import stdlib_token_stream
+    from t2r_export.data.tokenizer import load_tokenizer
+    from t2r_export.models import load_causal_lm
+    from t2r_export.train.positions import position_perplexity
+
+    path = bundled_model_dir("hybrid")
+    stream = stdlib_token_stream(load_tokenizer(path), "test")
+    score = position_perplexity(load_causal_lm(path), stream, length=16384)
+    ppl = dict(zip(score["buckets"], score["perplexity"]))
+    assert ppl["4k-16k"] <= ppl["256-1k"], ppl
+    for bucket, want in record["positions"]["perplexity"].items():
+        assert abs(ppl[bucket] / want - 1) <= TOLERANCES[("ppl-record", "fp32")], (bucket, ppl[bucket], want)

@@ -31,6 +31,8 @@ ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "G
 WINDOW_OPS = {"Exp", "ReduceMax", "Sub", "Transpose"}
 # the chunk-parallel prefill pads T to whole chunks and moves the chunk axis (all TensorRT-parsable)
 CHUNK_OPS = {"Mod", "Pad", "Shape", "Sub", "Transpose"}
+# a decay adds the prefill's padding to whole blocks (its length read with Shape)
+DECAY_OPS = {"Pad", "Shape"}
 
 
 def test_graphs_readme_is_generated_from_the_contract():
@@ -39,23 +41,32 @@ def test_graphs_readme_is_generated_from_the_contract():
         "graphs/README.md is stale: run `python -m t2r_export.contract graphs/README.md`"
 
 
-def _swapped(arch, feature_map="t2r", window=0):
-    return swap_attention(make_tiny_model(arch), T2RConfig(feature_map=feature_map, feature_dim=16,
-                                                           window=window)).eval()
+def _swapped(arch, feature_map="t2r", window=0, decay=False):
+    model = swap_attention(make_tiny_model(arch), T2RConfig(feature_map=feature_map, feature_dim=16,
+                                                            window=window, decay=decay)).eval()
+    if decay:
+        # forgetting fast (gamma 0.93 to 0.97) so a wrong power of gamma shows in the logits
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("t2r_feature_map.decay"):
+                    p.copy_(torch.logit(torch.linspace(0.93, 0.97, p.numel())))
+    return model
 
 
 @pytest.mark.parametrize("arch", sorted(ADAPTERS))
-@pytest.mark.parametrize("feature_map, window", [("t2r", 0), ("hedgehog", 0), ("elu", 0), ("rfa", 0),
-                                                 ("hedgehog", 6)])
-def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map, window):
-    dec = extract_decoder(_swapped(arch, feature_map, window))
+@pytest.mark.parametrize("feature_map, window, decay", [("t2r", 0, False), ("hedgehog", 0, False), ("elu", 0, False),
+                                                        ("rfa", 0, False), ("hedgehog", 6, False),
+                                                        ("hedgehog", 6, True)])
+def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map, window, decay):
+    dec = extract_decoder(_swapped(arch, feature_map, window, decay))
     shape = state_shape(dec)
     for kind in contract.GRAPH_KINDS:
         graph = build_graph(dec, kind)
         onnx.checker.check_model(graph, full_check=True)
         assert graph.opset_import[0].version >= 17
         ops = {node.op_type for node in graph.graph.node}
-        allowed = ALLOWED_OPS | (WINDOW_OPS if window else set()) | (CHUNK_OPS if kind == contract.PREFILL else set())
+        allowed = (ALLOWED_OPS | (WINDOW_OPS if window else set()) | (DECAY_OPS if decay else set())
+                   | (CHUNK_OPS if kind == contract.PREFILL else set()))
         assert ops <= allowed, f"{kind}: ops outside the allowlist: {ops - allowed}"
         assert len(graph.graph.input) == 2 + len(dec.layers) * (5 if window else 2)
         assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
@@ -74,14 +85,17 @@ def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map, window)
                          [("llama", "elu"), ("llama", "rfa"), ("gpt_neox", "rfa"), ("gpt2", "elu"),
                           ("llama", "hedgehog"), ("gpt_neox", "hedgehog"), ("gpt2", "hedgehog")] +
                          [(arch, "hedgehog+w5") for arch in sorted(ADAPTERS)] + [("llama", "t2r+w5"),
-                                                                                  ("llama", "hedgehog+w12")])
+                                                                                  ("llama", "hedgehog+w12")] +
+                         [(arch, "hedgehog+w5+decay") for arch in ("gpt2", "gpt_neox", "qwen2")])
 def test_onnx_runtime_matches_torch_for_every_architecture(arch, feature_map, tmp_path):
     window = 0
+    decay = feature_map.endswith("+decay")
+    feature_map = feature_map.removesuffix("+decay")
     if "+w" in feature_map:
         # 5 keys: the 24 chained steps and the 8-token prefill (longer than W) both cross the window;
         # 12 keys: the prefill is shorter than W
         feature_map, window = feature_map.split("+w")[0], int(feature_map.split("+w")[1])
-    model = _swapped(arch, feature_map, window)
+    model = _swapped(arch, feature_map, window, decay)
     dec = extract_decoder(model)
     paths = {}
     for kind in contract.GRAPH_KINDS:
@@ -115,6 +129,39 @@ def test_window_prefill_graph_continues_from_a_partly_filled_state(window, tmp_p
         expected = model(ids).logits[:, -1].numpy()
     check_close("two prefills: logits", got["logits"], expected, ("ort", "fp32"))
     assert feeds["past_state.0.wm"].sum() == 2 * window
+
+
+def test_decayed_prefill_of_many_blocks_matches_torch_from_a_partly_filled_state(tmp_path):
+    """Prompts of several 64-token blocks (the scan between blocks), in pieces that start mid-block,
+    from the state the previous piece left: the logits and the state torch computes."""
+    from t2r_export.export.verify import _run, _state_feeds
+    from t2r_export.export.window import DECAY_BLOCK
+    from t2r_export.models import new_state
+
+    model = _swapped("llama", "hedgehog", 5, decay=True)
+    with torch.no_grad():
+        # one KV head forgets fast, one barely: keys many blocks back still count (the scan's reach)
+        for name, p in model.named_parameters():
+            if name.endswith("t2r_feature_map.decay"):
+                p.copy_(torch.logit(torch.tensor([0.93, 0.999])))
+    dec = extract_decoder(model)
+    onnx.save(build_graph(dec, contract.PREFILL), tmp_path / "prefill.onnx")
+    session = ort_session(str(tmp_path / "prefill.onnx"))
+    ids = torch.randint(0, 300, (2, 800), generator=torch.Generator().manual_seed(5))
+    feeds = _state_feeds(new_state(model, 2), len(dec.layers))
+    cuts = (0, 3, 3 + DECAY_BLOCK, 3 + 3 * DECAY_BLOCK + 7, 800)
+    assert 800 - cuts[-2] > 9 * DECAY_BLOCK
+    for start, end in zip(cuts, cuts[1:]):
+        pos = np.tile(np.arange(start, end, dtype=np.int64), (2, 1))
+        got, feeds = _run(session, ids[:, start:end].numpy(), pos, feeds, len(dec.layers))
+    state = new_state(model, 2)
+    with torch.no_grad():
+        expected = model(ids, t2r_state=state).logits[:, -1].numpy()
+    check_close("prefill in pieces: logits", got["logits"], expected, ("ort", "fp32"))
+    check_close("prefill in pieces: s", feeds["past_state.1.s"], state.s[1].numpy(), ("ort-state", "fp32"),
+                relative=True)
+    check_close("prefill in pieces: z", feeds["past_state.1.z"], state.z[1].numpy(), ("ort-state", "fp32"),
+                relative=True)
 
 
 def test_export_bundle_writes_everything_a_runtime_needs(tiny_t2r_dir, tmp_path):

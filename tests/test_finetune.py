@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from t2r_export.models import load_t2r_model, swap_attention
+from t2r_export.ops.feature_maps import DECAY_INIT_TOKENS
 from t2r_export.tolerances import TOLERANCES
 from t2r_export.train.finetune import CHECKPOINT_DIR, FinetuneConfig, finetune, lora_target_modules
 
@@ -272,6 +274,7 @@ def test_lora_targets_only_attention_projections_per_architecture():
     (dict(feature_map="elu", attention_transfer_steps=2), "has no parameters to train"),
     (dict(window=129), "window 129 exceeds the model's 128 positions"),
     (dict(fsdp=True, train="lora"), "FSDP does not support"),
+    (dict(decay=True), "a decay needs the sliding window"),
 ])
 def test_bad_input_raises_one_clear_line_and_writes_nothing(tiny, tmp_path, overrides, message):
     out = tmp_path / "out"
@@ -279,6 +282,31 @@ def test_bad_input_raises_one_clear_line_and_writes_nothing(tiny, tmp_path, over
         finetune(config(tiny, out, **overrides))
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_distill_trains_on_kl_to_the_softmax_source_and_the_decay_moves(tiny, tmp_path):
+    """--distill: the loss is KL(teacher || model), ~0 where the model is the teacher; a decay is trained."""
+    from t2r_export.models import load_causal_lm
+    from t2r_export.train.losses import distillation_loss
+
+    model_dir, _ = tiny
+    teacher = load_causal_lm(model_dir).eval()
+    ids = torch.randint(0, 200, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(distillation_loss(teacher)(teacher, ids)) < TOLERANCES[("torch-naive", "fp32")]
+    record = finetune(config(tiny, tmp_path / "out", steps=12, batch_size=2, lr=3e-2, distill=True,
+                             feature_map="hedgehog", window=4, decay=True))
+    losses = record["losses"]["finetune"]
+    assert record["config"]["distill"] and all(x >= 0 for x in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    model = load_t2r_model(tmp_path / "out")
+    assert model.config.t2r["decay"]
+    start = torch.full((2,), math.log(DECAY_INIT_TOKENS - 1.0))
+    assert not torch.allclose(model.model.layers[0].self_attn.t2r_feature_map.decay, start,
+                              atol=TOLERANCES[("train-moved", "fp32")])
+    with pytest.raises(ValueError, match="--distill needs a softmax teacher"):
+        finetune(config(tiny, tmp_path / "again", model=tmp_path / "out", distill=True, feature_map="hedgehog",
+                        window=4, decay=True))
 
 
 def test_an_unfinished_run_is_not_silently_overwritten(tiny, tmp_path):

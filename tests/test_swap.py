@@ -25,7 +25,8 @@ def _ids(b=2, t=21, seed=0):
 # the paper's T2R, Hedgehog, and LoLCATs' sliding-window hybrid on both maps
 VARIANTS = {"t2r": dict(feature_dim=16), "hedgehog": dict(feature_map="hedgehog", feature_dim=8),
             "t2r-w5": dict(feature_dim=16, window=5), "hedgehog-w4": dict(feature_map="hedgehog", feature_dim=8,
-                                                                          window=4)}
+                                                                          window=4),
+            "hedgehog-w4-decay": dict(feature_map="hedgehog", feature_dim=8, window=4, decay=True)}
 
 
 @pytest.fixture(params=[(a, v) for a in ARCHS for v in VARIANTS], ids=lambda p: f"{p[0]}-{p[1]}")

@@ -11,12 +11,15 @@ from t2r_export.tolerances import TOLERANCES
 B, HKV, G, D, DV, K = 2, 2, 2, 8, 5, 4
 
 
-def _feature_map(kind="hedgehog", seed=0):
+def _feature_map(kind="hedgehog", seed=0, decay=False, window=4):
     torch.manual_seed(seed)
-    fm = FeatureMap(kind, HKV, D, K)
+    fm = FeatureMap(kind, HKV, D, K, window=window, decay=decay)
     with torch.no_grad():
         for p in fm.parameters():
             p.normal_(0, 0.5)
+        if decay:
+            # gamma 0.93 and 0.97: forgetting fast enough that a wrong power shows
+            fm.decay.copy_(torch.logit(torch.tensor([0.93, 0.97])))
     return fm
 
 
@@ -48,9 +51,9 @@ FORMS = {"parallel": chunked_window_attention, "recurrent": recurrent_window_att
 
 @pytest.mark.parametrize("t, window, chunk", [(1, 4, 64), (3, 8, 64), (37, 5, 8), (37, 5, 64), (50, 3, 7)])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("kind", ["t2r", "hedgehog"])
+@pytest.mark.parametrize("kind", ["t2r", "hedgehog", "hedgehog+decay"])
 def test_forms_agree_on_outputs_and_final_state(t, window, chunk, with_state, kind):
-    fm = _feature_map(kind)
+    fm = _feature_map(kind.removesuffix("+decay"), decay=kind.endswith("+decay"))
     q, k, v = _inputs(t)
     state = _state(fm, window) if with_state else None
     ref, ref_state = naive_window_attention(q, k, v, fm, window, state)
@@ -65,10 +68,11 @@ def test_forms_agree_on_outputs_and_final_state(t, window, chunk, with_state, ki
             torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{name} {part}")
 
 
-def test_parallel_gradients_match_naive_from_a_nonzero_state():
+@pytest.mark.parametrize("decay", [False, True])
+def test_parallel_gradients_match_naive_from_a_nonzero_state(decay):
     fm_grads, input_grads = [], []
     for fn in (naive_window_attention, lambda *a: chunked_window_attention(*a, chunk_size=6)):
-        fm = _feature_map()
+        fm = _feature_map(decay=decay)
         q, k, v = _inputs(23, grad=True)
         state = _state(fm, 5, grad=True)
         out, (s, z, wk, wv, _) = fn(q, k, v, fm, 5, state)
@@ -76,7 +80,7 @@ def test_parallel_gradients_match_naive_from_a_nonzero_state():
         input_grads.append([x.grad for x in (q, k, v, *state[:4])])
         fm_grads.append([p.grad for p in fm.parameters()])
     tol = TOLERANCES[("torch-grad", "fp32")]
-    names = ("dq", "dk", "dv", "ds0", "dz0", "dwk0", "dwv0", "dW", "db")
+    names = ("dq", "dk", "dv", "ds0", "dz0", "dwk0", "dwv0", "dW", "db") + (("dgamma",) if decay else ())
     for name, a, b in zip(names, input_grads[0] + fm_grads[0], input_grads[1] + fm_grads[1], strict=True):
         assert a is not None and a.abs().sum() > 0, name
         torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=name)
@@ -135,3 +139,24 @@ def test_parallel_memory_is_linear_in_t(monkeypatch):
     monkeypatch.setattr(torch, "einsum", spy)
     chunked_window_attention(q, k, v, fm, 16, chunk_size=32)
     assert len(sizes) >= 4 and max(sizes) <= B * HKV * G * 4096 * (32 + 16)
+
+
+def test_a_decay_bounds_the_linear_part_and_matches_the_running_sums():
+    """gamma^n: the weight of a key that left the window n steps ago; the sums stay bounded."""
+    fm = _feature_map(decay=True, window=3)
+    q, k, v = _inputs(400)
+    _, (s, z, *_) = chunked_window_attention(q, k, v, fm, 3, chunk_size=16)
+    gamma = torch.exp(fm.log_decay())
+    phi = fm(k.unsqueeze(2)).squeeze(2)                                   # [B, H, T, K]
+    left = phi[:, :, : 400 - 3]                                           # keys that left the window
+    weights = gamma[None, :, None] ** torch.arange(400 - 4, -1, -1, dtype=torch.float32)[None, None, :]
+    expected = (left * weights[..., None]).sum(2)
+    tol = TOLERANCES[("torch-naive", "fp32")]
+    torch.testing.assert_close(z, expected, atol=tol, rtol=tol)
+    # never more than 1 / (1 - gamma) keys' worth of mass (phi of hedgehog sums to 1 per key)
+    assert (z.sum(-1) <= (1.0 + tol) / (1.0 - gamma)[None, :]).all()
+
+
+def test_a_decay_without_a_window_is_one_clear_error():
+    with pytest.raises(ValueError, match="a decay needs the sliding window"):
+        FeatureMap("hedgehog", HKV, D, K, window=0, decay=True)

@@ -20,6 +20,8 @@ def swap(
                              "hedgehog) | identity."),
     window: int = typer.Option(0, help="Sliding window W: exact softmax over the last W keys plus phi over the "
                                "older ones, one normalisation (LoLCATs); 0 = off."),
+    decay: bool = typer.Option(False, "--decay", help="With --window: the older keys' terms decay by a learned "
+                               "gamma per KV head, so the model behaves alike at any length."),
     seed: int = typer.Option(0, help="Seed for the feature-map init and rfa's random features."),
     trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -28,7 +30,7 @@ def swap(
     from ..models import T2RConfig, load_causal_lm, swap_attention, swap_summary
 
     try:
-        cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed, window=window)
+        cfg = T2RConfig(feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed, window=window, decay=decay)
     except ValueError as err:
         fail(str(err))
     # a bad --window is found once the model is loaded: its error must stay the only line

@@ -47,6 +47,10 @@ def finetune(
     init: str = typer.Option("default", help="Feature-map init: default | identity."),
     window: int = typer.Option(0, help="Sliding window W of the hybrid (0 = off; used when MODEL is a softmax "
                                "model)."),
+    decay: bool = typer.Option(False, "--decay", help="With --window: the linear part forgets, by a learned "
+                               "gamma per KV head (used when MODEL is a softmax model)."),
+    distill: bool = typer.Option(False, "--distill", help="Finetune on KL to the softmax MODEL's next-token "
+                                 "distribution instead of the observed next token."),
     seed: int = typer.Option(0, help="Seed of the swap, the data order and LoRA."),
     out: Path = typer.Option(Path("runs/t2r"), "-o", "--out", help="Where to write the finetuned T2R model."),
     save_every: int = typer.Option(200, help="Checkpoint to OUT/checkpoint every this many steps (0 = never)."),
@@ -95,7 +99,7 @@ def finetune(
         attention_transfer_steps=attention_transfer_steps, train=train, lr=lr,
         attention_transfer_lr=attention_transfer_lr, batch_size=batch_size, block_size=block_size,
         grad_accum=grad_accum, feature_map=feature_map, feature_dim=feature_dim, init=init, seed=seed,
-        window=window, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens,
+        window=window, decay=decay, distill=distill, save_every=save_every, eval_every=eval_every, eval_max_tokens=eval_max_tokens,
         resume=resume, fsdp=fsdp,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, warmup_fraction=warmup_fraction,
         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip,

@@ -11,7 +11,9 @@ transfer, so transfer + finetune tokens equal the others' finetune tokens. Runs,
 - ``t2r-k8``, ``t2r-k16``, ``t2r-k64`` (with ``t2r`` as k=32): the feature-size sweep;
 - ``hedgehog``, ``t2r-window``, ``hedgehog-window`` and each ``...-transfer`` (LoLCATs' stage 1
   first): the quality variants (docs/quality.md); the window rows keep the last ``window`` keys
-  exact. Hedgehog's k = 32 gives 64 features (softmax over ±Wx), so its S and z are twice T2R's.
+  exact. Hedgehog's k = 32 gives 64 features (softmax over ±Wx), so its S and z are twice T2R's;
+- ``t2r-distill``, ``hedgehog-window-decay``, ``hedgehog-window-decay-distill``: the window's
+  linear part forgetting (``--decay``), and finetuning on KL to the teacher (``--distill``).
 
 All are scored on one fixed token stream: the first ``test_tokens`` of the stdlib test split,
 made with the teacher's tokenizer. ``run_paper_experiment`` runs them sequentially, records each
@@ -93,6 +95,10 @@ class RunSpec:
     feature_dim: int = 32
     # True: the sliding-window hybrid with the experiment's ``window``
     windowed: bool = False
+    # the window's linear part forgets (a learned gamma per KV head)
+    decay: bool = False
+    # finetune on KL to the teacher's next-token distribution instead of the observed token
+    distill: bool = False
 
 
 PAPER_RUNS = (
@@ -111,6 +117,9 @@ PAPER_RUNS = (
     RunSpec("t2r-window-transfer", "transfer", windowed=True),
     RunSpec("hedgehog-window", "swap", "hedgehog", windowed=True),
     RunSpec("hedgehog-window-transfer", "transfer", "hedgehog", windowed=True),
+    RunSpec("t2r-distill", "swap", distill=True),
+    RunSpec("hedgehog-window-decay", "swap", "hedgehog", windowed=True, decay=True),
+    RunSpec("hedgehog-window-decay-distill", "swap", "hedgehog", windowed=True, decay=True, distill=True),
 )
 
 
@@ -253,7 +262,7 @@ def finetune_and_evaluate(spec: RunSpec, ctx: RunContext, source: Path, transfer
         model=source, out_dir=out, steps=budget.steps - transfer_steps, attention_transfer_steps=transfer_steps,
         lr=lr, attention_transfer_lr=cfg.transfer_lr, batch_size=budget.batch_size, block_size=budget.block_size,
         feature_map=spec.feature_map, feature_dim=spec.feature_dim, window=cfg.window if spec.windowed else 0,
-        seed=cfg.seed, save_every=0, eval_every=0,
+        decay=spec.decay, distill=spec.distill, seed=cfg.seed, save_every=0, eval_every=0,
         eval_max_tokens=budget.valid_tokens, eval_batch_size=cfg.eval_batch_size, num_threads=cfg.num_threads,
         max_files=cfg.max_files, cache_dir=cfg.cache_dir), progress=relay, command=ctx.command)
     model = load_causal_lm(out)

@@ -76,6 +76,7 @@ class FeatureMapWeights:
     kind: str                            # "t2r" | "hedgehog" | "elu" | "rfa" (| "softmax" for the bench's peer graph)
     weight: np.ndarray | None = None     # t2r/hedgehog: [H_kv, d, k]; rfa: omega^T [H_kv, d, m]; the same for q and k
     bias: np.ndarray | None = None       # t2r/hedgehog: [H_kv, 1, k]
+    log_decay: np.ndarray | None = None  # window hybrid with a decay: log gamma [H_kv] (fp32), else None
 
 
 @dataclass
@@ -209,12 +210,14 @@ def _mlp_in(mlp, lay: WeightLayout):
 
 def _feature_map(attn) -> FeatureMapWeights:
     fm = getattr(attn, FEATURE_MAP_ATTR)
+    log_decay = fm.log_decay()
+    decay = None if log_decay is None else _np(log_decay).astype(np.float32)
     if fm.kind in ("t2r", "hedgehog"):
         w = _np(fm.weight).transpose(0, 2, 1).copy()          # [H_kv, d, K]
-        return FeatureMapWeights(fm.kind, w, _np(fm.bias)[:, None, :].copy())   # bias [H_kv, 1, K]
+        return FeatureMapWeights(fm.kind, w, _np(fm.bias)[:, None, :].copy(), decay)   # bias [H_kv, 1, K]
     if fm.kind == "rfa":
-        return FeatureMapWeights("rfa", _np(fm.omega).transpose(0, 2, 1).copy())   # [H_kv, d, m]
-    return FeatureMapWeights("elu")
+        return FeatureMapWeights("rfa", _np(fm.omega).transpose(0, 2, 1).copy(), log_decay=decay)   # [H_kv, d, m]
+    return FeatureMapWeights("elu", log_decay=decay)
 
 
 def _rope(rotary_emb, head_dim: int):

@@ -11,6 +11,11 @@ Everything after the feature map runs in the fp32 island (the max, the exponenti
 - prefill: the whole sequence is [window; T new keys]; query t reads the W keys ending at its own
   in the exact part (a Gather of W keys per query: memory T·W, not T²) and everything before them
   in the linear part (CumSum, as without a window).
+- with a decay (gamma per KV head, a constant of the graph): the step multiplies S and z by gamma
+  first; the prefill's running sums become decayed ones, computed in blocks of DECAY_BLOCK tokens
+  (a CumSum of gamma^-i x_i inside each block, so no factor grows past gamma^-63) and carried
+  between blocks by a log-depth scan whose factors gamma^(C·2^r) only shrink: nothing overflows
+  whatever the prompt's length (docs/design.md#sliding-window-hybrid).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ import numpy as np
 from .. import contract
 
 INT64_MAX = np.iinfo(np.int64).max
+# tokens per block of the decayed prefill sums; gamma >= DECAY_MIN keeps gamma^-(C-1) below 1e3
+DECAY_BLOCK = 64
+# rounds of the scan between blocks: exact for prompts of up to DECAY_BLOCK * 2^rounds tokens (1M); a
+# key further back would weigh gamma^(2^20), below fp32's resolution for any gamma under 0.99998
+DECAY_SCAN_ROUNDS = 14
 
 
 def _names(i: int, io) -> dict:
@@ -64,8 +74,14 @@ def window_step(e, qk: str, v: str, layer, i: int) -> str:
     with g.scope(f"layers.{i}.state", fp32_island=True):
         m0 = _slice(e, past["wm"], 0, 1, 1)                                          # [B, 1]
         pk = g.op("Mul", e.to_state(g.reshape(phi_old, [-1, hkv, k, 1])), g.reshape(m0, [-1, 1, 1, 1]))
-        s_out = g.op("Add", past["s"], g.op("Mul", pk, _slice(e, past["wv"], 0, 1, 2)), outputs=[present["s"]])
-        z_out = g.op("Add", past["z"], g.reshape(pk, [-1, hkv, k]), outputs=[present["z"]])
+        s_past, z_past = past["s"], past["z"]
+        log_decay = layer.feature_map.log_decay
+        if log_decay is not None:
+            gamma = np.exp(log_decay.astype(np.float64))
+            s_past = g.op("Mul", s_past, g.const(gamma.reshape(1, hkv, 1, 1), e.state_dtype))
+            z_past = g.op("Mul", z_past, g.const(gamma.reshape(1, hkv, 1), e.state_dtype))
+        s_out = g.op("Add", s_past, g.op("Mul", pk, _slice(e, past["wv"], 0, 1, 2)), outputs=[present["s"]])
+        z_out = g.op("Add", z_past, g.reshape(pk, [-1, hkv, k]), outputs=[present["z"]])
         k_new = e.to_state(g.reshape(key, [-1, hkv, 1, d]))
         v_new = e.to_state(g.reshape(v, [-1, hkv, 1, d]))
         wk = g.op("Concat", _slice(e, past["wk"], 1, INT64_MAX, 2), k_new, axis=2, outputs=[present["wk"]])
@@ -109,8 +125,11 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
         pk = g.op("Mul", e.to_state(g.reshape(phi_k, [0, 0, hkv, k, 1])), lin_m)     # [B, T, H_kv, K, 1]
         vv = g.reshape(_slice(e, vals, 0, -W, 1), [0, 0, hkv, 1, d])
         axis = g.const(1, np.int64)
-        s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(past["s"], [1]))
-        z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(past["z"], [1]))
+        if layer.feature_map.log_decay is None:
+            s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(past["s"], [1]))
+            z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(past["z"], [1]))
+        else:
+            s_all, z_all = _decayed_sums(e, pk, vv, past["s"], past["z"], layer.feature_map.log_decay)
         g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64), outputs=[present["s"]])
         g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64), outputs=[present["z"]])
         pq = e.to_state(phi_q)                                                           # [B, T, H_kv, G, K]
@@ -128,3 +147,40 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
         scores = g.op("Add", g.op("MatMul", e.to_state(q), win_k), _mask_bias(e, win_m))   # [B, T, H_kv, G, W]
         out = _combine(e, scores, win_v, num_l, den_l)
     return g.reshape(e.to_low(out), [0, 0, e.dec.num_heads * d])
+
+
+def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.ndarray) -> tuple[str, str]:
+    """S_t = gamma^(t+1) S_past + Σ_{j<=t} gamma^(t-j) pk_j v_jᵀ for every t (and z alike), [B, T, H_kv, K, d]
+    and [B, T, H_kv, K]; pk [B, T, H_kv, K, 1], vv [B, T, H_kv, 1, d]. S and z travel as one tensor with
+    z as an extra value column (v with a constant-1 channel appended)."""
+    g, hkv, k, d, c = e.g, e.hkv, e.k, e.d, DECAY_BLOCK
+    lg = log_decay.astype(np.float64).reshape(1, 1, 1, hkv, 1, 1)
+    i = np.arange(c, dtype=np.float64).reshape(1, 1, c, 1, 1, 1)
+    table = lambda x: g.const(np.exp(x), e.state_dtype)  # noqa: E731
+    one = g.op("Add", g.op("Mul", _slice(e, vv, 0, 1, 4), g.const(0.0, e.state_dtype)), g.const(1.0, e.state_dtype))
+    x = g.op("Mul", pk, g.op("Concat", vv, one, axis=4))                                 # [B, T, H, K, d+1]
+    past = g.op("Concat", s_past, g.unsqueeze(z_past, [-1]), axis=-1)                    # [B, H, K, d+1]
+    # pad T up to whole blocks (zero keys add nothing), then view the blocks
+    t_len = g.op("Slice", g.op("Shape", x), g.const([1], np.int64), g.const([2], np.int64))
+    block = g.const([c], np.int64)
+    padded = g.op("Mul", g.op("Div", g.op("Add", t_len, g.const([c - 1], np.int64)), block), block)
+    zeros = g.const([0] * 6, np.int64)
+    pads = g.op("Concat", zeros, g.op("Sub", padded, t_len), g.const([0] * 3, np.int64), axis=0)
+    xb = g.reshape(g.op("Pad", x, pads), [0, -1, c, hkv, k, d + 1])                   # [B, n, C, H, K, d+1]
+    # inside a block: gamma^i · CumSum(gamma^-i x_i), the sums from the block's start
+    local = g.op("Mul", g.op("CumSum", g.op("Mul", xb, table(-lg * i)), g.const(2, np.int64)), table(lg * i))
+    # what each block adds by its end, and the state entering each block: a = [S_past, L_0 .. L_{n-2}],
+    # carry_m = Σ_{m' <= m} gamma^(C (m - m')) a_m', by doubling (Hillis-Steele) with shrinking factors
+    ends = g.reshape(_slice(e, local, c - 1, c, 2), [0, -1, hkv, k, d + 1])              # [B, n, H, K, d+1]
+    carry = _slice(e, g.op("Concat", g.unsqueeze(past, [1]), ends, axis=1), 0, -1, 1)
+    for r in range(DECAY_SCAN_ROUNDS):
+        shift = 2 ** r
+        pads_r = g.const([0, shift, 0, 0, 0, 0, 0, 0, 0, 0], np.int64)
+        older = _slice(e, g.op("Pad", carry, pads_r), 0, -shift, 1)
+        factor = np.exp(log_decay.astype(np.float64) * c * shift).reshape(1, 1, hkv, 1, 1)
+        carry = g.op("Add", carry, g.op("Mul", older, g.const(factor, e.state_dtype)))
+    sums = g.op("Add", local, g.op("Mul", g.unsqueeze(carry, [2]), table(lg * (i + 1))))
+    sums = g.op("Slice", g.reshape(sums, [0, -1, hkv, k, d + 1]), g.const([0], np.int64), t_len,
+                g.const([1], np.int64))                                                   # [B, T, H, K, d+1]
+    s_all, z_col = g.op("Split", sums, g.const([d, 1], np.int64), axis=4, outputs=2)
+    return s_all, g.reshape(z_col, [0, 0, hkv, k])

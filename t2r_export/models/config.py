@@ -26,6 +26,9 @@ class T2RConfig:
     # 0 = off (the paper's T2R); W > 0 = LoLCATs' hybrid: exact softmax terms over the last W keys,
     # phi terms over the older ones, one normalisation; the state grows by W keys and values per layer
     window: int = 0
+    # with a window: the linear part forgets, S and z are multiplied by a learned gamma per KV head
+    # every step, so the model behaves alike at any length (docs/design.md#sliding-window-hybrid)
+    decay: bool = False
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -38,6 +41,8 @@ class T2RConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if int(self.window) < 0:
             raise ValueError(f"window must be >= 0 (0 = off), got {self.window}")
+        if self.decay and not int(self.window):
+            raise ValueError("a decay needs the sliding window (window > 0): it applies to the keys that left it")
         if self.chunk_size <= 0:
             raise ValueError(f"chunk size must be > 0, got {self.chunk_size}")
 

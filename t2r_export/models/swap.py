@@ -42,7 +42,7 @@ def _attach_feature_maps(model, cfg: T2RConfig) -> int:
     ref = next(model.parameters())
     for i, attn in enumerate(attention_modules(model)):
         fm = FeatureMap(cfg.feature_map, kv_heads, head_dim, cfg.feature_dim, cfg.init, seed=cfg.seed + i,
-                        eps=cfg.eps, chunk_size=cfg.chunk_size, window=cfg.window)
+                        eps=cfg.eps, chunk_size=cfg.chunk_size, window=cfg.window, decay=cfg.decay)
         fm.to(device=ref.device, dtype=ref.dtype)
         setattr(attn, FEATURE_MAP_ATTR, fm)
         added += sum(p.numel() for p in fm.parameters())

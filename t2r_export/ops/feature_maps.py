@@ -28,6 +28,11 @@ from ..contract import FEATURE_MAPS
 from .linear_attention import DEFAULT_CHUNK, DEFAULT_EPS
 
 LEARNED = ("t2r", "hedgehog")
+# the decay's start: gamma = 1 - 1/256
+DECAY_INIT_TOKENS = 256.0
+# the decay's floor: gamma^-i over a 64-token block of the exported prefill then stays below 1e3,
+# finite even in fp16 (docs/design.md#sliding-window-hybrid)
+DECAY_MIN = 0.9
 INITS = ("default", "identity")
 
 
@@ -48,7 +53,7 @@ class FeatureMap(nn.Module):
 
     def __init__(self, kind: str, num_kv_heads: int, head_dim: int, feature_dim: int = 32,
                  init: str = "default", seed: int = 0, eps: float = DEFAULT_EPS,
-                 chunk_size: int = DEFAULT_CHUNK, window: int = 0):
+                 chunk_size: int = DEFAULT_CHUNK, window: int = 0, decay: bool = False):
         super().__init__()
         if kind not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {kind!r}; expected one of {', '.join(FEATURE_MAPS)}")
@@ -67,6 +72,14 @@ class FeatureMap(nn.Module):
         self.eps = float(eps)
         self.chunk_size = int(chunk_size)
         self.window = int(window)
+        if decay and not self.window:
+            raise ValueError("a decay needs the sliding window (--window W > 0): it applies to the keys that left it")
+        if decay:
+            # one gamma per KV head, gamma = sigmoid(p), so 0 < gamma < 1 whatever p learns; starts
+            # at 1 - 1/DECAY_INIT_TOKENS (a key keeps 1/e of its weight after ~that many steps)
+            self.decay = nn.Parameter(torch.full((num_kv_heads,), math.log(DECAY_INIT_TOKENS - 1.0)))
+        else:
+            self.decay = None
         if kind in LEARNED:
             self.weight = nn.Parameter(torch.empty(num_kv_heads, feature_dim, head_dim))
             self.bias = nn.Parameter(torch.empty(num_kv_heads, feature_dim))
@@ -93,6 +106,10 @@ class FeatureMap(nn.Module):
                 self.weight.copy_(eye.expand_as(self.weight))
                 self.bias.zero_()
 
+    def log_decay(self) -> torch.Tensor | None:
+        """log gamma per KV head [H_kv] (fp32), or None without a decay."""
+        return None if self.decay is None else F.logsigmoid(self.decay.float()).clamp_min(math.log(DECAY_MIN))
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         # [B, Hk, G, T, d] x [Hk, k, d] -> [B, Hk, G, T, k]
         y = torch.einsum("bhgtd,hkd->bhgtk", x, self.weight.to(x.dtype))
@@ -113,4 +130,4 @@ class FeatureMap(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, k={self.feature_dim}, "
-                f"window={self.window}")
+                f"window={self.window}, decay={self.decay is not None}")

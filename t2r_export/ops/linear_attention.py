@@ -70,9 +70,14 @@ def recurrent_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT
     return torch.stack(outs, dim=3).to(v.dtype), (s, z)
 
 
-def chunked_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size: int = DEFAULT_CHUNK):
+def chunked_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size: int = DEFAULT_CHUNK, log_decay=None):
     """The causal sums of the parallel form, before the division (fp32):
-    num [B, H_kv, G, T, Dv], den [B, H_kv, G, T], and the final (s, z)."""
+    num [B, H_kv, G, T, Dv], den [B, H_kv, G, T], and the final (s, z).
+
+    With ``log_decay`` [H_kv] (log gamma <= 0) every step first multiplies the sums by gamma:
+    query t weighs key j <= t by gamma^(t - j) and the initial state by gamma^(t + 1)."""
+    if log_decay is not None:
+        return _decayed_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size, log_decay)
     b, h, g, t, kdim = phi_q.shape
     dv = v.shape[-1]
     c = min(chunk_size, t)
@@ -105,6 +110,34 @@ def chunked_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size: int = DEFAULT_CHUNK
     num = num.reshape(b, h, g, n * c, dv)[:, :, :, :t]
     den = den.reshape(b, h, g, n * c)[:, :, :, :t]
     return num, den, s_incl[:, :, -1], z_incl[:, :, -1]
+
+
+def _decayed_linear_sums(phi_q, phi_k, v, s0, z0, chunk_size: int, log_decay):
+    """``chunked_linear_sums`` with a per-head decay: inside a chunk the scores carry gamma^(i - j),
+    between chunks a loop carries the state (T / C small matmuls, memory still linear in T)."""
+    b, h, g, t, kdim = phi_q.shape
+    c = min(chunk_size, t)
+    lg = log_decay.float().view(h, 1)                                   # [H, 1]
+    idx = torch.arange(c, device=v.device, dtype=torch.float32)
+    rel = idx[:, None] - idx[None, :]                                   # i - j
+    # exp of a clamped exponent: the masked (j > i) entries would overflow, then be zeroed anyway
+    intra = torch.exp(lg.view(h, 1, 1) * rel.clamp_min(0)) * (rel >= 0)  # [H, C, C]
+    q, k, vv = phi_q.float(), phi_k.float(), v.float()
+    s, z = s0, z0
+    nums, dens = [], []
+    for start in range(0, t, c):
+        n = min(c, t - start)
+        qc, kc, vc = q[:, :, :, start:start + n], k[:, :, start:start + n], vv[:, :, start:start + n]
+        into = torch.exp(lg * (idx[:n] + 1))                            # [H, n]: gamma^(i+1) on the carried state
+        scores = torch.einsum("bhgik,bhjk->bhgij", qc, kc) * intra[None, :, None, :n, :n]
+        nums.append(torch.einsum("bhgik,bhkv->bhgiv", qc, s) * into[None, :, None, :, None]
+                    + torch.einsum("bhgij,bhjv->bhgiv", scores, vc))
+        dens.append(torch.einsum("bhgik,bhk->bhgi", qc, z) * into[None, :, None, :] + scores.sum(-1))
+        # key j of this chunk reaches its end with gamma^(n-1-j)
+        out_w = torch.exp(lg * (n - 1 - idx[:n]))[None, :, :, None]     # [1, H, n, 1]
+        s = s * torch.exp(lg * n).view(1, h, 1, 1) + torch.einsum("bhjk,bhjv->bhkv", kc * out_w, vc)
+        z = z * torch.exp(lg * n).view(1, h, 1) + (kc * out_w).sum(2)
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3), s, z
 
 
 def chunked_linear_attention(phi_q, phi_k, v, state=None, eps: float = DEFAULT_EPS,

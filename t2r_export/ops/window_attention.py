@@ -9,6 +9,11 @@ in the linear part, in ONE numerator and ONE denominator:
     out_t = num_t / max(den_t, eps)
     S_t = S_0 + Σ_{s ≤ t-W} phi(k_s) v_sᵀ     z_t = z_0 + Σ_{s ≤ t-W} phi(k_s)
 
+With a decay (``feature_map.log_decay()`` not None, one gamma per KV head) the linear part forgets:
+every step multiplies S and z by gamma before the leaving key enters, so a key that left the
+window n steps ago weighs gamma^n. Its mass then stays bounded however long the text, which keeps
+the model's behaviour the same at 16k tokens as at 1k (docs/design.md#sliding-window-hybrid).
+
 A key leaves the window by entering S and z. Everything here runs in fp32 (m_t, the exponentials
 and both sums). The state is (s, z, wk, wv, wm):
     s [B, H_kv, K, Dv], z [B, H_kv, K]           the linear part's sums
@@ -64,6 +69,18 @@ def _combine(num_w, den_w, num_l, den_l, eps: float):
     return (num_w + num_l) / (den_w + den_l).clamp_min(eps).unsqueeze(-1)
 
 
+def _linear_prefix(phi_keys, values, s0, z0, n: int, lg):
+    """S and z after indices 0 .. n-1 entered (each weighed gamma^(n-1-j), S_0 gamma^n, with a decay)."""
+    if lg is None:
+        return (s0 + torch.einsum("bhjk,bhjv->bhkv", phi_keys[:, :, :n], values[:, :, :n]),
+                z0 + phi_keys[:, :, :n].sum(dim=2))
+    w = torch.exp(lg.float()[None, :, None] * torch.arange(n - 1, -1, -1, device=values.device)[None, None, :])
+    pk = phi_keys[:, :, :n] * w[..., None]
+    g = torch.exp(lg.float() * n)
+    return (s0 * g[None, :, None, None] + torch.einsum("bhjk,bhjv->bhkv", pk, values[:, :, :n]),
+            z0 * g[None, :, None] + pk.sum(dim=2))
+
+
 def naive_window_attention(q, k, v, feature_map, window: int, state=None, eps: float = DEFAULT_EPS):
     """Reference: an fp32 loop over t. Returns (out [B, H_kv, G, T, Dv], (s, z, wk, wv, wm))."""
     s0, z0, wk, wv, wm = _initial(q, k, v, feature_map, window, state)
@@ -75,11 +92,11 @@ def naive_window_attention(q, k, v, feature_map, window: int, state=None, eps: f
     phi_keys = _phi(feature_map, keys) * filled[:, None, :, None]
     phi_q = feature_map(q.float()).float()
     q32 = q.float()
+    lg = feature_map.log_decay()
     outs = []
     for t in range(t_len):
         # new key t sits at index W + t: the window is indices t+1 .. t+W, the linear part 0 .. t
-        s = s0 + torch.einsum("bhjk,bhjv->bhkv", phi_keys[:, :, : t + 1], values[:, :, : t + 1])
-        z = z0 + phi_keys[:, :, : t + 1].sum(dim=2)
+        s, z = _linear_prefix(phi_keys, values, s0, z0, t + 1, lg)
         win_k, win_v = keys[:, :, t + 1 : t + 1 + window], values[:, :, t + 1 : t + 1 + window]
         scores = torch.einsum("bhgd,bhwd->bhgw", q32[:, :, :, t], win_k)
         scores = scores.masked_fill(filled[:, None, None, t + 1 : t + 1 + window] == 0, float("-inf"))
@@ -87,8 +104,7 @@ def naive_window_attention(q, k, v, feature_map, window: int, state=None, eps: f
         num_l = torch.einsum("bhgk,bhkv->bhgv", phi_q[:, :, :, t], s)
         den_l = torch.einsum("bhgk,bhk->bhg", phi_q[:, :, :, t], z)
         outs.append(_combine(e @ win_v, e.sum(-1), num_l, den_l, eps))
-    s = s0 + torch.einsum("bhjk,bhjv->bhkv", phi_keys[:, :, :t_len], values[:, :, :t_len])
-    z = z0 + phi_keys[:, :, :t_len].sum(dim=2)
+    s, z = _linear_prefix(phi_keys, values, s0, z0, t_len, lg)
     out = torch.stack(outs, dim=3)
     return out.to(v.dtype), (s, z, keys[:, :, t_len:], values[:, :, t_len:], filled[:, t_len:])
 
@@ -96,10 +112,14 @@ def naive_window_attention(q, k, v, feature_map, window: int, state=None, eps: f
 def recurrent_window_attention(q, k, v, feature_map, window: int, state=None, eps: float = DEFAULT_EPS):
     """Decode form, one token per iteration, with the ops of the exported step graph."""
     s, z, wk, wv, wm = _initial(q, k, v, feature_map, window, state)
+    lg = feature_map.log_decay()
+    gamma = None if lg is None else torch.exp(lg.float())
     outs = []
     for t in range(q.shape[3]):
         # slot 0 (the oldest key) leaves the window: it enters S and z if it held a key
         phi_old = _phi(feature_map, wk[:, :, :1])[:, :, 0] * wm[:, None, :1]        # [B, H, K]
+        if gamma is not None:
+            s, z = s * gamma[None, :, None, None], z * gamma[None, :, None]
         s = s + phi_old.unsqueeze(-1) * wv[:, :, 0].unsqueeze(-2)
         z = z + phi_old
         wk = torch.cat([wk[:, :, 1:], k[:, :, t : t + 1].float()], dim=2)
@@ -133,7 +153,8 @@ def chunked_window_attention(q, k, v, feature_map, window: int, state=None, eps:
     # linear part: query t reads indices 0 .. t of the whole sequence (the keys that left the window)
     phi_keys = _phi(feature_map, keys[:, :, :t_len]) * filled[:, None, :t_len, None]
     phi_q = feature_map(q).float()
-    num_l, den_l, s, z = chunked_linear_sums(phi_q, phi_keys, values[:, :, :t_len], s0, z0, chunk_size)
+    num_l, den_l, s, z = chunked_linear_sums(phi_q, phi_keys, values[:, :, :t_len], s0, z0, chunk_size,
+                                             log_decay=feature_map.log_decay())
 
     # window part: query block n (queries nC .. nC+C-1) reads indices nC .. nC+C+W-1
     c = min(chunk_size, t_len)

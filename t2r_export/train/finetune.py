@@ -48,7 +48,7 @@ from t2r_export.train.distributed import (Distributed, clip_gradients, feature_m
                                           global_mean, gradient_sync, init_distributed, micro_batches, reshard,
                                           shard_fsdp, sync_feature_map_grads, wrap_ddp)
 from t2r_export.train.evaluate import perplexity
-from t2r_export.train.losses import next_token_loss
+from t2r_export.train.losses import distillation_loss, next_token_loss
 from t2r_export.train.schedule import warmup_cosine
 from t2r_export.train.transfer import attention_transfer_loss, freeze_for_transfer, transfer_report
 
@@ -115,6 +115,10 @@ class FinetuneConfig:
     init: str = "default"
     # 0 = off; W > 0 = LoLCATs' sliding-window + linear hybrid over the last W keys
     window: int = 0
+    # with a window: the linear part decays by a learned gamma per KV head (T2RConfig.decay)
+    decay: bool = False
+    # finetune on KL to the softmax source model's next-token distribution instead of the observed token
+    distill: bool = False
     # seeds the swap, the data order and the LoRA init: any fixed value makes runs repeatable
     seed: int = 0
     # LoRA rank 8 / alpha 16 on q, k, v, o: the common peft starting point (LoLCATs uses the same)
@@ -148,7 +152,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {cfg.steps}")
     # the swap settings, checked before any model is loaded
-    T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim, init=cfg.init, window=cfg.window)
+    T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim, init=cfg.init, window=cfg.window,
+              decay=cfg.decay)
     if cfg.attention_transfer_steps < 0:
         raise ValueError(f"attention transfer steps must be >= 0, got {cfg.attention_transfer_steps}")
     if cfg.train not in TRAIN_MODES:
@@ -189,6 +194,15 @@ def check_output_dir(out: Path) -> None:
 
 # --- setup ------------------------------------------------------------------------------------
 
+def load_teacher(source: Path, cfg: FinetuneConfig, dist: Distributed):
+    """The softmax source model, frozen, for ``--distill``; one clear error when the source is a T2R model."""
+    teacher = load_causal_lm(source, trust_remote_code=cfg.trust_remote_code)
+    if is_t2r_model(teacher):
+        raise ValueError(f"--distill needs a softmax teacher, but {source} is already a T2R model")
+    teacher.requires_grad_(False)
+    return teacher.eval().to(dist.device)
+
+
 def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
     """The causal LM at ``path`` (swapped to T2R unless it already is) and its tokenizer."""
     from t2r_export.data.tokenizer import load_tokenizer
@@ -200,7 +214,7 @@ def load_model_and_tokenizer(path: Path, cfg: FinetuneConfig):
                          f"--window {cfg.window} applies to a softmax model (pass the T2R model's own window)")
     if not is_t2r_model(model):
         swap_attention(model, T2RConfig(feature_map=cfg.feature_map, feature_dim=cfg.feature_dim,
-                                        init=cfg.init, seed=cfg.seed, window=cfg.window))
+                                        init=cfg.init, seed=cfg.seed, window=cfg.window, decay=cfg.decay))
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and cfg.block_size > positions:
         raise ValueError(f"block size {cfg.block_size} exceeds the model's {positions} positions; lower --block-size")
@@ -347,7 +361,7 @@ def _notify(progress: Progress | None, dist: Distributed, event: dict) -> None:
 
 
 def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneConfig, dist: Distributed,
-              progress: Progress | None, checkpoint: Path | None):
+              progress: Progress | None, checkpoint: Path | None, teacher=None):
     """Train one stage from ``state["step"]`` to its end, updating ``state``; returns the trained model
     (a peft model for LoRA)."""
     steps = cfg.attention_transfer_steps if stage == "transfer" else cfg.steps
@@ -360,7 +374,10 @@ def run_stage(stage: str, model, tokenizer, streams, state: dict, cfg: FinetuneC
     if checkpoint is not None:
         load_optimizer_state(model, optimizer, scheduler, checkpoint, dist)
         set_rng_state(state["rng"])
-    loss_fn = attention_transfer_loss if stage == "transfer" else next_token_loss
+    if stage == "transfer":
+        loss_fn = attention_transfer_loss
+    else:
+        loss_fn = next_token_loss if teacher is None else distillation_loss(teacher)
     ddp_model = wrap_ddp(model, dist)
     ddp_model.train()
     global_batch = state["global_batch"]
@@ -497,7 +514,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
         state.update(stage="finetune", step=0)
         # the finetune stage starts fresh: its optimizer and adapters are not in the transfer checkpoint
         checkpoint = None
-    model = run_stage("finetune", model, tokenizer, streams, state, cfg, dist, progress, checkpoint)
+    teacher = load_teacher(source, cfg, dist) if cfg.distill else None
+    model = run_stage("finetune", model, tokenizer, streams, state, cfg, dist, progress, checkpoint, teacher)
+    del teacher
 
     final = validate(model, streams[1], state, cfg, dist, progress)
     full_state = gather_model_state(model, dist)
