@@ -216,7 +216,7 @@ def plot_streams(result: dict, path: Path) -> None:
             right.text(i, max(fits[n], 0.5), f"{fits[n]:,}", ha="center", va="bottom", fontsize=8)
         right.set_yscale("log")
         right.set_ylabel("streams that fit")
-        right.set_title(f"within {cfg['memory_budget'] / 2**30:g} GiB (weights + per-stream state / KV)",
+        right.set_title(f"within {gib(cfg['memory_budget'])} (weights + per-stream state / KV)",
                         fontsize=10)
     else:
         right.axis("off")

@@ -60,7 +60,11 @@ def parse_bytes(text: str, what: str = "--memory-budget") -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB"
+    """A byte count in the largest binary unit it reaches (8.00 GiB, 97.50 KiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{int(n):,} B"
 
 
 @dataclass
