@@ -455,7 +455,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         if name == "softmax-ort":
             return SoftmaxOrtPath(dec, cfg.threads)
         if name == "genai":
-            progress("genai: building the teacher with onnxruntime-genai's model builder (cached)")
+            progress("genai: building the softmax model with onnxruntime-genai's model builder (cached)")
             context = 1 << (max_length - 1).bit_length()
             model_path = build_genai_model(cfg.softmax_model, context, cache_root)
             return GenaiPath(model_path, max_length, cfg.threads)
