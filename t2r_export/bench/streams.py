@@ -12,7 +12,8 @@ How the streams reach P: genai appends B × P prompt tokens (its real prefill; i
 prompt per generator at B > 1). softmax-ort prefills one stream of P tokens once and copies that
 cache into all B rows: a step's work depends on the cache's length, not on its values. The T2R
 step's work depends on neither (the state has no sequence axis), so its B rows prefill the last
-128 tokens before P, at their true positions. No path rewinds: the context moves on by the
+tokens before P (128, or 1,024 ÷ B when fewer: the prefill graph keeps per-token running sums), at
+their true positions. No path rewinds: the context moves on by the
 warm-up and timed steps (a few dozen tokens past P).
 
 Memory per stream is what each path holds for one stream, from its buffers: T2R, its two state
@@ -41,6 +42,8 @@ STREAM_PATHS = {
     "genai": "onnxruntime-genai, batch_size B",
 }
 T2R_WARM_TOKENS = 128
+# the prefill graph keeps running sums per token: a large batch prefills fewer tokens per row
+T2R_WARM_TOTAL = 1024
 # aggregate tokens/s gaining less than this from one batch size to the next: the curve has flattened
 FLAT_GAIN = 1.10
 # goals at context 4k within the budget: T2R streams over genai's, T2R's best aggregate over genai's
@@ -141,7 +144,7 @@ class T2RStreams:
 
     def start(self, batch: int, stream: np.ndarray, context: int) -> None:
         self.decoder.reset(batch)
-        t = min(context, T2R_WARM_TOKENS)
+        t = max(1, min(context, T2R_WARM_TOKENS, T2R_WARM_TOTAL // batch))
         ids = np.tile(np.asarray(stream[context - t:context], np.int64), (batch, 1))
         positions = np.tile(np.arange(context - t, context, dtype=np.int64), (batch, 1))
         self._next = np.argmax(self.decoder.prefill(ids, positions), axis=-1)[:, None]
