@@ -176,7 +176,7 @@ def _run_result(t2r: dict, genai: dict, floor: dict) -> dict:
     return {"paths": {"t2r-ort": path(t2r), "genai": path(genai), "floor": path(floor)}}
 
 
-def test_the_run_goals_carry_the_issues_ratios():
+def test_the_run_goals_carry_the_floor_and_ceiling_ratios():
     # at 4k the ceiling is floor / genai = 4x; T2R at 3.9x is 97.5% of it; latency / floor 1.03 and 1.025
     result = _run_result({"128": 100.0, "4096": 390.0}, {"128": 90.0, "4096": 100.0}, {"128": 103.0, "4096": 400.0})
     found = {g["goal"]: g for g in goals.summarize(result)["goals"]}

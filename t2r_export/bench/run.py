@@ -116,7 +116,7 @@ class BenchConfig:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def _failure(err: Exception) -> str:
+def failure_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
@@ -163,7 +163,7 @@ def time_decode(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress: Cal
             if name == "t2r-ort":
                 raise
             logger.exception("%s failed", name)
-            failed[name] = _failure(err)
+            failed[name] = failure_line(err)
             paths.pop(name).close()
             return None
 
@@ -216,7 +216,7 @@ def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress)
                 except Exception as err:  # e.g. a peer's context limit: reported, not faked
                     if name == "t2r-ort":
                         raise
-                    row[name] = f"unavailable: {_failure(err)}"
+                    row[name] = f"unavailable: {failure_line(err)}"
         row.update({name: t / statistics.median(s) for name, s in seconds.items() if s and name not in row})
         progress(f"prefill {t:,} tokens: t2r-ort, one step per token")
         path = paths["t2r-ort"]
@@ -342,7 +342,7 @@ def _unavailable(reason: str) -> dict:
     return {"status": f"unavailable: {reason}", "tokens_per_s": {}}
 
 
-def _load_softmax(path: Path):
+def load_softmax(path: Path):
     from ..models import load_causal_lm
 
     softmax = load_causal_lm(path).eval()
@@ -354,7 +354,7 @@ def _load_softmax(path: Path):
 def _load_models(cfg: BenchConfig):
     from ..models import load_t2r_model
 
-    return _load_softmax(cfg.softmax_model), load_t2r_model(cfg.t2r_model).eval()
+    return load_softmax(cfg.softmax_model), load_t2r_model(cfg.t2r_model).eval()
 
 
 def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:

@@ -264,13 +264,13 @@ def run_streams(cfg: StreamsConfig, progress=lambda message: None) -> dict:
     from ..cache import cache_root
     from ..runtime import load_bundle
     from .peers import build_genai_model
-    from .run import _failure, _load_softmax, check_models_match, machine_info
+    from .run import failure_line, load_softmax, check_models_match, machine_info
     from .softmax_graph import extract_softmax_decoder, kv_cache_nbytes
 
     bundle = load_bundle(cfg.bundle)
     cfg.validate(bundle.config.max_position)
     torch.set_num_threads(cfg.threads)
-    softmax = _load_softmax(cfg.softmax_model)
+    softmax = load_softmax(cfg.softmax_model)
     dec = extract_softmax_decoder(softmax)
     check_models_match(bundle.config, dec, None)
     softmax_weights = 4 * sum(p.numel() for p in softmax.parameters())
@@ -315,7 +315,7 @@ def run_streams(cfg: StreamsConfig, progress=lambda message: None) -> dict:
             except Exception as err:  # e.g. out of memory in a peer: reported, never faked
                 if name == "t2r-ort":
                     raise
-                entry["skipped"][str(batch)] = _failure(err)
+                entry["skipped"][str(batch)] = failure_line(err)
         for r in range(cfg.repeats):
             progress(f"batch {batch}: repeat {r + 1}/{cfg.repeats}, {cfg.steps} steps per path")
             names = list(running)
@@ -327,7 +327,7 @@ def run_streams(cfg: StreamsConfig, progress=lambda message: None) -> dict:
                 except Exception as err:  # a peer failing mid-run is reported, never faked
                     if name == "t2r-ort":
                         raise
-                    result["paths"][name]["skipped"][str(batch)] = _failure(err)
+                    result["paths"][name]["skipped"][str(batch)] = failure_line(err)
                     del running[name]
         for name, walls in running.items():
             entry = result["paths"][name]
