@@ -360,7 +360,8 @@ def summarize_streams(result: dict, budget: int | None, context: int) -> dict:
         if budget and genai["fits"] is not None:
             ratios["streams t2r/genai"] = t2r["fits"] / genai["fits"] if genai["fits"] > 0 else None
             value = ratios["streams t2r/genai"]
-            goals.append({"goal": f"≥ {STREAMS_GOAL:g}× as many streams as genai at context {context:,} in {gib(budget)}",
+            text = f"≥ {STREAMS_GOAL:g}× as many streams as genai at context {context:,} in {gib(budget)}"
+            goals.append({"goal": text,
                           "value": f"{t2r['fits']:,} vs {genai['fits']:,}" + (f" ({value:,.1f}×)" if value else ""),
                           "met": value is None or value >= STREAMS_GOAL})
         if genai["best_tokens_per_s"]:
