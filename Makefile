@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[torch,serve,dev]"
+	$(BIN)/python -m pip install -q -e ".[torch,serve,bench,dev]"
 	touch $(STAMP)
 
 demo: setup

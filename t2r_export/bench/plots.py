@@ -5,6 +5,8 @@
     rss.png      process RSS over a long greedy T2R decode
     prefill.png  prompt tokens/s: prefill graph, step feeding, softmax peers
     summary.md   the tables, for a README
+    streams.png  `bench streams`: aggregate tokens/s vs batch size, streams that fit the budget
+    streams.md   its tables
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .streams import gib  # noqa: E402
 
 STYLE = {
     "t2r-ort": dict(color="tab:red", marker="o", linewidth=2.5),
@@ -187,3 +191,76 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
     written = write_plots(result, out_dir)
     (Path(out_dir) / "summary.md").write_text(markdown_summary(result))
     return [*written, Path(out_dir) / "summary.md"]
+
+
+def plot_streams(result: dict, path: Path) -> None:
+    """Aggregate tokens/s vs batch size, and the streams each path fits in the memory budget."""
+    cfg, summary = result["config"], result["summary"]["paths"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for name, entry in result["paths"].items():
+        points = sorted((int(b), v) for b, v in entry.get("tokens_per_s", {}).items())
+        if points:
+            xs, ys = zip(*points, strict=True)
+            left.plot(xs, ys, label=f"{name}: {entry['label']}", **STYLE.get(name, {}))
+    left.set_xscale("log", base=2)
+    left.set_xlabel("concurrent streams (batch size)")
+    left.set_ylabel("aggregate decode tokens/s (median)")
+    left.set_title(f"all streams at context {cfg['context']:,}", fontsize=10)
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7)
+    fits = {name: row["fits"] for name, row in summary.items() if row.get("fits") is not None}
+    if fits:
+        names = list(fits)
+        right.bar(names, [max(fits[n], 0.5) for n in names], color=[STYLE.get(n, {}).get("color") for n in names])
+        for i, n in enumerate(names):
+            right.text(i, max(fits[n], 0.5), f"{fits[n]:,}", ha="center", va="bottom", fontsize=8)
+        right.set_yscale("log")
+        right.set_ylabel("streams that fit")
+        right.set_title(f"within {gib(cfg['memory_budget'])} (weights + per-stream state / KV)",
+                        fontsize=10)
+    else:
+        right.axis("off")
+    m = result["machine"]
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    fig.suptitle(f"many streams: {m['cpu']}, {threads}, fp32" + (f", {cfg['shape']}" if cfg.get("shape") else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def streams_markdown(result: dict) -> str:
+    """The many-streams tables (aggregate tokens/s per batch; memory, fit and goals) as markdown."""
+    cfg, m = result["config"], result["machine"]
+    batches = sorted(int(b) for b in cfg["batches"])
+    summary = result["summary"]
+    lines = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads for every path, fp32; context "
+             f"{cfg['context']:,}" + (f"; {cfg['shape']}-shaped models (random init)" if cfg.get("shape") else "")
+             + f"; load average {m['loadavg_start'][0]:.1f}.", "",
+             "Aggregate decode tokens/s (all streams, median of repeats):", "",
+             "| path | " + " | ".join(f"B={b}" for b in batches) + " |", "| --- |" + " ---: |" * len(batches)]
+    for name, entry in result["paths"].items():
+        if entry["status"] != "ok":
+            lines.append(f"| {name} | {entry['status']} |" + " |" * (len(batches) - 1))
+            continue
+        cells = [f"{entry['tokens_per_s'][str(b)]:,.0f}" if str(b) in entry["tokens_per_s"]
+                 else entry["skipped"].get(str(b), "—") for b in batches]
+        lines.append(f"| {name}: {entry['label']} | " + " | ".join(cells) + " |")
+    budget = cfg.get("memory_budget")
+    lines += ["", "| path | weights | bytes per stream | streams in " + (gib(budget) if budget else "—")
+              + " | best aggregate tokens/s (batch) | flattens at |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in summary["paths"].items():
+        entry = result["paths"][name]
+        fits = "—" if row["fits"] is None else f"{row['fits']:,}"
+        lines.append(f"| {name} | {gib(entry['weight_bytes'])} | {entry['stream_bytes']:,} | {fits} | "
+                     f"{row['best_tokens_per_s'] or 0:,.0f} ({row['best_batch']}) | "
+                     f"{'B=' + str(row['flattens_at']) if row['flattens_at'] else 'not in these batches'} |")
+    lines += ["", "| goal | measured | met |", "| --- | ---: | :---: |"]
+    lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in summary["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_streams_report(result: dict, out_dir: Path) -> list[Path]:
+    plot_streams(result, Path(out_dir) / "streams.png")
+    (Path(out_dir) / "streams.md").write_text(streams_markdown(result))
+    return [Path(out_dir) / "streams.png", Path(out_dir) / "streams.md"]

@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import contract
 from ..machine import cpu_model
+from .goals import summarize
 from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,9 @@ PATHS = {
     "t2r-torch": "T2R recurrent step (torch, decode_step)",
     "floor": "dense matmuls only (floor), ONNX Runtime + IO binding",
 }
-SOFTMAX_PATHS = ("softmax-ort", "genai", "transformers")
 TORCH_PATHS = ("transformers", "t2r-torch")
 DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
-# goals for the T2R step's speed-up over the fastest softmax peer at these positions
-SPEEDUP_GOALS = {128: 1.6, 4096: 8.0, 16384: 24.0}
-FLOOR_GOAL = 1.10
 
 
 @dataclass
@@ -77,6 +74,8 @@ class BenchConfig:
     seed: int = 0
     # ORT's profiler on the step graph and the floor: time and node count by op type
     profile: bool = False
+    # the public shape (bench/sizes.py) whose random-init models are timed, when not the user's own
+    shape: str | None = None
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -117,7 +116,7 @@ class BenchConfig:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def _failure(err: Exception) -> str:
+def failure_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
@@ -164,7 +163,7 @@ def time_decode(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress: Cal
             if name == "t2r-ort":
                 raise
             logger.exception("%s failed", name)
-            failed[name] = _failure(err)
+            failed[name] = failure_line(err)
             paths.pop(name).close()
             return None
 
@@ -217,7 +216,7 @@ def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress)
                 except Exception as err:  # e.g. a peer's context limit: reported, not faked
                     if name == "t2r-ort":
                         raise
-                    row[name] = f"unavailable: {_failure(err)}"
+                    row[name] = f"unavailable: {failure_line(err)}"
         row.update({name: t / statistics.median(s) for name, s in seconds.items() if s and name not in row})
         progress(f"prefill {t:,} tokens: t2r-ort, one step per token")
         path = paths["t2r-ort"]
@@ -343,13 +342,19 @@ def _unavailable(reason: str) -> dict:
     return {"status": f"unavailable: {reason}", "tokens_per_s": {}}
 
 
-def _load_models(cfg: BenchConfig):
-    from ..models import load_causal_lm, load_t2r_model
+def load_softmax(path: Path):
+    from ..models import load_causal_lm
 
-    softmax = load_causal_lm(cfg.softmax_model).eval()
+    softmax = load_causal_lm(path).eval()
     if getattr(softmax.config, "t2r", None) is not None:
-        raise ValueError(f"{cfg.softmax_model} is a T2R model; --softmax needs the softmax original")
-    return softmax, load_t2r_model(cfg.t2r_model).eval()
+        raise ValueError(f"{path} is a T2R model; --softmax needs the softmax original")
+    return softmax
+
+
+def _load_models(cfg: BenchConfig):
+    from ..models import load_t2r_model
+
+    return load_softmax(cfg.softmax_model), load_t2r_model(cfg.t2r_model).eval()
 
 
 def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
@@ -362,6 +367,8 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
     if want != have:
         raise ValueError(f"the softmax model (layers, heads, kv heads, head dim, vocab) {have} does not match "
                          f"the bundle's {want}; pass --softmax with the model the bundle came from")
+    if t2r_model is None:
+        return
     heads, kv, head_dim = attention_dims(t2r_model.config)
     t2r_have = (t2r_model.config.num_hidden_layers, heads, kv, head_dim, t2r_model.config.vocab_size)
     if t2r_have != want:
@@ -448,7 +455,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         if name == "softmax-ort":
             return SoftmaxOrtPath(dec, cfg.threads)
         if name == "genai":
-            progress("genai: building the teacher with onnxruntime-genai's model builder (cached)")
+            progress("genai: building the softmax model with onnxruntime-genai's model builder (cached)")
             context = 1 << (max_length - 1).bit_length()
             model_path = build_genai_model(cfg.softmax_model, context, cache_root)
             return GenaiPath(model_path, max_length, cfg.threads)
@@ -506,72 +513,3 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     result["machine"]["cpu_share"] = _cpu_share(result["paths"], cfg.threads)
     result["summary"] = summarize(result)
     return result
-
-
-# -- ratios and goals ----------------------------------------------------------------------------
-
-def summarize(result: dict) -> dict:
-    """Per position: T2R speedup over each softmax path and the fastest one, latency vs the floor; goals."""
-    paths = result["paths"]
-    t2r = paths["t2r-ort"]["tokens_per_s"]
-    per_position, goals = {}, []
-    for p, tps in t2r.items():
-        row = {}
-        for name in (*SOFTMAX_PATHS, "t2r-torch"):
-            other = paths.get(name, {}).get("tokens_per_s", {}).get(p)
-            row[f"t2r/{name}"] = tps / other if other else None
-        softmax = {n: paths[n]["tokens_per_s"][p] for n in SOFTMAX_PATHS
-                   if paths.get(n, {}).get("tokens_per_s", {}).get(p)}
-        if softmax:
-            fastest = max(softmax, key=softmax.get)
-            row["fastest_softmax"] = fastest
-            row["t2r/fastest_softmax"] = tps / softmax[fastest]
-        floor = paths.get("floor", {}).get("tokens_per_s", {}).get(p)
-        row["t2r_latency/floor"] = floor / tps if floor else None
-        # the most any decoder of these weights could win here: one running at the floor
-        row["floor/fastest_softmax"] = floor / softmax[fastest] if floor and softmax else None
-        per_position[p] = row
-        goal = SPEEDUP_GOALS.get(int(p))
-        if goal and row.get("t2r/fastest_softmax"):
-            entry = _goal(f"T2R step ≥ {goal:g}× the fastest softmax peer at position {p}",
-                          row["t2r/fastest_softmax"], goal, "×", higher=True)
-            if row["floor/fastest_softmax"]:
-                entry["value"] += f" (ceiling: the floor is {row['floor/fastest_softmax']:.2f}×)"
-            goals.append(entry)
-    floors = [r["t2r_latency/floor"] for r in per_position.values() if r["t2r_latency/floor"]]
-    if floors:
-        goals.append(_goal(f"T2R step latency ≤ {FLOOR_GOAL:.2f}× the floor (median over positions)",
-                           statistics.median(floors), FLOOR_GOAL, "×", higher=False))
-    for row in result.get("prefill", {}).values():
-        if "t2r-ort prefill graph" in row:
-            graph = row["t2r-ort prefill graph"]
-            row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]
-            peers = {n: row[n] for n in SOFTMAX_PATHS if isinstance(row.get(n), float)}
-            if peers:
-                fastest = max(peers, key=peers.get)
-                row["fastest_softmax"] = fastest
-                row["prefill_graph/fastest_softmax"] = graph / peers[fastest]
-    prefill = result.get("prefill", {})
-    if "1024" in prefill:
-        row = prefill["1024"]
-        goals.append(_goal("prefill graph ≥ 10× step feeding at 1k tokens", row["prefill_graph/step_feeding"], 10,
-                           "×", higher=True))
-        if "prefill_graph/fastest_softmax" in row:
-            goals.append(_goal("prefill ≥ the fastest softmax peer at 1k tokens",
-                               row["prefill_graph/fastest_softmax"], 1.0, "×", higher=True))
-    if "8192" in prefill and "prefill_graph/fastest_softmax" in prefill["8192"]:
-        goals.append(_goal("prefill ≥ 2× the fastest softmax peer at 8k tokens",
-                           prefill["8192"]["prefill_graph/fastest_softmax"], 2.0, "×", higher=True))
-    rss = result.get("memory", {}).get("rss")
-    if rss:
-        growth = rss["growth_bytes"] / 2**20
-        goals.append({"goal": f"RSS flat over {rss['decode_tokens']:,} generated tokens (state constant)",
-                      "value": f"{growth:+.1f} MiB after warm-up, state {rss['state_bytes']:,} → "
-                               f"{rss['state_bytes_after']:,} bytes",
-                      "met": abs(growth) < 8 and rss["state_bytes"] == rss["state_bytes_after"]})
-    return {"positions": per_position, "goals": goals}
-
-
-def _goal(text: str, value: float, target: float, unit: str, higher: bool) -> dict:
-    met = value >= target if higher else value <= target
-    return {"goal": text, "value": f"{value:.2f}{unit}", "met": bool(met)}

@@ -93,6 +93,7 @@ GROUPS = [
         ("precision", bench_tools_cmd.precision, None),
         ("scaling", bench_tools_cmd.scaling, None),
         ("startup", bench_tools_cmd.startup, None),
+        ("streams", bench_tools_cmd.streams, None),
     ]),
     ("experiment", "Experiments on the bundled teacher: `experiment` (= `experiment paper`) and `experiment seeds`.",
      "paper", False, [

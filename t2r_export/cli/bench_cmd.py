@@ -40,6 +40,10 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
     profile: bool = typer.Option(False, "--profile", help="Also profile the T2R step graph and the floor with "
                                                           "ONNX Runtime's profiler (time and nodes by op type)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Time a random-init model of a public shape "
+                                                                "instead (smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, "
+                                                                "...): built, swapped and exported once into the "
+                                                                "cache."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     import os
@@ -66,9 +70,13 @@ def bench(
         if threads < 0:
             raise ValueError(f"--threads must be >= 0, got {threads}")
         make = BenchConfig.quick if quick else BenchConfig
-        cfg = make(bundle=bundle or Path("."), softmax_model=Path(softmax_dir), t2r_model=Path(t2r_dir), **overrides)
-        _check_early(cfg, bundle)
-        if bundle is None:
+        if config is not None:
+            cfg = _config_run(make, config, bundle, softmax, t2r_model, overrides)
+        else:
+            cfg = make(bundle=bundle or Path("."), softmax_model=Path(softmax_dir), t2r_model=Path(t2r_dir),
+                       **overrides)
+            _check_early(cfg, bundle)
+        if bundle is None and config is None:
             with console.status(f"exporting the bundled T2R teacher ({t2r_dir}) to a bundle"):
                 cfg.bundle = default_bundle(cfg.t2r_model)
             _check_early(cfg, cfg.bundle)
@@ -85,6 +93,23 @@ def bench(
         written = write_report(result, tmp)
     print_result(result)
     console.print(f"[bold green]wrote[/] {out}/: bench.json, {', '.join(p.name for p in written)}", highlight=False)
+
+
+def _config_run(make, name: str, bundle, softmax, t2r_model, overrides: dict):
+    """The BenchConfig of a public shape's random-init models (built into the cache on first use)."""
+    from ..bench.shapes import check_config, prepare_config
+    from ..cache import cache_root
+
+    check_config(name)
+    if bundle is not None or softmax is not None or t2r_model is not None:
+        raise ValueError("--config builds its own models; drop BUNDLE, --softmax and --t2r-model")
+    cfg = make(bundle=Path("."), softmax_model=Path("."), t2r_model=Path("."), shape=name, **overrides)
+    cfg.validate(None)
+    with console.status(f"building {name} (random init), its T2R swap and bundle (cached)") as status:
+        made = prepare_config(name, cache_root(), progress=lambda message: status.update(message))
+    cfg.bundle, cfg.softmax_model, cfg.t2r_model = made["bundle"], made["softmax"], made["t2r"]
+    _check_early(cfg, cfg.bundle)
+    return cfg
 
 
 def _check_early(cfg, bundle: Path | None) -> None:
@@ -134,6 +159,10 @@ def print_result(result: dict) -> None:
     from rich.table import Table
 
     m = result["machine"]
+    shape = result["config"].get("shape")
+    if shape:
+        console.print(f"[bold]{shape}[/]-shaped models (random init): {result['config']['softmax_model']}",
+                      highlight=False)
     console.print(f"[bold]{m['cpu']}[/], {m['cpus']} CPUs, {m['threads']} threads for every path, batch 1, fp32; "
                   f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}"
                   + (f"; the timed steps got {m['cpu_share']:.0%} of the CPU time they asked for"

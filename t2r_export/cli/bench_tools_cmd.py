@@ -1,5 +1,6 @@
-"""The focused benchmarks under ``t2r-export bench``: ``latency``, ``precision``, ``scaling`` and
-``startup``. Each prints its table and, with ``--json``, writes the numbers (atomically)."""
+"""The focused benchmarks under ``t2r-export bench``: ``latency``, ``precision``, ``scaling``,
+``startup`` and ``streams``. Each prints its table and writes its numbers atomically (``--json``;
+``streams``: ``--out DIR`` with its plot)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from .common import check_writable_parent, console, err_console, fail
+from .common import (FORCE_HELP, atomic_output_dir, check_output_early, check_writable_parent, console,
+                     err_console, fail, stderr_is_tty)
 
 
 def _write_json(path: Optional[Path], result: dict) -> None:
@@ -136,3 +138,89 @@ def startup(
                   f"(min {result['min_s']:.3f}, max {result['max_s']:.3f}; {repeats} fresh processes, {provider})",
                   highlight=False)
     _write_json(json_out, result)
+
+
+def streams(
+    bundle: Optional[Path] = typer.Argument(None, help="T2R bundle directory (default: the bundled T2R teacher's)."),
+    batch: str = typer.Option("1,8,32,64", "--batch", help="Concurrent streams (batch sizes) to time."),
+    context: int = typer.Option(4096, help="Context every stream is at when timing starts."),
+    memory_budget: str = typer.Option("8GiB", help="Memory for weights + per-stream state/KV cache (e.g. 8GiB, a "
+                                                   "Jetson Orin's); a peer is not run at a batch over it."),
+    softmax: Optional[Path] = typer.Option(None, help="The softmax model the bundle came from "
+                                                      "(default: the bundled softmax teacher)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A random-init model of a public shape instead "
+                                                                "(smollm2-135m, qwen2.5-0.5b, ...), built once."),
+    steps: int = typer.Option(16, help="Timed steps per repeat (each advances every stream by one token)."),
+    repeats: int = typer.Option(3, help="Timed repeats per batch size (median kept)."),
+    warmup: int = typer.Option(2, help="Untimed steps per batch size."),
+    threads: int = typer.Option(1, help="Threads for every path (ORT intra-op, genai, torch)."),
+    paths: str = typer.Option("t2r-ort,softmax-ort,genai", help="Comma-separated subset of t2r-ort,softmax-ort,"
+                                                                "genai (t2r-ort is always run)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Directory for streams.json, streams.png and "
+                                                                 "streams.md (default: print, write nothing)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Many concurrent streams at one context: aggregate tokens/s per batch size, memory per stream, and the
+    largest batch each path fits in a memory budget."""
+    from ..bench.run import parse_int_list
+    from ..bench.streams import StreamsConfig, check_budget, parse_bytes, t2r_footprint
+    from ..runtime import load_bundle
+    from ..teacher import bundled_model_dir
+
+    if out is not None:
+        check_output_early(out, force, inputs=[bundle, softmax])
+    try:
+        wanted = tuple(dict.fromkeys(["t2r-ort", *(p.strip() for p in paths.split(",") if p.strip())]))
+        cfg = StreamsConfig(bundle=bundle or Path("."), softmax_model=Path(softmax or bundled_model_dir("softmax")),
+                            batches=parse_int_list(batch, "--batch"), context=context,
+                            memory_budget=parse_bytes(memory_budget), steps=steps, repeats=repeats, warmup=warmup,
+                            threads=threads, paths=wanted, shape=config)
+        cfg.validate(None)
+        if config is not None:
+            _streams_config(cfg, config, bundle, softmax)
+        elif bundle is None:
+            cfg.bundle = _default_bundle()
+        loaded = load_bundle(cfg.bundle)
+        cfg.validate(loaded.config.max_position)
+        check_budget(cfg, *t2r_footprint(loaded))
+        if not (cfg.softmax_model / "config.json").is_file():
+            raise ValueError(f"--softmax {cfg.softmax_model} is not a model directory (no config.json)")
+    except ValueError as err:
+        fail(str(err))
+    result = _run_streams(cfg)
+    from ..bench.plots import streams_markdown
+
+    console.print(streams_markdown(result), highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        from ..bench.plots import write_streams_report
+
+        with atomic_output_dir(out, force, inputs=[bundle, softmax]) as tmp:
+            (tmp / "streams.json").write_text(json.dumps(result, indent=2) + "\n")
+            written = write_streams_report(result, tmp)
+        console.print(f"[bold green]wrote[/] {out}/: streams.json, {', '.join(p.name for p in written)}",
+                      highlight=False)
+
+
+def _streams_config(cfg, name: str, bundle, softmax) -> None:
+    from ..bench.shapes import check_config, prepare_config
+    from ..cache import cache_root
+
+    check_config(name)
+    if bundle is not None or softmax is not None:
+        raise ValueError("--config builds its own models; drop BUNDLE and --softmax")
+    with console.status(f"building {name} (random init), its T2R swap and bundle (cached)") as status:
+        made = prepare_config(name, cache_root(), progress=lambda message: status.update(message))
+    cfg.bundle, cfg.softmax_model = made["bundle"], made["softmax"]
+
+
+def _run_streams(cfg) -> dict:
+    from ..bench.streams import run_streams
+
+    try:
+        if not stderr_is_tty():
+            return run_streams(cfg, progress=lambda message: err_console.print(f"streams: {message}",
+                                                                                highlight=False))
+        with console.status("timing many streams") as status:
+            return run_streams(cfg, progress=lambda message: status.update(f"streams: {message}"))
+    except ValueError as err:
+        fail(str(err))
