@@ -68,9 +68,10 @@ def test_other_feature_maps_pass_the_trt_check(feature_map):
         assert check_model(build_graph(dec, kind, "fp16"), kind) == []
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_window_graphs_pass_the_trt_check_in_every_precision(arch):
-    model = swap_attention(make_tiny_model(arch), T2RConfig(feature_map="hedgehog", feature_dim=16, window=6))
+@pytest.mark.parametrize("arch, decay", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])
+def test_window_graphs_pass_the_trt_check_in_every_precision(arch, decay):
+    model = swap_attention(make_tiny_model(arch), T2RConfig(feature_map="hedgehog", feature_dim=16, window=6,
+                                                            decay=decay))
     dec = extract_decoder(model)
     for precision in PRECISIONS:
         for kind in contract.GRAPH_KINDS:

@@ -129,7 +129,7 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
             s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(past["s"], [1]))
             z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(past["z"], [1]))
         else:
-            s_all, z_all = _decayed_sums(e, pk, vv, past["s"], past["z"], layer.feature_map.log_decay)
+            s_all, z_all = _decayed_sums(e, pk, vv, past["s"], past["z"], layer.feature_map.log_decay, ones_t)
         g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64), outputs=[present["s"]])
         g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64), outputs=[present["z"]])
         pq = e.to_state(phi_q)                                                           # [B, T, H_kv, G, K]
@@ -149,10 +149,11 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
     return g.reshape(e.to_low(out), [0, 0, e.dec.num_heads * d])
 
 
-def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.ndarray) -> tuple[str, str]:
+def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.ndarray,
+                  ones_t: str) -> tuple[str, str]:
     """S_t = gamma^(t+1) S_past + Σ_{j<=t} gamma^(t-j) pk_j v_jᵀ for every t (and z alike), [B, T, H_kv, K, d]
-    and [B, T, H_kv, K]; pk [B, T, H_kv, K, 1], vv [B, T, H_kv, 1, d]. S and z travel as one tensor with
-    z as an extra value column (v with a constant-1 channel appended)."""
+    and [B, T, H_kv, K]; pk [B, T, H_kv, K, 1], vv [B, T, H_kv, 1, d], ones_t [B, T] fp32 ones. S and z
+    travel as one tensor with z as an extra value column (v with a constant-1 channel appended)."""
     g, hkv, k, d, c = e.g, e.hkv, e.k, e.d, DECAY_BLOCK
     lg = log_decay.astype(np.float64).reshape(1, 1, 1, hkv, 1, 1)
     i = np.arange(c, dtype=np.float64).reshape(1, 1, c, 1, 1, 1)
@@ -180,7 +181,10 @@ def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.n
         factor = np.exp(log_decay.astype(np.float64) * c * shift).reshape(1, 1, hkv, 1, 1)
         carry = g.op("Add", carry, g.op("Mul", older, g.const(factor, e.state_dtype)))
     sums = g.op("Add", local, g.op("Mul", g.unsqueeze(carry, [2]), table(lg * (i + 1))))
-    sums = g.op("Slice", g.reshape(sums, [0, -1, hkv, k, d + 1]), g.const([0], np.int64), t_len,
-                g.const([1], np.int64))                                                   # [B, T, H, K, d+1]
+    # the first T rows, by a Gather whose indices come from a CumSum over ones (TensorRT 10's parser
+    # takes a Slice's ends only as constants)
+    first = g.op("CumSum", _slice(e, ones_t, 0, 1, 0), g.const(1, np.int64))                 # [1, T]: 1 .. T
+    rows = g.cast(g.reshape(g.op("Sub", first, g.const(1.0, np.float32)), [-1]), np.int64)
+    sums = g.op("Gather", g.reshape(sums, [0, -1, hkv, k, d + 1]), rows, axis=1)           # [B, T, H, K, d+1]
     s_all, z_col = g.op("Split", sums, g.const([d, 1], np.int64), axis=4, outputs=2)
     return s_all, g.reshape(z_col, [0, 0, hkv, k])
