@@ -1,4 +1,4 @@
-"""A decode stream's state as a value: save, restore, fork, snapshot (docs/design.md#the-decode-runtime).
+"""A decode stream's state as a value: save, restore, fork, snapshot (docs/design.md#runtime).
 
 A T2R stream's whole history is its fixed-size state, so a stream can be written to a file and
 continued later, copied into n rows to draw n samples from one prompt without prefilling it n
