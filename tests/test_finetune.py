@@ -304,9 +304,13 @@ def test_distill_trains_on_kl_to_the_softmax_source_and_the_decay_moves(tiny, tm
     start = torch.full((2,), math.log(DECAY_INIT_TOKENS - 1.0))
     assert not torch.allclose(model.model.layers[0].self_attn.t2r_feature_map.decay, start,
                               atol=TOLERANCES[("train-moved", "fp32")])
+    phases = []
     with pytest.raises(ValueError, match="--distill needs a softmax teacher"):
+        # refused before any training, the transfer stage included
         finetune(config(tiny, tmp_path / "again", model=tmp_path / "out", distill=True, feature_map="hedgehog",
-                        window=4, decay=True))
+                        window=4, decay=True, attention_transfer_steps=2),
+                 progress=lambda event: phases.append(event["phase"]))
+    assert "transfer" not in phases and "finetune" not in phases
 
 
 def test_an_unfinished_run_is_not_silently_overwritten(tiny, tmp_path):

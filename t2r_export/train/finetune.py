@@ -497,6 +497,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
     model, tokenizer = load_model_and_tokenizer(checkpoint or source, cfg)
     _notify(progress, dist, {"phase": "setup", "what": "tokenizing the training data (cached after the first run)"})
     streams = load_token_streams(cfg, tokenizer)
+    # before any training: a source that cannot be a teacher fails first
+    teacher = load_teacher(source, cfg, dist) if cfg.distill else None
     model.to(dist.device)
     if dist.fsdp:
         shard_fsdp(model, dist)
@@ -514,7 +516,6 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, command: str
         state.update(stage="finetune", step=0)
         # the finetune stage starts fresh: its optimizer and adapters are not in the transfer checkpoint
         checkpoint = None
-    teacher = load_teacher(source, cfg, dist) if cfg.distill else None
     model = run_stage("finetune", model, tokenizer, streams, state, cfg, dist, progress, checkpoint, teacher)
     del teacher
 
