@@ -36,7 +36,7 @@ def chunked_prefill(e, phi_q: str, phi_k: str, v: str, i: int, chunk: int = CHUN
     dt = e.state_dtype
     i64 = lambda values: g.const(values, np.int64)  # noqa: E731
     s_in, z_in = contract.past_name(i, "s"), contract.past_name(i, "z")
-    pad = _pad_to_chunks(e, chunk)
+    pad = pad_to_chunks(e, chunk)
     # [B, T, H_kv, 1, d+1]: the constant-1 channel carries z
     v1 = g.op("Pad", e.to_state(v), i64([0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), g.const(1.0, dt))
 
@@ -62,10 +62,10 @@ def chunked_prefill(e, phi_q: str, phi_k: str, v: str, i: int, chunk: int = CHUN
     out = g.op("Transpose", out, perm=[0, 1, 4, 2, 3, 5])                              # [B, N, C, H_kv, G, d]
     out = g.reshape(e.to_low(out), [0, -1, e.dec.num_heads * d])                      # [B, N·C, H·d]
     # the first T rows; a Gather, since TensorRT's parser wants a Slice's ends as constants
-    return g.op("Gather", out, _first_rows(e), axis=1)
+    return g.op("Gather", out, first_rows(e), axis=1)
 
 
-def _first_rows(e) -> str:
+def first_rows(e) -> str:
     """0..T-1 as int64 [T], counted in fp32 from position_ids' shape (made once per graph)."""
     if getattr(e, "_first_rows", None) is None:
         g = e.g
@@ -84,7 +84,7 @@ def _sequence_length(e) -> str:
     return e._sequence_length
 
 
-def _pad_to_chunks(e, chunk: int) -> str:
+def pad_to_chunks(e, chunk: int) -> str:
     """Pads for [B, T, ...] 5-D tensors: (C - T mod C) mod C zeros at the end of T (made once per graph)."""
     if getattr(e, "_chunk_pads", None) is None:
         g = e.g

@@ -23,10 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from .. import contract
+from .prefill_graph import CHUNK, first_rows, pad_to_chunks
 
 INT64_MAX = np.iinfo(np.int64).max
-# tokens per block of the decayed prefill sums; gamma >= DECAY_MIN keeps gamma^-(C-1) below 1e3
-DECAY_BLOCK = 64
+# tokens per block of the decayed prefill sums (the plain prefill's chunk); gamma >= DECAY_MIN keeps
+# gamma^-(C-1) below 1e3
+DECAY_BLOCK = CHUNK
 # rounds of the scan between blocks: exact for prompts of up to DECAY_BLOCK * 2^rounds tokens (1M); a
 # key further back would weigh gamma^(2^20), below fp32's resolution for any gamma under 0.99998
 DECAY_SCAN_ROUNDS = 14
@@ -129,7 +131,7 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
             s_all = g.op("Add", g.op("CumSum", g.op("Mul", pk, vv), axis), g.unsqueeze(past["s"], [1]))
             z_all = g.op("Add", g.op("CumSum", g.reshape(pk, [0, 0, hkv, k]), axis), g.unsqueeze(past["z"], [1]))
         else:
-            s_all, z_all = _decayed_sums(e, pk, vv, past["s"], past["z"], layer.feature_map.log_decay, ones_t)
+            s_all, z_all = _decayed_sums(e, pk, vv, past["s"], past["z"], layer.feature_map.log_decay)
         g.op("Reshape", g.slice_last(s_all, 1), g.const([-1, hkv, k, d], np.int64), outputs=[present["s"]])
         g.op("Reshape", g.slice_last(z_all, 1), g.const([-1, hkv, k], np.int64), outputs=[present["z"]])
         pq = e.to_state(phi_q)                                                           # [B, T, H_kv, G, K]
@@ -149,25 +151,20 @@ def window_prefill(e, qk: str, v: str, layer, i: int) -> str:
     return g.reshape(e.to_low(out), [0, 0, e.dec.num_heads * d])
 
 
-def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.ndarray,
-                  ones_t: str) -> tuple[str, str]:
+def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.ndarray) -> tuple[str, str]:
     """S_t = gamma^(t+1) S_past + Σ_{j<=t} gamma^(t-j) pk_j v_jᵀ for every t (and z alike), [B, T, H_kv, K, d]
-    and [B, T, H_kv, K]; pk [B, T, H_kv, K, 1], vv [B, T, H_kv, 1, d], ones_t [B, T] fp32 ones. S and z
-    travel as one tensor with z as an extra value column (v with a constant-1 channel appended)."""
+    and [B, T, H_kv, K]; pk [B, T, H_kv, K, 1], vv [B, T, H_kv, 1, d]. S and z travel as one tensor with
+    z as an extra value column (v with a constant-1 channel appended)."""
     g, hkv, k, d, c = e.g, e.hkv, e.k, e.d, DECAY_BLOCK
     lg = log_decay.astype(np.float64).reshape(1, 1, 1, hkv, 1, 1)
     i = np.arange(c, dtype=np.float64).reshape(1, 1, c, 1, 1, 1)
     table = lambda x: g.const(np.exp(x), e.state_dtype)  # noqa: E731
-    one = g.op("Add", g.op("Mul", _slice(e, vv, 0, 1, 4), g.const(0.0, e.state_dtype)), g.const(1.0, e.state_dtype))
-    x = g.op("Mul", pk, g.op("Concat", vv, one, axis=4))                                 # [B, T, H, K, d+1]
+    v1 = g.op("Pad", vv, g.const([0, 0, 0, 0, 0, 0, 0, 0, 0, 1], np.int64), g.const(1.0, e.state_dtype))
+    x = g.op("Mul", pk, v1)                                                               # [B, T, H, K, d+1]
     past = g.op("Concat", s_past, g.unsqueeze(z_past, [-1]), axis=-1)                    # [B, H, K, d+1]
     # pad T up to whole blocks (zero keys add nothing), then view the blocks
-    t_len = g.op("Slice", g.op("Shape", x), g.const([1], np.int64), g.const([2], np.int64))
-    block = g.const([c], np.int64)
-    padded = g.op("Mul", g.op("Div", g.op("Add", t_len, g.const([c - 1], np.int64)), block), block)
-    zeros = g.const([0] * 6, np.int64)
-    pads = g.op("Concat", zeros, g.op("Sub", padded, t_len), g.const([0] * 3, np.int64), axis=0)
-    xb = g.reshape(g.op("Pad", x, pads), [0, -1, c, hkv, k, d + 1])                   # [B, n, C, H, K, d+1]
+    pads = pad_to_chunks(e, c)
+    xb = g.reshape(g.op("Pad", x, pads, g.const(0.0, e.state_dtype)), [0, -1, c, hkv, k, d + 1])  # [B, n, C, H, K, d+1]
     # inside a block: gamma^i · CumSum(gamma^-i x_i), the sums from the block's start
     local = g.op("Mul", g.op("CumSum", g.op("Mul", xb, table(-lg * i)), g.const(2, np.int64)), table(lg * i))
     # what each block adds by its end, and the state entering each block: a = [S_past, L_0 .. L_{n-2}],
@@ -181,10 +178,7 @@ def _decayed_sums(e, pk: str, vv: str, s_past: str, z_past: str, log_decay: np.n
         factor = np.exp(log_decay.astype(np.float64) * c * shift).reshape(1, 1, hkv, 1, 1)
         carry = g.op("Add", carry, g.op("Mul", older, g.const(factor, e.state_dtype)))
     sums = g.op("Add", local, g.op("Mul", g.unsqueeze(carry, [2]), table(lg * (i + 1))))
-    # the first T rows, by a Gather whose indices come from a CumSum over ones (TensorRT 10's parser
-    # takes a Slice's ends only as constants)
-    first = g.op("CumSum", _slice(e, ones_t, 0, 1, 0), g.const(1, np.int64))                 # [1, T]: 1 .. T
-    rows = g.cast(g.reshape(g.op("Sub", first, g.const(1.0, np.float32)), [-1]), np.int64)
-    sums = g.op("Gather", g.reshape(sums, [0, -1, hkv, k, d + 1]), rows, axis=1)           # [B, T, H, K, d+1]
+    # the first T rows, by a Gather (TensorRT 10's parser takes a Slice's ends only as constants)
+    sums = g.op("Gather", g.reshape(sums, [0, -1, hkv, k, d + 1]), first_rows(e), axis=1)  # [B, T, H, K, d+1]
     s_all, z_col = g.op("Split", sums, g.const([d, 1], np.int64), axis=4, outputs=2)
     return s_all, g.reshape(z_col, [0, 0, hkv, k])
