@@ -72,13 +72,7 @@ def step_config(config, backend: str, max_batch: int, idle_seconds: int = 600, d
                       f'      data_type: {dtype}\n      dims: {dims}\n'
                       f'      initial_state: {{ name: "zero" data_type: {dtype} dims: {dims} zero_data: true }}\n'
                       "    }")
-    kind = f"KIND_{device.upper()}"
-    return "\n".join([
-        f'name: "{STEP_MODEL}"',
-        f'backend: "{backend}"',
-        f"max_batch_size: {max_batch}",
-        "input [", ",\n".join(_tensor(s) for s in plain_in), "]",
-        "output [", ",\n".join(_tensor(s) for s in plain_out), "]",
+    return _model_config(STEP_MODEL, backend, max_batch, plain_in, plain_out, device, [
         "sequence_batching {",
         f"  max_sequence_idle_microseconds: {idle_seconds * 1_000_000}",
         "  oldest {",
@@ -88,20 +82,25 @@ def step_config(config, backend: str, max_batch: int, idle_seconds: int = 600, d
         "  }",
         "  state [", ",\n".join(states), "  ]",
         "}",
-        f"instance_group [ {{ kind: {kind} count: 1 }} ]",
-        "",
     ])
 
 
 def prefill_config(config, backend: str, max_batch: int, device: str = "gpu") -> str:
     """config.pbtxt of the stateless prefill model: ids, positions and state in; logits and state out."""
     inputs, outputs = config.graph_specs(contract.PREFILL)
+    return _model_config(PREFILL_MODEL, backend, max_batch, inputs, outputs, device)
+
+
+def _model_config(name: str, backend: str, max_batch: int, inputs, outputs, device: str,
+                  batching: list[str] = ()) -> str:
+    """A config.pbtxt: name, backend, batch size, plain inputs and outputs, then ``batching``, one instance."""
     return "\n".join([
-        f'name: "{PREFILL_MODEL}"',
+        f'name: "{name}"',
         f'backend: "{backend}"',
         f"max_batch_size: {max_batch}",
         "input [", ",\n".join(_tensor(s) for s in inputs), "]",
         "output [", ",\n".join(_tensor(s) for s in outputs), "]",
+        *batching,
         f"instance_group [ {{ kind: KIND_{device.upper()} count: 1 }} ]",
         "",
     ])
