@@ -49,11 +49,17 @@ TARGET_OPSETS = {"plain": OPSET, "ort": 27}
 
 # precision plans (docs/design.md#precision-plan); the state stays fp32 except in fp16-all, the
 # deliberately unsafe plan kept to show why the state must not be fp16
-PRECISIONS = ("fp32", "fp16", "fp16-all", "int8", "int4", "int8-wo")
+PRECISIONS = ("fp32", "fp16", "fp16-all", "int8", "int4", "int8-wo", "int4-qdq")
 STATE_DTYPES = {"fp32": "float32", "fp16": "float32", "fp16-all": "float16", "int8": "float32", "int4": "float32",
-                "int8-wo": "float32"}
+                "int8-wo": "float32", "int4-qdq": "float32"}
 # weight-only plans: ONNX Runtime's MatMulNBits (a contrib op), so no TensorRT engine is built from them
 WEIGHT_ONLY_PRECISIONS = ("int4", "int8-wo")
+# weight-only for TensorRT: INT4 weight blocks behind a standard DequantizeLinear, plain target only;
+# INT4 and the DequantizeLinear block_size attribute need opset 21 (docs/design.md#precision-plan)
+QDQ_WEIGHT_PRECISIONS = ("int4-qdq",)
+QDQ_WEIGHT_OPSET = 21
+# input rows per INT4 block: TensorRT's INT4 weight-only quantization takes 64 or 128
+QDQ_BLOCK_SIZES = (64, 128)
 # graph metadata: the plan a graph was built for, and the nodes that must run in fp32 whatever the plan
 PRECISION_KEY = "t2r.precision"
 ISLAND_KEY = "t2r.fp32_island"
