@@ -21,7 +21,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def qdq(tmp_path_factory, tiny_tokenizer):
-    """A tiny T2R Llama wide enough for blocks of 64, exported fp32 and int4-qdq (verified)."""
+    """A tiny T2R Llama wide enough for blocks of 64, with a tied lm head, exported fp32 and int4-qdq (verified)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,7 +30,8 @@ def qdq(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("qdq")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, bos_token_id=0, eos_token_id=0)
+                         num_key_value_heads=2, intermediate_size=128, bos_token_id=0, eos_token_id=0,
+                         tie_word_embeddings=True)
     model = swap_attention(LlamaForCausalLM(config).eval(), T2RConfig())
     model.save_pretrained(root / "model")
     tiny_tokenizer.save_pretrained(root / "model")
