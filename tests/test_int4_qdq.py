@@ -228,3 +228,22 @@ def test_the_trt_checker_knows_int4_blocks(dims, scale_dims, block, zero, messag
     assert any("opset 21" in f.message and f.severity == "warning" for f in findings)
     found = [f.message for f in errors(findings)]
     assert (found == []) if message is None else any(message in m for m in found), found
+
+
+def test_eval_scores_bundles_beside_their_source_model(qdq, tmp_path):
+    """`eval MODEL BUNDLE...`: the fp32 bundle reproduces the model's perplexity and argmax on the same
+    blocks; the int4-qdq bundle gets its own perplexity and its agreement with the model."""
+    text = tmp_path / "text.py"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 40)
+    result = runner.invoke(app, ["eval", str(qdq / "model"), str(qdq / "fp32"), str(qdq / "int4-qdq"), "--data",
+                                 str(text), "--block-size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    model, fp32, int4 = json.loads(result.output)
+    assert fp32["kind"] == "bundle fp32" and int4["kind"] == "bundle int4-qdq"
+    assert model["tokens"] == fp32["tokens"] == int4["tokens"]
+    assert abs(fp32["perplexity"] / model["perplexity"] - 1) <= TOLERANCES[("ppl-record", "fp32")]
+    assert fp32["agreement"] >= MIN_AGREEMENT["fp16"] and fp32["agreement_with"] == str(qdq / "model")
+    assert int4["agreement"] >= MIN_AGREEMENT["int4-qdq"]
+    assert abs(int4["perplexity"] / model["perplexity"] - 1) <= TOLERANCES[("ppl-delta", "int4-qdq")]
+    positions = runner.invoke(app, ["eval", str(qdq / "int4-qdq"), "--positions"])
+    assert positions.exit_code == 2 and "--positions scores model directories" in positions.output

@@ -46,10 +46,11 @@ def encode_texts(tokenizer_json: Path, texts: list[str], max_tokens: int = MAX_T
     return rows
 
 
-def _session(path: Path, precision: str = "fp32"):
+def _session(path: Path, precision: str = "fp32", threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     if precision in contract.QDQ_WEIGHT_PRECISIONS:
         # ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by default with int8
         # activations; level 1 keeps them fp32, the graph's own math (what TensorRT runs)
