@@ -506,7 +506,8 @@ def render_markdown(example: StateShape | None = None) -> str:
         "precision plan except `fp16-all`, the unsafe plan kept to show why",
         f"(precision → state dtype: {plans}). Opset {OPSET}; plain ONNX ops only (no ONNX Runtime",
         "contrib ops; the weight-only plans' MatMulNBits is ONNX Runtime only), so the same files parse",
-        "in TensorRT. `input_ids`/`position_ids` are int64",
+        f"in TensorRT; `int4-qdq` moves to opset {QDQ_WEIGHT_OPSET} for its INT4 DequantizeLinear blocks. "
+        "`input_ids`/`position_ids` are int64",
         "(TensorRT 10 accepts int64 inputs). Every file a bundle names (graphs, their external data,",
         f"tokenizer, engines) lies inside the bundle folder. `{RUNTIME_JSON}` (format `{FORMAT}`,",
         f"version {FORMAT_VERSION}) describes the rest.",

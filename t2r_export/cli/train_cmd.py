@@ -226,7 +226,8 @@ def evaluate(
     where = "--data files" if data else "stdlib test split"
     table = Table(title=f"perplexity on the {where} ({rows[0]['tokens']:,} tokens, block {block_size})")
     agreement = any(row.get("agreement") is not None for row in rows)
-    for column in ("model", "kind", "params", "test loss", "ppl", "ratio") + (("top-1 vs source",) if agreement else ()):
+    columns = ("model", "kind", "params", "test loss", "ppl", "ratio") + (("top-1 vs source",) if agreement else ())
+    for column in columns:
         # full paths wrap rather than being cut: two runs often differ only at the end
         table.add_column(column, justify="left" if column in ("model", "kind") else "right",
                          overflow="fold" if column == "model" else "ellipsis")

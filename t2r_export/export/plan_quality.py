@@ -28,6 +28,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
 
 
+def _batches(blocks, batch_size: int):
+    """Equal-length blocks stacked ``[b, L]`` in stream order, as ``eval`` batches them (the short tail alone)."""
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        if pending and (len(pending) == batch_size or len(block) != len(pending[0])):
+            yield np.stack(pending)
+            pending = []
+        pending.append(block.numpy())
+    if pending:
+        yield np.stack(pending)
+
+
 def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: int = 256, batch_size: int = 8,
                       max_tokens: int | None = None, reference=None, threads: int = 0,
                       progress: Callable[[dict], None] | None = None) -> dict:
@@ -35,8 +47,8 @@ def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: in
     agreement is None without a ``reference`` torch model."""
     import torch
 
+    from ..data.corpus import eval_blocks
     from ..runtime.bundle import load_bundle
-    from ..train.evaluate import _batches
     from .plan_check import _session
 
     bundle = load_bundle(Path(bundle_dir))
@@ -55,14 +67,13 @@ def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: in
     outputs = ["logits"] + [present for _, present in pairs]
     notify = progress or (lambda event: None)
     total, loss_sum, done, agree = len(stream) - 1, 0.0, 0, 0
-    for batch in _batches(stream, block_size, batch_size):
-        ids = batch.numpy()
+    for ids in _batches(eval_blocks(stream, block_size), batch_size):
         rows, length = ids.shape
         state = {s.name: np.zeros((rows, *s.shape[1:]), s.dtype) for s in states}
         logits = np.empty((rows, length - 1, config.vocab_size), np.float32)
         for t in range(length - 1):
-            values = session.run(outputs, {"input_ids": ids[:, t:t + 1], "position_ids": np.full((rows, 1), t, np.int64),
-                                           **state})
+            feed = {"input_ids": ids[:, t:t + 1], "position_ids": np.full((rows, 1), t, np.int64), **state}
+            values = session.run(outputs, feed)
             logits[:, t] = values[0][:, :config.vocab_size]
             state = {past: v for (past, _), v in zip(pairs, values[1:])}
         targets = ids[:, 1:]

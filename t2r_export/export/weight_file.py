@@ -38,7 +38,8 @@ def external_tensor(name: str, dtype, shape, location: str, offset: int, length:
 
     tensor = TensorProto()
     tensor.name = name
-    tensor.data_type = PACKED_DTYPES[dtype] if dtype in PACKED_DTYPES else helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    packed = PACKED_DTYPES.get(dtype) if isinstance(dtype, str) else None
+    tensor.data_type = packed or helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     tensor.dims.extend(int(n) for n in shape)
     tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
