@@ -247,3 +247,16 @@ def test_eval_scores_bundles_beside_their_source_model(qdq, tmp_path):
     assert abs(int4["perplexity"] / model["perplexity"] - 1) <= TOLERANCES[("ppl-delta", "int4-qdq")]
     positions = runner.invoke(app, ["eval", str(qdq / "int4-qdq"), "--positions"])
     assert positions.exit_code == 2 and "--positions scores model directories" in positions.output
+
+
+@pytest.mark.slow
+def test_teacher_int4_qdq_meets_the_perplexity_goal(tmp_path):
+    from t2r_export.export.plans import export_plan
+    from t2r_export.teacher import bundled_model_dir
+
+    for block_size in contract.QDQ_BLOCK_SIZES:
+        result = export_plan(bundled_model_dir("t2r"), tmp_path / f"qdq-{block_size}", precision="int4-qdq",
+                             chained_steps=16, block_size=block_size)
+        figures = {f.name: f.value for f in result.runtime.verification.figures}
+        assert figures["teacher-forced steps: perplexity delta"] <= TOLERANCES[("ppl-delta", "int4-qdq")]
+        assert result.runtime.verification.passed and result.runtime.quantization["block_size"] == block_size
