@@ -49,7 +49,7 @@ def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: in
 
     from ..data.corpus import eval_blocks
     from ..runtime.bundle import load_bundle
-    from .plan_check import _session
+    from .plan_check import plan_session
 
     bundle = load_bundle(Path(bundle_dir))
     config = bundle.config
@@ -60,7 +60,7 @@ def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: in
     if int(stream.max()) >= config.vocab_size:
         raise ValueError(f"the token stream holds id {int(stream.max())}, {bundle_dir} has {config.vocab_size} "
                          "tokens; eval bundles with the tokenizer they ship")
-    session = _session(bundle.graph_path(contract.STEP), config.precision, threads)
+    session = plan_session(bundle.graph_path(contract.STEP), config.precision, threads)
     pairs = contract.state_pairs(config.num_layers, config.state_shape.parts)
     specs, _ = config.graph_specs(contract.STEP)
     states = [s for s in specs if contract.is_state(s.name)]
