@@ -49,11 +49,17 @@ TARGET_OPSETS = {"plain": OPSET, "ort": 27}
 
 # precision plans (docs/design.md#precision-plan); the state stays fp32 except in fp16-all, the
 # deliberately unsafe plan kept to show why the state must not be fp16
-PRECISIONS = ("fp32", "fp16", "fp16-all", "int8", "int4", "int8-wo")
+PRECISIONS = ("fp32", "fp16", "fp16-all", "int8", "int4", "int8-wo", "int4-qdq")
 STATE_DTYPES = {"fp32": "float32", "fp16": "float32", "fp16-all": "float16", "int8": "float32", "int4": "float32",
-                "int8-wo": "float32"}
+                "int8-wo": "float32", "int4-qdq": "float32"}
 # weight-only plans: ONNX Runtime's MatMulNBits (a contrib op), so no TensorRT engine is built from them
 WEIGHT_ONLY_PRECISIONS = ("int4", "int8-wo")
+# weight-only for TensorRT: INT4 weight blocks behind a standard DequantizeLinear, plain target only;
+# INT4 and the DequantizeLinear block_size attribute need opset 21 (docs/design.md#precision-plan)
+QDQ_WEIGHT_PRECISIONS = ("int4-qdq",)
+QDQ_WEIGHT_OPSET = 21
+# input rows per INT4 block: TensorRT's INT4 weight-only quantization takes 64 or 128
+QDQ_BLOCK_SIZES = (64, 128)
 # graph metadata: the plan a graph was built for, and the nodes that must run in fp32 whatever the plan
 PRECISION_KEY = "t2r.precision"
 ISLAND_KEY = "t2r.fp32_island"
@@ -500,7 +506,8 @@ def render_markdown(example: StateShape | None = None) -> str:
         "precision plan except `fp16-all`, the unsafe plan kept to show why",
         f"(precision → state dtype: {plans}). Opset {OPSET}; plain ONNX ops only (no ONNX Runtime",
         "contrib ops; the weight-only plans' MatMulNBits is ONNX Runtime only), so the same files parse",
-        "in TensorRT. `input_ids`/`position_ids` are int64",
+        f"in TensorRT; `int4-qdq` moves to opset {QDQ_WEIGHT_OPSET} for its INT4 DequantizeLinear blocks. "
+        "`input_ids`/`position_ids` are int64",
         "(TensorRT 10 accepts int64 inputs). Every file a bundle names (graphs, their external data,",
         f"tokenizer, engines) lies inside the bundle folder. `{RUNTIME_JSON}` (format `{FORMAT}`,",
         f"version {FORMAT_VERSION}) describes the rest.",

@@ -42,6 +42,9 @@ TOLERANCES: dict[tuple[str, str], float] = {
     # 0.085 (int8-wo) over the 1024 calibration tokens
     ("ort", "int4"): 0.35,
     ("ort", "int8-wo"): 0.25,
+    # int4-qdq: INT4 blocks of 64 behind DequantizeLinear, fp32 activations (ONNX Runtime stands in for
+    # TensorRT); the teacher: 0.15 (step) / 0.11 (prefill) over the 1024 calibration tokens
+    ("ort", "int4-qdq"): 0.35,
     # relative perplexity increase over the fp32 model, teacher-forced on real text (the teacher:
     # -0.007% fp16, +0.31% int8 on the calibration tokens; +0.55% int8 on the test split)
     ("ppl-delta", "fp16"): 0.005,
@@ -51,6 +54,8 @@ TOLERANCES: dict[tuple[str, str], float] = {
     # -0.007% int8-wo on the calibration tokens)
     ("ppl-delta", "int4"): 0.03,
     ("ppl-delta", "int8-wo"): 0.01,
+    # the same +3% goal as int4 (the teacher: +0.47% with blocks of 64, +0.69% with 128)
+    ("ppl-delta", "int4-qdq"): 0.03,
 }
 
 # the other direction: the least top-1 agreement with the fp32 model, teacher-forced on real text
@@ -62,6 +67,8 @@ MIN_AGREEMENT: dict[str, float] = {
     # the teacher: 91.4% int4, 98.7% int8-wo; a tiny random model's near-tied logits: 79.7% int4
     "int4": 0.75,
     "int8-wo": 0.93,
+    # as int4 (the teacher: 91.1% with blocks of 64 on the calibration tokens)
+    "int4-qdq": 0.75,
 }
 
 # memory and size goals for real model sizes (docs/sizes.md): ratios, not error bounds

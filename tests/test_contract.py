@@ -34,6 +34,11 @@ def every_precision(tmp_path_factory, tiny_tokenizer):
     for precision in contract.WEIGHT_ONLY_PRECISIONS:
         export_weight_only_bundle(bundles["fp32"], root / precision, precision)
         bundles[precision] = root / precision
+    from t2r_export.export.int4_qdq import export_qdq_bundle
+
+    # blocks of 64: here only the MLP's down projection (64 input rows) is wide enough
+    export_qdq_bundle(bundles["fp32"], root / "int4-qdq")
+    bundles["int4-qdq"] = root / "int4-qdq"
     return bundles
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ..contract import PRECISIONS, TARGETS, WEIGHT_ONLY_PRECISIONS
+from ..contract import PRECISIONS, QDQ_BLOCK_SIZES, QDQ_WEIGHT_PRECISIONS, TARGETS, WEIGHT_ONLY_PRECISIONS
 from .common import FORCE_HELP, TRUST_HELP, claimed_output, console, fail
 from .progress import log_to_status
 from .verification import print_bundle
@@ -24,7 +24,11 @@ def onnx_export(
                                                         "bundle; default: the model folder's own."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (fp32 state island) | int8 (Q/DQ weight matmuls, "
                                                "calibrated on recorded decode states) | int4 / int8-wo (weight-only "
-                                               "MatMulNBits, ONNX Runtime only) | fp16-all (overflow demo)."),
+                                               "MatMulNBits, ONNX Runtime only) | int4-qdq (INT4 weight blocks "
+                                               "behind DequantizeLinear, opset 21: the TensorRT weight-only plan) | "
+                                               "fp16-all (overflow demo)."),
+    block_size: Optional[int] = typer.Option(None, help="int4-qdq: input rows per INT4 block, 64 (default) or "
+                                                        "128 (the sizes TensorRT takes)."),
     target: str = typer.Option("plain", help="plain (opset 17, standard ops: ONNX Runtime and TensorRT) | ort "
                                              "(opset 27 LinearAttention, RMSNormalization, RotaryEmbedding: ONNX "
                                              "Runtime >= 1.32 only; fp32 or weight-only)."),
@@ -52,6 +56,11 @@ def onnx_export(
     if target == "ort" and precision not in ("fp32", *WEIGHT_ONLY_PRECISIONS):
         fail(f"--target ort is built in fp32 or weight-only ({', '.join(WEIGHT_ONLY_PRECISIONS)}), not {precision}; "
              f"use --target plain for {precision}")
+    if block_size is not None and precision not in QDQ_WEIGHT_PRECISIONS:
+        fail(f"--block-size applies to --precision {', '.join(QDQ_WEIGHT_PRECISIONS)}, not {precision}")
+    if block_size is not None and block_size not in QDQ_BLOCK_SIZES:
+        fail(f"unknown --block-size {block_size}; int4-qdq blocks are {' or '.join(map(str, QDQ_BLOCK_SIZES))} input "
+             "rows (what TensorRT's INT4 weight-only quantization takes)")
     texts = _read_text(verify_text) if verify_text is not None else None
     model = model or bundled_model_dir("t2r")
     with claimed_output(out, force, inputs=[model, tokenizer, calibration_prompts, verify_text],
@@ -70,7 +79,7 @@ def onnx_export(
                 result = export_plan(model, out, precision=precision, verify=verify, chained_steps=chained_steps,
                                      calibration_prompts=calibration_prompts, verify_texts=texts, tokenizer=shipped,
                                      overwrite=force, trust_remote_code=trust_remote_code, progress=status.update,
-                                     target=target)
+                                     target=target, block_size=block_size)
         except ToleranceError as err:
             fail(f"verification failed, no bundle written: {err}", code=1)
         except ValueError as err:

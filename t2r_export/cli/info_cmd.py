@@ -28,8 +28,12 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory written by `t
                   + (f", sliding window {rt.window}" if rt.window else "") + f", state {rt.state_dtype}, "
                   f"{rt.state_bytes_per_sequence or 0:,} bytes/sequence, max position "
                   f"{rt.max_position or 'unbounded (RoPE)'}", soft_wrap=True)
-    console.print(f"precision: {rt.precision}" + (f" ({rt.quantization.get('tool')}, "
-                  f"{rt.quantization.get('prompts')} calibration prompts)" if rt.quantization else ""), soft_wrap=True)
+    quantization = rt.quantization or {}
+    # int8 is calibrated on prompts; the weight-only plans quantize blocks of weights, nothing calibrated
+    recipe = (f"{quantization['prompts']} calibration prompts" if "prompts" in quantization
+              else f"{quantization.get('bits')}-bit blocks of {quantization.get('block_size')}")
+    console.print(f"precision: {rt.precision}" + (f" ({quantization.get('tool')}, {recipe})" if quantization else ""),
+                  soft_wrap=True)
     table = Table(title=f"files ({found.total_bytes / 1e6:.1f} MB)")
     table.add_column("file")
     table.add_column("bytes", justify="right")

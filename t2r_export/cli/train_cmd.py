@@ -181,7 +181,16 @@ def evaluate(
     try:
         if block_size <= 0:
             raise ValueError(f"block size must be a positive integer, got {block_size}")
-        infos = [check_model_dir(path) for path in paths]
+        # exported bundles (a runtime.json) are scored by their step graph beside the models
+        bundles = [path for path in paths if (path / "runtime.json").is_file()]
+        if bundles and positions:
+            raise ValueError(f"--positions scores model directories; {bundles[0]} is an exported bundle")
+        if bundles:
+            from ..runtime.bundle import load_bundle
+
+            for path in bundles:
+                load_bundle(path)
+        infos = [check_model_dir(path) for path in paths if path not in bundles]
         # a shared --tokenizer must fit every model; a model's own tokenizer its own model (the others must
         # share its vocabulary, checked with the tokenizers themselves before any weights load)
         sizes = [i.vocab_size for i in (infos if tokenizer is not None else infos[:1]) if i.vocab_size is not None]
@@ -216,11 +225,16 @@ def evaluate(
 
     where = "--data files" if data else "stdlib test split"
     table = Table(title=f"perplexity on the {where} ({rows[0]['tokens']:,} tokens, block {block_size})")
-    for column in ("model", "kind", "params", "test loss", "ppl", "ratio"):
+    agreement = any(row.get("agreement") is not None for row in rows)
+    columns = ("model", "kind", "params", "test loss", "ppl", "ratio") + (("top-1 vs source",) if agreement else ())
+    for column in columns:
         # full paths wrap rather than being cut: two runs often differ only at the end
         table.add_column(column, justify="left" if column in ("model", "kind") else "right",
                          overflow="fold" if column == "model" else "ellipsis")
     for row in rows:
-        table.add_row(row["model"], row["kind"], f"{row['params']:,}", f"{row['loss']:.4f}",
-                      f"{row['perplexity']:.3f}", f"{row['ratio']:.3f}")
+        cells = [row["model"], row["kind"], f"{row['params']:,}" if row["params"] is not None else "—",
+                 f"{row['loss']:.4f}", f"{row['perplexity']:.3f}", f"{row['ratio']:.3f}"]
+        if agreement:
+            cells.append(f"{100 * row['agreement']:.2f}%" if row.get("agreement") is not None else "—")
+        table.add_row(*cells)
     console.print(table)

@@ -28,9 +28,11 @@ from .window import window_prefill, window_step
 
 logger = logging.getLogger(__name__)
 
-# what the emitter writes directly; int8 (quantize.py) and the weight-only plans (weight_only.py)
+# what the emitter writes directly; int8 (quantize.py) and the weight-only plans (weight_only.py,
+# int4_qdq.py)
 # are quantized from an fp32 bundle
-PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "int8" and p not in contract.WEIGHT_ONLY_PRECISIONS)
+PRECISIONS = tuple(p for p in contract.PRECISIONS if p != "int8" and p not in contract.WEIGHT_ONLY_PRECISIONS
+                   and p not in contract.QDQ_WEIGHT_PRECISIONS)
 INT64_MAX = np.iinfo(np.int64).max
 
 

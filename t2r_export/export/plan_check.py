@@ -46,10 +46,17 @@ def encode_texts(tokenizer_json: Path, texts: list[str], max_tokens: int = MAX_T
     return rows
 
 
-def _session(path: Path):
+def plan_session(path: Path, precision: str = "fp32", threads: int = 0):
+    """An ONNX Runtime CPU session on a bundle graph that computes what the graph says, for the checks."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if precision in contract.QDQ_WEIGHT_PRECISIONS:
+        # ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by default with int8
+        # activations; level 1 keeps them fp32, the graph's own math (what TensorRT runs)
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -84,8 +91,8 @@ def verify_plan(model, bundle_dir: Path, config: contract.RuntimeConfig, texts: 
     """Every figure of a reduced-precision bundle in ``bundle_dir`` against the fp32 ``model``."""
     precision = config.precision
     rows = encode_texts(Path(bundle_dir) / contract.TOKENIZER_JSON, texts)
-    chain = _Chain(_session(Path(bundle_dir) / config.graphs[contract.STEP].file), config)
-    prefill = _session(Path(bundle_dir) / config.graphs[contract.PREFILL].file)
+    chain = _Chain(plan_session(Path(bundle_dir) / config.graphs[contract.STEP].file, precision), config)
+    prefill = plan_session(Path(bundle_dir) / config.graphs[contract.PREFILL].file, precision)
     agree = total = 0
     nll_ref = nll_got = 0.0
     step_err = prefill_err = 0.0

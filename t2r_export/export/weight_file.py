@@ -27,6 +27,9 @@ INDEX_FORMAT = "t2r-export-weights"
 ALIGNMENT = 64
 # smaller tensors (norm scales, shape constants) stay inside the graph protos
 MIN_EXTERNAL_BYTES = 1024
+# 4-bit tensors (onnx TensorProto INT4 / UINT4): stored packed, two values a byte, as ONNX lays them
+# out; numpy has no such dtype, so the runtime leaves them to ONNX Runtime to read (map_weights)
+PACKED_DTYPES = {"int4": 22, "uint4": 21}
 
 
 def external_tensor(name: str, dtype, shape, location: str, offset: int, length: int):
@@ -35,7 +38,8 @@ def external_tensor(name: str, dtype, shape, location: str, offset: int, length:
 
     tensor = TensorProto()
     tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    packed = PACKED_DTYPES.get(dtype) if isinstance(dtype, str) else None
+    tensor.data_type = packed or helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     tensor.dims.extend(int(n) for n in shape)
     tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -104,6 +108,23 @@ class WeightFile:
         self._digests[name] = digest
         return self.tensor(name, lambda: array, array.dtype, array.shape)
 
+    def add_packed(self, name: str, raw: bytes, dtype: str, shape):
+        """Store a 4-bit tensor's packed bytes (``dtype`` in PACKED_DTYPES) under ``name``."""
+        shape = tuple(int(n) for n in shape)
+        if (int(np.prod(shape)) + 1) // 2 != len(raw):
+            raise ValueError(f"weight {name!r}: {len(raw)} packed bytes do not hold {dtype}{list(shape)}")
+        digest = hashlib.sha256(raw).hexdigest()
+        entry = self.entries.get(name)
+        if entry is None:
+            self._digests[name] = digest
+            entry = self._append(name, np.frombuffer(raw, np.uint8), (len(raw),))
+            entry.update(dtype=dtype, shape=list(shape))
+        elif self._digests.get(name) != digest or entry["dtype"] != dtype:
+            raise ValueError(f"the graphs disagree on the value of weight {name!r}; it cannot be stored once")
+        if self._graph is not None and name not in self._graph:
+            self._graph.append(name)
+        return external_tensor(name, dtype, shape, self.location, entry["offset"], entry["length"])
+
     def _append(self, name: str, array: np.ndarray, shape: tuple) -> dict:
         if array.shape != shape:
             raise ValueError(f"weight {name!r} has shape {list(array.shape)}, the graph expects {list(shape)}")
@@ -157,6 +178,10 @@ def repack_graphs(folder: Path, files: list[str], min_bytes: int = MIN_EXTERNAL_
                           for name in node.input[1:]}
             kept = []
             for tensor in model.graph.initializer:
+                packed = {code: dtype for dtype, code in PACKED_DTYPES.items()}.get(tensor.data_type)
+                if packed is not None and len(tensor.raw_data) >= min_bytes:
+                    kept.append(store.add_packed(tensor.name, tensor.raw_data, packed, tensor.dims))
+                    continue
                 array = numpy_helper.to_array(tensor)
                 # int64 tensors are shapes, pads and indices, which shape inference reads from the proto
                 if (array.nbytes >= min_bytes and array.dtype not in (object, np.int64)
@@ -193,6 +218,9 @@ def map_weights(folder: str | Path, index: dict) -> dict[str, np.ndarray]:
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     views = {}
     for name, entry in index["tensors"].items():
+        if entry["dtype"] in PACKED_DTYPES:
+            # ONNX Runtime reads these from the graph's external data itself
+            continue
         end = entry["offset"] + entry["length"]
         if end > size:
             raise ValueError(f"{path.name} is {size} bytes; weight {name!r} needs bytes up to {end}")

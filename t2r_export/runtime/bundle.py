@@ -29,9 +29,10 @@ _PAST_RE = re.compile(r"past_state\.(\d+)\.(\w+)")
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
 # onnx TensorProto data types that tell a graph's weight precision apart
-_INT8_TYPES, _FLOAT16_TYPE = {2, 3}, 10
-# weight-only plans store their blocks as uint8
-_WEIGHT_FAMILY = {"fp32": "fp32", "fp16": "fp16", "fp16-all": "fp16", "int8": "int8", "int4": "int8", "int8-wo": "int8"}
+_INT8_TYPES, _FLOAT16_TYPE, _INT4_TYPES = {2, 3}, 10, {21, 22}
+# weight-only plans store their blocks as uint8; int4-qdq as onnx INT4
+_WEIGHT_FAMILY = {"fp32": "fp32", "fp16": "fp16", "fp16-all": "fp16", "int8": "int8", "int4": "int8", "int8-wo": "int8",
+                  "int4-qdq": "int4"}
 
 
 __all__ = ["Bundle", "BundleError", "GraphEntry", "RuntimeConfig", "TensorInfo", "check_closed", "inspect_bundle",
@@ -169,7 +170,8 @@ def _check_weight_precision(config: RuntimeConfig, file: str, types, metadata: d
     claimed = metadata.get(contract.PRECISION_KEY)
     if claimed is not None and claimed != config.precision:
         raise field_error("precision", config.precision, f"{file} was built for {claimed}")
-    found = "int8" if _INT8_TYPES & set(types) else "fp16" if _FLOAT16_TYPE in types else "fp32"
+    found = ("int8" if _INT8_TYPES & set(types) else "int4" if _INT4_TYPES & set(types)
+             else "fp16" if _FLOAT16_TYPE in types else "fp32")
     if _WEIGHT_FAMILY[config.precision] != found:
         raise field_error("precision", config.precision, f"{file} holds {found} weights")
 

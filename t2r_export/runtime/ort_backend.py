@@ -185,8 +185,9 @@ class OrtDecoder(DecoderBase):
         self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         files = {kind: self.config.graphs[kind].file for kind in contract.GRAPH_KINDS}
         # MatMulNBits runs its block kernels only on prepacked weights (the teacher's int4 step: 61 ms
-        # without, 2.5 ms with); its packed copy is about as small as the blocks themselves
-        prepack = self.config.precision in contract.WEIGHT_ONLY_PRECISIONS
+        # without, 2.5 ms with); its packed copy is about as small as the blocks themselves. ONNX Runtime
+        # fuses int4-qdq's DequantizeLinear + MatMul pairs into the same kernel
+        prepack = self.config.precision in (*contract.WEIGHT_ONLY_PRECISIONS, *contract.QDQ_WEIGHT_PRECISIONS)
         sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack)
         self._weights = sessions.pop("weights")
         for kind, session in sessions.items():

@@ -87,7 +87,9 @@ def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_siz
     vocabulary. ``data``: local text files (default: the stdlib test split). ``progress`` gets
     ``{"phase": "tokenize"}``, ``{"phase": "load", "model": name}`` and the ``eval`` events of
     :func:`perplexity` with ``model`` added. Every cheap check (directories, tokenizers, block
-    size) runs before any weights load; bad input raises ``ValueError`` (one line).
+    size) runs before any weights load; bad input raises ``ValueError`` (one line). A path holding a
+    runtime.json is an exported bundle, scored by its step graph in ONNX Runtime on the same blocks
+    (export/plan_quality.py), with top-1 agreement against the listed model it was exported from.
     """
     from t2r_export.data.corpus import read_text_files, stdlib_token_stream, tokenize_documents
     from t2r_export.data.tokenizer import load_tokenizer
@@ -96,11 +98,12 @@ def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_siz
     notify = progress or (lambda event: None)
     if block_size <= 0:
         raise ValueError(f"block size must be a positive integer, got {block_size}")
+    bundles = {str(path) for path in paths if (Path(path) / "runtime.json").is_file()}
     for path in paths:
         if not Path(path).is_dir():
             raise ValueError(f"model directory not found: {path}")
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"{path} is not a model directory (no config.json)")
+        if str(path) not in bundles and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{path} is not a model directory (no config.json) or a bundle (no runtime.json)")
     if tokenizer is not None:
         shared = load_tokenizer(tokenizer, trust_remote_code)
     else:
@@ -116,6 +119,14 @@ def evaluate_models(paths: list[Path], data: list[Path] | None = None, block_siz
     rows = []
     for path in paths:
         name = Path(path).name
+        if str(path) in bundles:
+            from t2r_export.export.plan_quality import bundle_row
+
+            notify({"phase": "load", "model": name})
+            relay = lambda event, name=name: notify({**event, "model": name})  # noqa: E731
+            rows.append(bundle_row(path, [p for p in paths if str(p) not in bundles], stream, block_size, batch_size,
+                                   max_tokens, relay, trust_remote_code))
+            continue
         notify({"phase": "load", "model": name})
         model = load_causal_lm(path, trust_remote_code=trust_remote_code)
         rows_in_vocab = model.get_input_embeddings().num_embeddings

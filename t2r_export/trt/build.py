@@ -85,6 +85,13 @@ def plan_build(tensorrt_version: str, fp16: bool, int8: bool, bundle_precision: 
                          "export an fp16 bundle with `t2r-export onnx --precision fp16` and build from it")
     typed = () if major >= 11 else ("STRONGLY_TYPED",)
     notes: tuple[str, ...] = ()
+    if bundle_precision in contract.QDQ_WEIGHT_PRECISIONS:
+        # the graph holds the precision (INT4 blocks dequantized to fp32): strongly typed, no precision
+        # flags; fp32 matmuls stay fp32 (no TF32), as in an fp32 engine
+        if fp16:
+            raise ValueError(f"a {bundle_precision} bundle builds in the precision its graphs hold (strongly typed); "
+                             "drop --fp16")
+        return BuildPlan(bundle_precision, True, typed, (), ("TF32",), False)
     if bundle_precision == "int8":
         if major >= 11:
             if fp16:

@@ -3,14 +3,17 @@
 What a parse would reject (or a build could not resolve) is found by reading the graph:
 
 - opset: the default domain must be in ``OPSET_RANGE`` (TensorRT 10.0, the oldest 10.x and close to
-  JetPack 6.1's 10.3, parses opsets 9-20);
+  JetPack 6.1's 10.3, parses opsets 9-20); a graph with INT4 weight blocks (the int4-qdq plan) needs
+  opset 21 and passes with a warning (docs/design.md#precision-plan);
 - domains: only the default ONNX domain; a ``com.microsoft`` node is an ONNX Runtime contrib op and
   the parser would look for a plugin of that name;
 - operators: the support matrix of onnx-tensorrt's ``docs/operators.md`` (TensorRT 10.x), restricted to
   operators every 10.x release supports;
 - per-operator constraints: parameters the parser needs at build time (Reshape's shape, Slice's
   starts/ends/axes/steps, Split's sizes, Unsqueeze/Squeeze/Reduce axes, CumSum's axis, TopK's K)
-  must be constants; Q/DQ zero points must be zero and int8; LayerNormalization returns ``Y`` only;
+  must be constants; Q/DQ zero points must be zero and int8 (int4 for INT4 weights), scales
+  positive; INT4 weights need per-block scales of 64 or 128 rows along one axis and an even last
+  dimension; LayerNormalization returns ``Y`` only;
   MatMul runs on floating-point tensors only;
 - dtypes: no float64, strings, complex or unsigned types inside the network, no bool graph outputs;
 - dynamic dimensions: the step graph may vary only the batch axis, the prefill graph the batch axis
@@ -74,7 +77,12 @@ UNSUPPORTED_DTYPES = {
     TensorProto.UINT64: "uint64", TensorProto.INT16: "int16",
 }
 FLOAT_DTYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-QUANTIZED_DTYPES = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN)
+QUANTIZED_DTYPES = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.INT4)
+# INT4 weight-only blocks: the DequantizeLinear block_size attribute and INT4 need opset 21, above
+# TensorRT 10.0's declared range; its parser sets no upper bound (it reads each op by the opset's
+# rules) and has read INT4 DequantizeLinear, blocked by the scale's shape, since 10.0
+INT4_OPSET = contract.QDQ_WEIGHT_OPSET
+INT4_BLOCK_SIZES = contract.QDQ_BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,13 @@ class _Checker:
     def check_versions(self) -> None:
         opset = next((o.version for o in self.model.opset_import if o.domain in DEFAULT_DOMAINS), None)
         low, high = OPSET_RANGE
-        if opset is None or not low <= opset <= high:
+        int4 = any(t.data_type == TensorProto.INT4 for t in self.model.graph.initializer)
+        if int4 and opset == INT4_OPSET:
+            self.add("<model>", "model", f"imports ONNX opset {opset} for its INT4 weight blocks; TensorRT 10.0's "
+                                         f"parser declares opsets {low}-{high} but bounds none, and parses INT4 "
+                                         "DequantizeLinear since 10.0 (an engine build is the real test)",
+                     severity="warning")
+        elif opset is None or not low <= opset <= high:
             self.add("<model>", "model", f"imports ONNX opset {opset}; TensorRT 10's parser reads opsets "
                                          f"{low}-{high} (re-export with opset {contract.OPSET})")
         if self.model.ir_version > MAX_IR_VERSION:
@@ -238,13 +252,39 @@ class _Checker:
         if zero_point is not None:
             if zero_point.data_type not in QUANTIZED_DTYPES:
                 self.add(label, node.op_type, f"quantizes to {_dtype_name(zero_point.data_type)}; TensorRT's "
-                                              "explicit quantization is signed int8 (or fp8) only")
-            elif zero_point.data_type == TensorProto.INT8 and numpy_helper.to_array(zero_point).any():
+                                              "explicit quantization is signed int8 (or fp8, int4) only")
+            elif zero_point.data_type != TensorProto.FLOAT8E4M3FN and numpy_helper.to_array(zero_point).any():
                 self.add(label, node.op_type, "has a non-zero zero point; TensorRT quantization is symmetric "
                                               "(zero point must be 0)")
         scale = self.constants.get(node.input[1]) if len(node.input) > 1 else None
         if scale is not None and scale.data_type not in FLOAT_DTYPES:
             self.add(label, node.op_type, f"has a {_dtype_name(scale.data_type)} scale; expected float32/float16")
+        elif scale is not None and scale.data_type == TensorProto.FLOAT:
+            if not (numpy_helper.to_array(scale, base_dir="") > 0).all():
+                self.add(label, node.op_type, "has a scale that is not positive; TensorRT's parser requires every "
+                                              "scale coefficient to be > 0")
+        data = self.initializers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and data is not None and data.data_type == TensorProto.INT4:
+            self._check_int4_blocks(node, label, list(data.dims), list(scale.dims) if scale is not None else None)
+
+    def _check_int4_blocks(self, node, label: str, dims: list[int], scale_dims: list[int] | None) -> None:
+        """INT4 weights: per-block scales, one blocked axis among the last two, blocks of 64 or 128."""
+        if scale_dims is None or len(scale_dims) != len(dims):
+            self.add(label, node.op_type, "dequantizes INT4 without per-block scales (the scale's rank must equal "
+                                          "the weight's); TensorRT takes INT4 only in blocks")
+            return
+        blocked = [axis for axis, (d, s) in enumerate(zip(dims, scale_dims)) if d != s]
+        if len(blocked) != 1 or dims[blocked[0]] % scale_dims[blocked[0]]:
+            self.add(label, node.op_type, f"has INT4 weight {dims} with scales {scale_dims}; TensorRT needs exactly "
+                                          "one blocked axis, split into whole blocks")
+            return
+        axis, block = blocked[0], dims[blocked[0]] // scale_dims[blocked[0]]
+        if block not in INT4_BLOCK_SIZES or axis < len(dims) - 2:
+            self.add(label, node.op_type, f"has INT4 blocks of {block} along axis {axis}; TensorRT takes blocks of "
+                                          f"{' or '.join(map(str, INT4_BLOCK_SIZES))} along one of the last two axes")
+        if dims[-1] % 2:
+            self.add(label, node.op_type, f"has INT4 weight {dims} with an odd last dimension; TensorRT packs INT4 "
+                                          "two to a byte along it")
 
     def _track_constants(self, node) -> None:
         inputs = [i for i in node.input if i]
