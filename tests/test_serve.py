@@ -91,6 +91,45 @@ def test_concurrent_requests_equal_the_same_requests_alone(client, server, bundl
     assert len(set(together)) == len(jobs)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_equal_runs_with_the_derived_seeds(client, bundle_dir, stream):
+    """n > 1: one prefill forked into n rows; choice i samples as a lone request with seed + i."""
+    job = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=1.0, seed=41)
+    alone = [client.completions.create(**job | {"seed": 41 + i}) for i in range(3)]
+    texts, reasons, usage = [""] * 3, [None] * 3, None
+    if stream:
+        for chunk in client.completions.create(**job, n=3, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+            usage = chunk.usage or usage
+    else:
+        answer = client.completions.create(**job, n=3)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        texts, reasons, usage = [c.text for c in answer.choices], [c.finish_reason for c in answer.choices], answer.usage
+    assert texts == [a.choices[0].text for a in alone]
+    assert reasons == [a.choices[0].finish_reason for a in alone]
+    assert texts == [_alone(bundle_dir, PROMPTS[3], 12, 1.0, seed=41 + i).text for i in range(3)]
+    # sampled at temperature 1 the choices differ, so a fork that shared its rows' draws would show
+    assert len(set(texts)) == 3
+    assert usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert usage.prompt_tokens == alone[0].usage.prompt_tokens
+
+
+def test_n_chat_choices(client):
+    messages = [{"role": "user", "content": "a loop please"}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3, n=2)
+    alone = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3 + i)
+             for i in range(2)]
+    assert [c.message.content for c in answer.choices] == [a.choices[0].message.content for a in alone]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3, n=2,
+                                                 stream=True))
+    for index in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == answer.choices[index].message.content
+
+
 def test_stop_strings_end_the_answer_before_them(client, bundle_dir):
     free = _alone(bundle_dir, PROMPTS[2], 30).text
     stop = free[5:7]
@@ -128,7 +167,8 @@ def _post(server, path, body: bytes):
     ("/completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "empty"),
     ("/completions", json.dumps({"model": MODEL, "prompt": [99999]}).encode(), 400, "outside the vocabulary"),
     ("/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
-    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n = 2"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 0}).encode(), 400, "n = 0 is outside [1, 3]"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 4}).encode(), 400, "n = 4 is outside [1, 3]"),
     ("/completions", json.dumps({"model": MODEL}).encode(), 400, "prompt"),
     ("/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages is empty"),
     ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).encode(),

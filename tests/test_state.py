@@ -190,15 +190,16 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(bundle, io_binding):
 
 
 def test_prefill_arena_modes(bundle):
-    with pytest.raises(ValueError, match="unknown prefill_arena 'never'; expected one of shrink, keep"):
+    with pytest.raises(ValueError, match="unknown prefill_arena 'never'; expected one of keep, shrink, off"):
         OrtDecoder(bundle, prefill_arena="never")
     ids = np.arange(3, 40)[None]
     outputs = []
-    for mode in ("shrink", "keep"):
+    for mode in ("keep", "shrink", "off"):
         with OrtDecoder(bundle, threads=1, prefill_arena=mode) as dec:
             dec.reset(1)
             outputs.append(dec.prefill_row(0, ids, np.arange(ids.shape[1])[None]).copy())
     np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
 def test_write_row_refuses_wrong_shapes(bundle, decoder):

@@ -19,6 +19,7 @@ slower, kept as the reference the fast path is tested and benchmarked against.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,14 @@ class OrtDecoder(DecoderBase):
     Call :meth:`reset` with the batch size first. Logits returned by the IO-binding path are a
     read-only view of a buffer the next call overwrites; copy them to keep them.
 
-    ``prefill_arena``: what ONNX Runtime's CPU arena does with the memory a prefill used. Prefill
-    shapes vary with every prompt length and row count, and the arena keeps the largest it has
-    seen; ``"shrink"`` (the default) hands back what the run used at its end, ``"keep"`` does not.
+    ``prefill_arena``: where a prefill's working memory comes from. Prefill shapes vary with every
+    prompt length and row count, and ONNX Runtime's CPU arena keeps the largest blocks it has seen:
+    ``"keep"`` (the default) is that arena, ``"shrink"`` hands the arena's free blocks back at the
+    end of each prefill run, ``"off"`` gives the prefill session no arena (plain malloc/free).
     """
 
     def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
-                 optimization: str = "all", io_binding: bool = True, prefill_arena: str = "shrink"):
+                 optimization: str = "all", io_binding: bool = True, prefill_arena: str = "keep"):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.config = self.bundle.config
         self.provider = provider
@@ -63,7 +65,8 @@ class OrtDecoder(DecoderBase):
         # MatMulNBits runs its block kernels only on prepacked weights (the teacher's int4 step: 61 ms
         # without, 2.5 ms with); its packed copy is about as small as the blocks themselves
         prepack = self.config.precision in contract.WEIGHT_ONLY_PRECISIONS
-        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack)
+        no_arena = (contract.PREFILL,) if prefill_arena == "off" else ()
+        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack, no_arena)
         self._weights = sessions.pop("weights")
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
@@ -170,6 +173,25 @@ class OrtDecoder(DecoderBase):
                 self._state[past][:rows] = results[present]
             return results["logits"]
         return self._step_io(rows, input_ids, position_ids)
+
+    def side_decoder(self, batch: int) -> OrtDecoder:
+        """A decoder over these same sessions with state buffers of its own, ``batch`` rows.
+
+        ONNX Runtime runs one session from several threads at once, so a server can prefill new
+        prompts into a side decoder on one thread while this one steps on another, then move the
+        finished rows over with :meth:`take_row`. The weights stay in memory once; closing the
+        side decoder leaves this one open.
+        """
+        self._require_open()
+        side = copy.copy(self)
+        side._io, side._batch, side._parity = None, 0, 0
+        side.__dict__.pop("_state", None)
+        side.reset(batch)
+        return side
+
+    def take_row(self, source: OrtDecoder, src: int, dst: int) -> None:
+        """Row ``dst`` gets row ``src`` of ``source`` (a side decoder's prefilled row)."""
+        self.write_row(dst, source.read_row(src))
 
     # ---- rows as values: read, write, copy ---------------------------------------------------
 
@@ -285,7 +307,7 @@ class OrtDecoder(DecoderBase):
         return results["logits"]
 
 
-PREFILL_ARENA = ("shrink", "keep")
+PREFILL_ARENA = ("keep", "shrink", "off")
 
 
 def _prefill_run_options(mode: str, device: str):

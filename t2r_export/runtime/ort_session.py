@@ -76,11 +76,13 @@ def shared_weights(folder: str | Path) -> tuple[dict, dict[str, list[str]]]:
 
 
 def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, optimization: str = "all",
-                  providers=("CPUExecutionProvider",), prepack: bool = False) -> dict:
+                  providers=("CPUExecutionProvider",), prepack: bool = False, no_arena=()) -> dict:
     """One ONNX Runtime session per ``kind -> graph file`` of a bundle folder, sharing one copy of the weights.
 
     The returned dict also keeps the weight OrtValues alive (key ``"weights"``) as long as the sessions.
     ``prepack``: keep ONNX Runtime's weight prepacking (the weight-only plans need it, see below).
+    ``no_arena``: the kinds whose sessions allocate with plain malloc/free instead of ONNX Runtime's
+    CPU arena (which keeps the largest blocks it has ever needed).
     """
     import onnxruntime as ort
 
@@ -88,6 +90,8 @@ def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, o
     sessions: dict = {"weights": values}
     for kind, file in files.items():
         options = session_options(threads, optimization)
+        if kind in no_arena:
+            options.enable_cpu_mem_arena = False
         names = [name for name in graphs.get(file, []) if name in values]
         # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
         for name in names:

@@ -106,7 +106,8 @@ def load_prompts(count: int) -> list[str]:
 
 
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
-                  stream: bool = True, threads: int = 0) -> LoadReport:
+                  stream: bool = True, threads: int = 0, prefill_batch: int = 16,
+                  prefill_arena: str = "keep") -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
@@ -127,7 +128,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     port = free_port()
     command = [sys.executable, "-c", "from t2r_export.cli import main; main()", "serve", str(bundle),
                "--port", str(port), "--max-batch", str(streams), "--prefix-cache-mb", "0",
-               "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens)]
+               "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens),
+               "--prefill-batch", str(prefill_batch), "--prefill-arena", prefill_arena]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
