@@ -130,6 +130,17 @@ def test_n_chat_choices(client):
         assert "".join(c.delta.content or "" for c in mine) == answer.choices[index].message.content
 
 
+def test_a_stream_interval_coalesces_steps_into_fewer_chunks(bundle_dir):
+    job = dict(model=MODEL, prompt=PROMPTS[4], max_tokens=40, temperature=0)
+    with local_server(bundle_dir, model_name=MODEL, max_batch=2, stream_interval=0.25) as url:
+        chat = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        whole = chat.completions.create(**job)
+        texts = [c.choices[0].text for c in chat.completions.create(**job, stream=True) if c.choices[0].text]
+    assert "".join(texts) == whole.choices[0].text
+    # 40 tokens of the toy model take far less than 0.25 s: the first step's text, then the rest at once
+    assert whole.usage.completion_tokens == 40 and len(texts) <= 3
+
+
 def test_stop_strings_end_the_answer_before_them(client, bundle_dir):
     free = _alone(bundle_dir, PROMPTS[2], 30).text
     stop = free[5:7]
@@ -227,6 +238,10 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--max-batch", "0"]), 2, "--max-batch")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--port", "70000"]), 2, "--port")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--streams", "0"]), 2, "--streams")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-batch", "0"]), 2, "--prefill-batch")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--stream-interval-ms", "-1"]), 2, "--stream-interval-ms")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

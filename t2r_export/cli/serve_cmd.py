@@ -38,6 +38,8 @@ def serve(
                                                "graph call), on their own thread while the others decode."),
     prefill_arena: str = typer.Option("keep", help="keep | shrink | off: ONNX Runtime's CPU arena for prefills "
                                                    "(keep its blocks, hand them back after each run, none)."),
+    stream_interval_ms: float = typer.Option(0.0, help="Streamed responses write at most every this many ms, the "
+                                                       "tokens in between in one chunk (0 = every step)."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
                              max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),
@@ -46,6 +48,10 @@ def serve(
             fail(f"{name} must be {'in [0, 65535]' if name == '--port' else f'>= {low}'}, got {value}")
     if prefix_cache_mb < 0:
         fail(f"--prefix-cache-mb must be >= 0, got {prefix_cache_mb}")
+    if not 0 <= stream_interval_ms <= 10_000:
+        fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
+    if prefill_arena not in ("keep", "shrink", "off"):
+        fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
     try:
         import uvicorn
 
@@ -61,7 +67,7 @@ def serve(
                         prefill_arena=prefill_arena)
     except ValueError as err:
         fail(str(err))
-    app = create_app(engine, name, max_prompt_tokens, max_tokens)
+    app = create_app(engine, name, max_prompt_tokens, max_tokens, stream_interval_ms / 1000)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     engine.start()
     err_console.print(f"serving {name} ({bundle}) on http://{host}:{port}/v1, up to {max_batch} streams; "
@@ -98,6 +104,7 @@ def serve_load(
     json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     prefill_batch: int = typer.Option(16, help="The server's --prefill-batch."),
     prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
+    stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
     for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
@@ -111,9 +118,12 @@ def serve_load(
     _bundle_and_name(bundle, None)
     if prefill_arena not in ("keep", "shrink", "off"):
         fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
+    if not 0 <= stream_interval_ms <= 10_000:
+        fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     try:
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
-                               threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena)
+                               threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
+                               stream_interval_ms=stream_interval_ms)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

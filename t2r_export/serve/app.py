@@ -25,7 +25,10 @@ from .protocol import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, TURN_STOP
                        CompletionRequest, Renderer, chat_segments, completion_prompt, error_body, new_id)
 
 
-def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096):
+def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096,
+               stream_interval: float = 0.0):
+    """The app; ``stream_interval`` (seconds): a streamed response writes at most that often, the text
+    of the steps in between coalesced into one chunk per choice (0: every step that has text)."""
     app = FastAPI(title="t2r-export serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     add_bos = engine.bundle.tokenizer_config().get("add_bos_token") is True
@@ -109,7 +112,7 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
         except EngineFull as err:
             raise ApiError(429, str(err), code="rate_limit_exceeded", kind="rate_limit_error") from None
         if stream:
-            return StreamingResponse(_sse(request, events, renderer), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, events, renderer, stream_interval), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         texts = [[] for _ in range(request.n)]
         reasons, tokens, left = [""] * request.n, 0, request.n
@@ -165,7 +168,7 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
     return app
 
 
-async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer):
+async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer, interval: float = 0.0):
     """Server-sent events: what piled up since the last write goes out in one write, each choice's
     text in one chunk; the last choice to end carries the request's usage (as OpenAI does with
     stream_options.include_usage)."""
@@ -194,6 +197,9 @@ async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer):
             else:
                 out[:0] = [renderer.chunk(index, "".join(parts)) for index, parts in texts.items()]
             yield "".join(out)
+            if interval and left:
+                # the steps of the next interval pile up in the queue and go out as one chunk each
+                await asyncio.sleep(interval)
         yield "data: [DONE]\n\n"
     finally:
         # a client that went away cancels its request: the decode loop frees its rows at the next step
