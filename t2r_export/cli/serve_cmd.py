@@ -34,7 +34,7 @@ def serve(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads; 0 = its default."),
     provider: str = typer.Option("cpu", help="cpu | cuda | ort-tensorrt (ONNX Runtime execution providers)."),
     model_name: str = typer.Option(None, help="The model id clients name (default: the bundle folder's name)."),
-    prefill_batch: int = typer.Option(16, help="Prompts prefilled in one round at most (equal lengths in one "
+    prefill_batch: int = typer.Option(8, help="Prompts prefilled in one round at most (equal lengths in one "
                                                "graph call), on their own thread while the others decode."),
     prefill_arena: str = typer.Option("keep", help="keep | shrink | off: ONNX Runtime's CPU arena for prefills "
                                                    "(keep its blocks, hand them back after each run, none)."),
@@ -102,7 +102,7 @@ def serve_load(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Server-sent events or whole responses."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads of the server and the baseline."),
     json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
-    prefill_batch: int = typer.Option(16, help="The server's --prefill-batch."),
+    prefill_batch: int = typer.Option(8, help="The server's --prefill-batch."),
     prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
     stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
 ) -> None:

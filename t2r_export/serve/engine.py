@@ -94,7 +94,7 @@ class Engine:
     """Continuous batching over one OrtDecoder; ``submit`` from any thread, the loops run in their own."""
 
     def __init__(self, bundle, max_batch: int = 64, threads: int = 0, provider: str = "cpu",
-                 prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 16,
+                 prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 8,
                  prefill_arena: str = "keep"):
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")

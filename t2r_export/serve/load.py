@@ -60,7 +60,7 @@ class LoadReport:
     baseline_tokens_per_cpu_s: float
     lost: int
     mixed: int
-    prefill_batch: int = 16
+    prefill_batch: int = 8
     stream_interval_ms: float = 0.0
 
     def to_json(self) -> str:
@@ -111,7 +111,7 @@ def load_prompts(count: int) -> list[str]:
 
 
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
-                  stream: bool = True, threads: int = 0, prefill_batch: int = 16,
+                  stream: bool = True, threads: int = 0, prefill_batch: int = 8,
                   prefill_arena: str = "keep", stream_interval_ms: float = 0.0) -> LoadReport:
     import psutil
 

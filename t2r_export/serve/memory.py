@@ -37,7 +37,7 @@ class _Sink:
             self.on_done(event)
 
 
-def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 16,
+def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
             prefill_arena: str = "keep") -> list[tuple[str, float]]:
     """[(stage, RSS bytes)] of this process serving ``streams`` concurrent requests."""
     proc = psutil.Process()
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("bundle")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prefill-batch", type=int, default=16)
+    parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--prefill-arena", default="keep", choices=("keep", "shrink", "off"))
     args = parser.parse_args(argv)
     if args.streams < 2 or args.max_tokens < 1 or args.prefill_batch < 1:
