@@ -106,7 +106,8 @@ def test_n_choices_equal_runs_with_the_derived_seeds(client, bundle_dir, stream)
     else:
         answer = client.completions.create(**job, n=3)
         assert [c.index for c in answer.choices] == [0, 1, 2]
-        texts, reasons, usage = [c.text for c in answer.choices], [c.finish_reason for c in answer.choices], answer.usage
+        texts, reasons = [c.text for c in answer.choices], [c.finish_reason for c in answer.choices]
+        usage = answer.usage
     assert texts == [a.choices[0].text for a in alone]
     assert reasons == [a.choices[0].finish_reason for a in alone]
     assert texts == [_alone(bundle_dir, PROMPTS[3], 12, 1.0, seed=41 + i).text for i in range(3)]

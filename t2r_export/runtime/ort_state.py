@@ -43,7 +43,7 @@ class StateSet:
                 value.update_inplace(np.zeros(self.shapes[name], dtype=self.dtype))
 
     def bind(self, binding, name: str, bound_as: str, as_input: bool, first: int = 0, rows: int | None = None) -> None:
-        """Bind tensor ``name`` (rows ``[first, first + rows)`` of it, in place; all rows by default) as ``bound_as``."""
+        """Bind rows ``[first, first + rows)`` of tensor ``name`` (in place; all rows by default) as ``bound_as``."""
         shape = self.shapes[name]
         ptr = self.values[name].data_ptr() + first * int(np.prod(shape[1:])) * self.dtype.itemsize
         shape = (shape[0] - first if rows is None else rows, *shape[1:])
