@@ -140,7 +140,7 @@ class OrtDecoder(DecoderBase):
         rows = int(np.shape(input_ids)[0]) if np.ndim(input_ids) == 2 else 0
         if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first < self._batch \
                 or not 1 <= first + rows <= self._batch:
-            raise ValueError(f"rows {first!r}..{first!r}+{rows} are outside the batch of {self._batch}")
+            raise ValueError(f"rows {first!r} to {first!r} + {rows} - 1 are outside the batch of {self._batch}")
         input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=rows)
         first = int(first)
         if not self.io_binding:
