@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -260,3 +261,13 @@ def test_bounded_load_test(bundle_dir, tmp_path):
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
     assert report["p99_latency_s"] >= report["p50_latency_s"] > 0
+
+
+def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):
+    result = invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "3", "--max-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    # 4 x 3 requests of at most 6 tokens each after the lone one
+    tokens = int(re.search(r"3 concurrent streams \(12 requests, (\d+) tokens in", result.output).group(1))
+    assert 12 < tokens <= 72
+    assert "growth per extra stream" in result.output and "by design: 2 state sets" in result.output
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "1"]), 2, "--streams >= 2")

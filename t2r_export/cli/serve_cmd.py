@@ -105,14 +105,19 @@ def serve_load(
     prefill_batch: int = typer.Option(8, help="The server's --prefill-batch."),
     prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
     stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
+    engine_only: bool = typer.Option(False, "--engine-only", help="Run the serve engine alone in this process (no "
+                                     "HTTP, no baseline) and print its RSS stage by stage."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
     for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
                         ("--prefill-batch", prefill_batch)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
+    if engine_only and streams < 2:
+        fail(f"--engine-only needs --streams >= 2, got {streams}")
     try:
         from ..serve.load import LoadError, run_load_test
+        from ..serve.memory import report as engine_report
     except ImportError as err:
         fail(f"`serve-load` needs {err.name}: {SERVE_EXTRA}")
     _bundle_and_name(bundle, None)
@@ -120,6 +125,10 @@ def serve_load(
         fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
     if not 0 <= stream_interval_ms <= 10_000:
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
+    if engine_only:
+        for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena):
+            err_console.print(line, highlight=False, soft_wrap=True)
+        return
     try:
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
                                threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,

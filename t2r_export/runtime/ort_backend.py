@@ -27,7 +27,7 @@ import numpy as np
 from .. import contract
 from .bundle import Bundle, load_bundle, session_io
 from .decoder import DecoderBase
-from .ort_session import (_DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
+from .ort_session import (DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
                           session_options, shared_weights)
 from .ort_state import Bindings
 
@@ -59,7 +59,7 @@ class OrtDecoder(DecoderBase):
         session_options(threads, optimization)
         if prefill_arena not in PREFILL_ARENA:
             raise ValueError(f"unknown prefill_arena {prefill_arena!r}; expected one of {', '.join(PREFILL_ARENA)}")
-        self._device = _DEVICES[provider]
+        self._device = DEVICES[provider]
         self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         files = {kind: self.config.graphs[kind].file for kind in contract.GRAPH_KINDS}
         # MatMulNBits runs its block kernels only on prepacked weights (the teacher's int4 step: 61 ms

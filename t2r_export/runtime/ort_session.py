@@ -18,7 +18,7 @@ PROVIDERS = {
     "ort-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 # where the state tensors live for each provider
-_DEVICES = {"cpu": "cpu", "cuda": "cuda", "ort-tensorrt": "cuda"}
+DEVICES = {"cpu": "cpu", "cuda": "cuda", "ort-tensorrt": "cuda"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 

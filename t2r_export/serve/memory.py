@@ -1,6 +1,6 @@
 """Where a served stream's memory goes: the serve engine alone (no HTTP), stage by stage.
 
-    python -m t2r_export.serve.memory BUNDLE [--streams 64] [--prefill-batch 16] [--prefill-arena keep]
+    t2r-export serve-load BUNDLE --engine-only [--streams 64] [--prefill-batch 8] [--prefill-arena keep]
 
 Runs :class:`Engine` in this process with a stand-in for the event loop, first one request, then
 ``streams`` concurrent greedy requests (each replaced as it finishes, until ``4 * streams`` are
@@ -12,12 +12,12 @@ the per-request objects). Torch-free.
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
 import psutil
 
+from .. import contract
 from ..runtime import SamplingParams, load_bundle
 from .engine import Engine, Request
 from .load import load_prompts
@@ -82,27 +82,15 @@ def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int 
     return marks
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle")
-    parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prefill-batch", type=int, default=8)
-    parser.add_argument("--prefill-arena", default="keep", choices=("keep", "shrink", "off"))
-    args = parser.parse_args(argv)
-    if args.streams < 2 or args.max_tokens < 1 or args.prefill_batch < 1:
-        parser.error("--streams must be >= 2, --max-tokens and --prefill-batch >= 1")
-    start = time.perf_counter()
-    marks = measure(args.bundle, args.streams, args.max_tokens, args.prefill_batch, args.prefill_arena)
-    config = load_bundle(args.bundle).config
-    state = config.state_bytes_per_sequence or 0
-    for name, rss in marks:
-        print(f"{name:>64}: {rss / 1e6:7.1f} MB")
-    growth = (marks[-1][1] - marks[-2][1]) / (args.streams - 1)
-    print(f"{'growth per extra stream (peak - one stream) / (streams - 1)':>64}: {growth / 1e3:7.1f} KB")
-    print(f"{'by design: 2 state sets + a logits row':>64}: {(2 * state + 4 * config.vocab_size) / 1e3:7.1f} KB "
-          f"(one state {state / 1e3:.1f} KB); {time.perf_counter() - start:.0f} s in all")
-
-
-if __name__ == "__main__":
-    main()
+def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
+           prefill_arena: str = "keep") -> list[str]:
+    """The lines ``serve-load --engine-only`` prints."""
+    marks = measure(bundle, streams, max_tokens, prefill_batch, prefill_arena)
+    config = load_bundle(bundle).config
+    state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
+    lines = [f"{name:>64}: {rss / 1e6:7.1f} MB" for name, rss in marks]
+    growth = (marks[-1][1] - marks[-2][1]) / (streams - 1)
+    lines.append(f"{'growth per extra stream (peak - one stream) / (streams - 1)':>64}: {growth / 1e3:7.1f} KB")
+    lines.append(f"{'by design: 2 state sets + a logits row':>64}: {(2 * state + 4 * config.vocab_size) / 1e3:7.1f} "
+                 f"KB (one state {state / 1e3:.1f} KB)")
+    return lines
