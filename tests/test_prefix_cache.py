@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from t2r_export.runtime import OrtDecoder, load_bundle
-from t2r_export.runtime.prefix_cache import PrefixCache, prefill_cached
+from t2r_export.runtime.prefix_cache import PrefixCache, prefill_cached, prefill_many
 from t2r_export.runtime.state import bundle_identity
 from t2r_export.tolerances import TOLERANCES
 
@@ -102,3 +102,30 @@ def test_entries_are_per_bundle(bundle, decoder):
     assert cache.longest("bundle-b", [5, 6, 7]) == (0, None)
     assert cache.longest("bundle-a", [5, 6, 7])[0] == 2
     assert cache.longest("bundle-a", [5]) == (0, None)
+
+
+def test_prefill_many_groups_equal_fresh_prompts_and_equals_each_alone(bundle):
+    """Fresh prompts of equal length go through one prefill call; cached and odd ones go on alone."""
+    identity, rng = bundle_identity(bundle), np.random.default_rng(5)
+    vocab = bundle.config.vocab_size
+    head = list(rng.integers(3, vocab, 6))
+    prompts = [list(rng.integers(3, vocab, 9)) for _ in range(3)] + [head + list(rng.integers(3, vocab, 4)),
+                                                                     list(rng.integers(3, vocab, 5))]
+    tol = TOLERANCES[("ort-batched-row", "fp32")]
+    with OrtDecoder(bundle, threads=1) as together, OrtDecoder(bundle, threads=1) as alone:
+        together.reset(6)
+        alone.reset(6)
+        cache = PrefixCache()
+        # the fourth prompt starts with a cached prefix: restored, then only its rest prefilled
+        prefill_cached(together, 5, head, cache, identity)
+        calls = []
+        original = together.prefill_rows
+        together.prefill_rows = lambda first, ids, pos: calls.append((first, ids.shape)) or original(first, ids, pos)
+        results = prefill_many(together, 0, prompts, cache, identity)
+        assert calls == [(0, (3, 9)), (4, (1, 5))]
+        assert [reused for _, reused in results] == [0, 0, 0, 6, 0]
+        for row, (ids, (logits, _)) in enumerate(zip(prompts, results)):
+            expected, _ = prefill_cached(alone, row, ids, None, identity)
+            np.testing.assert_allclose(logits, expected, rtol=0, atol=tol)
+            for name, value in alone.read_row(row).items():
+                np.testing.assert_allclose(together.read_row(row)[name], value, rtol=0, atol=tol)

@@ -82,7 +82,7 @@ def test_io_binding_matches_plain_session_run_over_50_steps(bundle):
             positions = np.arange(len(ids))[None]
             np.testing.assert_allclose(fast.prefill_row(row, ids[None], positions),
                                        plain.prefill_row(row, ids[None], positions), rtol=0, atol=BINDING_TOL)
-        pointers = {name: v.data_ptr() for s in fast._sets for name, v in s.values.items()}
+        pointers = {name: v.data_ptr() for s in fast._io.sets for name, v in s.values.items()}
         positions = np.array([[5], [9]])
         for _ in range(50):
             tokens = rng.integers(3, vocab, (2, 1))
@@ -93,7 +93,7 @@ def test_io_binding_matches_plain_session_run_over_50_steps(bundle):
             np.testing.assert_allclose(fast.read_state()[name], value, rtol=0,
                                        atol=TOLERANCES[("ort-iobinding-state", "fp32")], err_msg=name)
         # the ping-pong sets were never reallocated
-        assert pointers == {name: v.data_ptr() for s in fast._sets for name, v in s.values.items()}
+        assert pointers == {name: v.data_ptr() for s in fast._io.sets for name, v in s.values.items()}
         assert fast.state_nbytes() == plain.state_nbytes() == 2 * 2 * 2 * 4 * (3 + 1) * 4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -91,6 +92,57 @@ def test_concurrent_requests_equal_the_same_requests_alone(client, server, bundl
     assert len(set(together)) == len(jobs)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_equal_runs_with_the_derived_seeds(client, bundle_dir, stream):
+    """n > 1: one prefill forked into n rows; choice i samples as a lone request with seed + i."""
+    job = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=1.0, seed=41)
+    alone = [client.completions.create(**job | {"seed": 41 + i}) for i in range(3)]
+    texts, reasons, usage = [""] * 3, [None] * 3, None
+    if stream:
+        for chunk in client.completions.create(**job, n=3, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+            usage = chunk.usage or usage
+    else:
+        answer = client.completions.create(**job, n=3)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        texts, reasons = [c.text for c in answer.choices], [c.finish_reason for c in answer.choices]
+        usage = answer.usage
+    assert texts == [a.choices[0].text for a in alone]
+    assert reasons == [a.choices[0].finish_reason for a in alone]
+    assert texts == [_alone(bundle_dir, PROMPTS[3], 12, 1.0, seed=41 + i).text for i in range(3)]
+    # sampled at temperature 1 the choices differ, so a fork that shared its rows' draws would show
+    assert len(set(texts)) == 3
+    assert usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert usage.prompt_tokens == alone[0].usage.prompt_tokens
+
+
+def test_n_chat_choices(client):
+    messages = [{"role": "user", "content": "a loop please"}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3, n=2)
+    alone = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3 + i)
+             for i in range(2)]
+    assert [c.message.content for c in answer.choices] == [a.choices[0].message.content for a in alone]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=3, n=2,
+                                                 stream=True))
+    for index in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == answer.choices[index].message.content
+
+
+def test_a_stream_interval_coalesces_steps_into_fewer_chunks(bundle_dir):
+    job = dict(model=MODEL, prompt=PROMPTS[4], max_tokens=40, temperature=0)
+    with local_server(bundle_dir, model_name=MODEL, max_batch=2, stream_interval=0.25) as url:
+        chat = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        whole = chat.completions.create(**job)
+        texts = [c.choices[0].text for c in chat.completions.create(**job, stream=True) if c.choices[0].text]
+    assert "".join(texts) == whole.choices[0].text
+    # 40 tokens of the toy model take far less than 0.25 s: the first step's text, then the rest at once
+    assert whole.usage.completion_tokens == 40 and len(texts) <= 3
+
+
 def test_stop_strings_end_the_answer_before_them(client, bundle_dir):
     free = _alone(bundle_dir, PROMPTS[2], 30).text
     stop = free[5:7]
@@ -128,7 +180,8 @@ def _post(server, path, body: bytes):
     ("/completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "empty"),
     ("/completions", json.dumps({"model": MODEL, "prompt": [99999]}).encode(), 400, "outside the vocabulary"),
     ("/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
-    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n = 2"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 0}).encode(), 400, "n = 0 is outside [1, 3]"),
+    ("/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 4}).encode(), 400, "n = 4 is outside [1, 3]"),
     ("/completions", json.dumps({"model": MODEL}).encode(), 400, "prompt"),
     ("/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages is empty"),
     ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).encode(),
@@ -187,6 +240,10 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--max-batch", "0"]), 2, "--max-batch")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--port", "70000"]), 2, "--port")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--streams", "0"]), 2, "--streams")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-batch", "0"]), 2, "--prefill-batch")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--stream-interval-ms", "-1"]), 2, "--stream-interval-ms")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -204,3 +261,13 @@ def test_bounded_load_test(bundle_dir, tmp_path):
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
     assert report["p99_latency_s"] >= report["p50_latency_s"] > 0
+
+
+def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):
+    result = invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "3", "--max-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    # 4 x 3 requests of at most 6 tokens each after the lone one
+    tokens = int(re.search(r"3 concurrent streams \(12 requests, (\d+) tokens in", result.output).group(1))
+    assert 12 < tokens <= 72
+    assert "growth per extra stream" in result.output and "by design: 2 state sets" in result.output
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "1"]), 2, "--streams >= 2")

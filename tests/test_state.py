@@ -157,6 +157,51 @@ def test_batched_logits_equal_single_row_logits(bundle, decoder):
                 np.testing.assert_allclose(batched[row:row + 1], alone, rtol=0, atol=BATCHED_TOL)
 
 
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_rows_prefilled_together_equal_rows_prefilled_alone(bundle, io_binding):
+    """prefill_rows: equal-length prompts in one call land in consecutive rows, each as if alone."""
+    rng = np.random.default_rng(4)
+    prompts = rng.integers(3, bundle.config.vocab_size, (3, 7))
+    positions = np.tile(np.arange(7), (3, 1))
+    with OrtDecoder(bundle, threads=1, io_binding=io_binding) as together, OrtDecoder(bundle, threads=1) as alone:
+        together.reset(5)
+        alone.reset(5)
+        # row 0 decodes something else first: the group must leave it alone
+        together.prefill_row(0, prompts[:1, :4], positions[:1, :4])
+        kept = together.read_row(0)
+        logits = together.prefill_rows(1, prompts, positions).copy()
+        assert logits.shape == (3, bundle.config.vocab_size)
+        for row in range(3):
+            expected = alone.prefill_row(row + 1, prompts[row:row + 1], positions[:1]).copy()
+            np.testing.assert_allclose(logits[row:row + 1], expected, rtol=0, atol=BATCHED_TOL)
+            for name, value in alone.read_row(row + 1).items():
+                np.testing.assert_allclose(together.read_row(row + 1)[name], value, rtol=0, atol=BATCHED_TOL)
+        for name, value in kept.items():
+            np.testing.assert_array_equal(together.read_row(0)[name], value)
+        # and the batch steps on from there like rows prefilled one by one
+        tokens, steps = np.array([[5], [6], [7], [8]]), np.array([[4], [7], [7], [7]])
+        alone.prefill_row(0, prompts[:1, :4], positions[:1, :4])
+        np.testing.assert_allclose(together.step_rows(4, tokens, steps), alone.step_rows(4, tokens, steps), rtol=0,
+                                   atol=BATCHED_TOL)
+        with pytest.raises(ValueError, match="outside the batch of 5"):
+            together.prefill_rows(3, prompts, positions)
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[3, T>=1\]"):
+            together.prefill_rows(0, prompts[:, :0], positions[:, :0])
+
+
+def test_prefill_arena_modes(bundle):
+    with pytest.raises(ValueError, match="unknown prefill_arena 'never'; expected one of keep, shrink, off"):
+        OrtDecoder(bundle, prefill_arena="never")
+    ids = np.arange(3, 40)[None]
+    outputs = []
+    for mode in ("keep", "shrink", "off"):
+        with OrtDecoder(bundle, threads=1, prefill_arena=mode) as dec:
+            dec.reset(1)
+            outputs.append(dec.prefill_row(0, ids, np.arange(ids.shape[1])[None]).copy())
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+
+
 def test_write_row_refuses_wrong_shapes(bundle, decoder):
     decoder.reset(2)
     state = decoder.read_row(0)

@@ -34,13 +34,24 @@ def serve(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads; 0 = its default."),
     provider: str = typer.Option("cpu", help="cpu | cuda | ort-tensorrt (ONNX Runtime execution providers)."),
     model_name: str = typer.Option(None, help="The model id clients name (default: the bundle folder's name)."),
+    prefill_batch: int = typer.Option(8, help="Prompts prefilled in one round at most (equal lengths in one "
+                                               "graph call), on their own thread while the others decode."),
+    prefill_arena: str = typer.Option("keep", help="keep | shrink | off: ONNX Runtime's CPU arena for prefills "
+                                                   "(keep its blocks, hand them back after each run, none)."),
+    stream_interval_ms: float = typer.Option(0.0, help="Streamed responses write at most every this many ms, the "
+                                                       "tokens in between in one chunk (0 = every step)."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
-                             max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0)):
+                             max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),
+                             ("--prefill-batch", prefill_batch, 1)):
         if value < low or (name == "--port" and value > 65535):
             fail(f"{name} must be {'in [0, 65535]' if name == '--port' else f'>= {low}'}, got {value}")
     if prefix_cache_mb < 0:
         fail(f"--prefix-cache-mb must be >= 0, got {prefix_cache_mb}")
+    if not 0 <= stream_interval_ms <= 10_000:
+        fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
+    if prefill_arena not in ("keep", "shrink", "off"):
+        fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
     try:
         import uvicorn
 
@@ -52,10 +63,11 @@ def serve(
     _check_listen(host, port)
     try:
         engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
-                        prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)))
+                        prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)), prefill_batch=prefill_batch,
+                        prefill_arena=prefill_arena)
     except ValueError as err:
         fail(str(err))
-    app = create_app(engine, name, max_prompt_tokens, max_tokens)
+    app = create_app(engine, name, max_prompt_tokens, max_tokens, stream_interval_ms / 1000)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     engine.start()
     err_console.print(f"serving {name} ({bundle}) on http://{host}:{port}/v1, up to {max_batch} streams; "
@@ -90,19 +102,37 @@ def serve_load(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Server-sent events or whole responses."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads of the server and the baseline."),
     json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    prefill_batch: int = typer.Option(8, help="The server's --prefill-batch."),
+    prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
+    stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
+    engine_only: bool = typer.Option(False, "--engine-only", help="Run the serve engine alone in this process (no "
+                                     "HTTP, no baseline) and print its RSS stage by stage."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
-    for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens)):
+    for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
+                        ("--prefill-batch", prefill_batch)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
+    if engine_only and streams < 2:
+        fail(f"--engine-only needs --streams >= 2, got {streams}")
     try:
         from ..serve.load import LoadError, run_load_test
+        from ..serve.memory import report as engine_report
     except ImportError as err:
         fail(f"`serve-load` needs {err.name}: {SERVE_EXTRA}")
     _bundle_and_name(bundle, None)
+    if prefill_arena not in ("keep", "shrink", "off"):
+        fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
+    if not 0 <= stream_interval_ms <= 10_000:
+        fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
+    if engine_only:
+        for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena):
+            err_console.print(line, highlight=False, soft_wrap=True)
+        return
     try:
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
-                               threads=threads)
+                               threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
+                               stream_interval_ms=stream_interval_ms)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

@@ -1,10 +1,12 @@
 """ONNX Runtime backend: runs a bundle's prefill and step graphs with a state that never moves.
 
 With IO binding (the default) two full state sets are allocated once per batch size on the
-session's device. Step t reads set A as ``past_state.*`` and writes set B as ``present_state.*``;
-step t+1 the reverse. Both parities get their own ``IOBinding``, bound once, so a decode step binds
-nothing, allocates nothing and copies no state (docs/design.md#runtime). ``input_ids``/``position_ids`` are
-small preallocated host buffers and ``logits`` lands in a preallocated host buffer.
+session's device (runtime/ort_state.py). Step t reads set A as ``past_state.*`` and writes set B as
+``present_state.*``; step t+1 the reverse. Bindings are made once and kept, so a decode step binds
+nothing, allocates nothing and copies no state (docs/design.md#runtime). ``input_ids``/``position_ids``
+are small preallocated host buffers and ``logits`` lands in a preallocated host buffer. Prefills write
+their rows' state straight into the current set; :meth:`OrtDecoder.prefill_rows` prefills several
+equal-length prompts into consecutive rows in one call.
 
 ``io_binding=False`` runs the plain ``session.run`` path (numpy state fed and returned each step):
 slower, kept as the reference the fast path is tested and benchmarked against.
@@ -17,152 +19,21 @@ slower, kept as the reference the fast path is tested and benchmarked against.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 
 from .. import contract
-from ..export.weight_file import map_weights, read_index
-from .bundle import Bundle, BundleError, load_bundle, session_io
+from .bundle import Bundle, load_bundle, session_io
 from .decoder import DecoderBase
+from .ort_session import (DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
+                          session_options, shared_weights)
+from .ort_state import Bindings
 
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    # ONNX Runtime's own TensorRT execution provider; `tensorrt` alone means our TrtDecoder (engines)
-    "ort-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-# where the state tensors live for each provider
-_DEVICES = {"cpu": "cpu", "cuda": "cuda", "ort-tensorrt": "cuda"}
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-class ProviderError(ValueError):
-    """The requested execution provider is unknown or missing from this onnxruntime build."""
-
-
-def resolve_providers(provider: str) -> list[str]:
-    """ORT execution-provider names for ``cpu`` | ``cuda`` | ``ort-tensorrt``, fallbacks after the first."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
-    available = ort.get_available_providers()
-    wanted = PROVIDERS[provider]
-    if wanted[0] not in available:
-        raise ProviderError(f"provider {provider!r} needs onnxruntime's {wanted[0]}, which this onnxruntime "
-                            f"build lacks (it has {', '.join(available)}); install onnxruntime-gpu or "
-                            "the Jetson onnxruntime wheel")
-    return [name for name in wanted if name in available]
-
-
-def session_options(threads: int = 0, optimization: str = "all"):
-    import onnxruntime as ort
-
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0 (0 = onnxruntime's default), got {threads}")
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if optimization not in levels:
-        raise ValueError(f"unknown graph optimization level {optimization!r}; expected one of "
-                         f"{', '.join(OPTIMIZATION_LEVELS)}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = levels[optimization]
-    return options
-
-
-def shared_weights(folder: str | Path) -> tuple[dict, dict[str, list[str]]]:
-    """(name -> OrtValue over the memory-mapped weights file, graph file -> names it reads), or two
-    empty dicts for a bundle whose weights sit inside its graphs. Both sessions get the same OrtValues:
-    the weights are in memory once, as file-backed pages the kernel can share and drop."""
-    import onnxruntime as ort
-
-    try:
-        index = read_index(folder)
-        if index is None:
-            return {}, {}
-        views = map_weights(folder, index)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BundleError(f"{Path(folder) / 'weights.json'}: {err}") from None
-    return {name: ort.OrtValue.ortvalue_from_numpy(view) for name, view in views.items()}, index.get("graphs", {})
-
-
-def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, optimization: str = "all",
-                  providers=("CPUExecutionProvider",), prepack: bool = False) -> dict:
-    """One ONNX Runtime session per ``kind -> graph file`` of a bundle folder, sharing one copy of the weights.
-
-    The returned dict also keeps the weight OrtValues alive (key ``"weights"``) as long as the sessions.
-    ``prepack``: keep ONNX Runtime's weight prepacking (the weight-only plans need it, see below).
-    """
-    import onnxruntime as ort
-
-    values, graphs = shared_weights(folder)
-    sessions: dict = {"weights": values}
-    for kind, file in files.items():
-        options = session_options(threads, optimization)
-        names = [name for name in graphs.get(file, []) if name in values]
-        # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
-        for name in names:
-            options.add_initializer(name, values[name])
-        if names and not prepack:
-            # prepacking would keep a second, re-laid-out copy of every matmul weight per session
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        path = Path(folder) / file
-        try:
-            sessions[kind] = ort.InferenceSession(str(path), options, providers=list(providers))
-            # the session reads these buffers in place: it keeps them alive however the caller holds it
-            sessions[kind].t2r_shared_weights = values
-        except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, NoSuchFile, ...
-            text = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
-            raise BundleError(f"{path.name} is not a loadable ONNX model: {text}") from None
-    return sessions
-
-
-class _StateSet:
-    """One full set of state tensors for one batch size, as OrtValues on ``device``."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], device: str, dtype=np.float32):
-        import onnxruntime as ort
-
-        self.device = device
-        self.dtype = np.dtype(dtype)
-        self.shapes = shapes
-        self.values = {}
-        # on the CPU the OrtValues wrap these arrays (no copy), so zeroing is a numpy fill
-        self.host: dict[str, np.ndarray] = {}
-        for name, shape in shapes.items():
-            array = np.zeros(shape, dtype=self.dtype)
-            if device == "cpu":
-                self.host[name] = array
-                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-            else:
-                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
-
-    def zero(self) -> None:
-        for name, value in self.values.items():
-            if self.device == "cpu":
-                self.host[name].fill(0)
-            else:
-                value.update_inplace(np.zeros(self.shapes[name], dtype=self.dtype))
-
-    def bind(self, binding, name: str, bound_as: str, as_input: bool, row: int | None = None,
-             rows: int | None = None) -> None:
-        """Bind tensor ``name`` (one batch row of it, or its first ``rows`` rows, in place) as ``bound_as``."""
-        shape = self.shapes[name]
-        ptr = self.values[name].data_ptr()
-        if row is not None:
-            ptr += row * int(np.prod(shape[1:])) * self.dtype.itemsize
-            shape = (1, *shape[1:])
-        elif rows is not None:
-            shape = (rows, *shape[1:])
-        bind = binding.bind_input if as_input else binding.bind_output
-        bind(bound_as, self.device, 0, self.dtype, list(shape), ptr)
-
-    def read(self, name: str) -> np.ndarray:
-        return self.host[name].copy() if self.device == "cpu" else self.values[name].numpy()
+# the names other modules import from here
+__all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtDecoder", "ProviderError", "open_sessions", "resolve_providers",
+           "session_options", "shared_weights"]
 
 
 class OrtDecoder(DecoderBase):
@@ -170,10 +41,15 @@ class OrtDecoder(DecoderBase):
 
     Call :meth:`reset` with the batch size first. Logits returned by the IO-binding path are a
     read-only view of a buffer the next call overwrites; copy them to keep them.
+
+    ``prefill_arena``: where a prefill's working memory comes from. Prefill shapes vary with every
+    prompt length and row count, and ONNX Runtime's CPU arena keeps the largest blocks it has seen:
+    ``"keep"`` (the default) is that arena, ``"shrink"`` hands the arena's free blocks back at the
+    end of each prefill run, ``"off"`` gives the prefill session no arena (plain malloc/free).
     """
 
     def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
-                 optimization: str = "all", io_binding: bool = True):
+                 optimization: str = "all", io_binding: bool = True, prefill_arena: str = "keep"):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.config = self.bundle.config
         self.provider = provider
@@ -181,18 +57,23 @@ class OrtDecoder(DecoderBase):
         providers = resolve_providers(provider)
         # bad threads / optimization values fail here, before any file is opened
         session_options(threads, optimization)
-        self._device = _DEVICES[provider]
+        if prefill_arena not in PREFILL_ARENA:
+            raise ValueError(f"unknown prefill_arena {prefill_arena!r}; expected one of {', '.join(PREFILL_ARENA)}")
+        self._device = DEVICES[provider]
         self._pairs = contract.state_pairs(self.config.num_layers, self.config.state_shape.parts)
         files = {kind: self.config.graphs[kind].file for kind in contract.GRAPH_KINDS}
         # MatMulNBits runs its block kernels only on prepacked weights (the teacher's int4 step: 61 ms
         # without, 2.5 ms with); its packed copy is about as small as the blocks themselves. ONNX Runtime
         # fuses int4-qdq's DequantizeLinear + MatMul pairs into the same kernel
         prepack = self.config.precision in (*contract.WEIGHT_ONLY_PRECISIONS, *contract.QDQ_WEIGHT_PRECISIONS)
-        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack)
+        no_arena = (contract.PREFILL,) if prefill_arena == "off" else ()
+        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack, no_arena)
         self._weights = sessions.pop("weights")
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
         self._sessions = sessions
+        self._prefill_run = _prefill_run_options(prefill_arena, self._device)
+        self._io: Bindings | None = None
         self._batch = 0
         self._parity = 0
 
@@ -201,10 +82,9 @@ class OrtDecoder(DecoderBase):
     def _release(self) -> None:
         self._sessions = {}
         self._weights = {}
+        self._io = None
         self._batch = 0
-        for attr in ("_sets", "_zero_row", "_step_bindings", "_row_bindings", "_state", "_logits", "_logits_view",
-                     "_ids", "_pos"):
-            self.__dict__.pop(attr, None)
+        self.__dict__.pop("_state", None)
 
     def state_nbytes(self) -> int:
         """Bytes of one decode state at the current batch size (IO binding keeps two sets resident)."""
@@ -216,7 +96,7 @@ class OrtDecoder(DecoderBase):
         if batch != self._batch:
             self._allocate(batch)
         elif self.io_binding:
-            self._sets[0].zero()
+            self._io.sets[0].zero()
         else:
             for array in self._state.values():
                 array.fill(0)
@@ -229,107 +109,46 @@ class OrtDecoder(DecoderBase):
         input_ids, position_ids = self._check_ids(input_ids, position_ids, step=True)
         if not self.io_binding:
             return self._run_plain(contract.STEP, input_ids, position_ids)
-        np.copyto(self._ids, input_ids)
-        np.copyto(self._pos, position_ids)
-        self._sessions[contract.STEP].run_with_iobinding(self._step_bindings[self._parity])
-        self._parity ^= 1
-        return self._logits_view
+        return self._step_io(self._batch, input_ids, position_ids)
 
     def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """All rows continue from their current state over ``[B, T]`` tokens → logits ``[B, V]``.
 
-        Rows share T, so use it for equal-length rows; :meth:`prefill_row` starts one row afresh.
+        Rows share T, so use it for equal-length rows; :meth:`prefill_rows` starts rows afresh.
         """
         input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False)
         if not self.io_binding:
             return self._run_plain(contract.PREFILL, input_ids, position_ids)
-        binding = self._prefill_binding(input_ids, position_ids)
-        current, other = self._sets[self._parity], self._sets[self._parity ^ 1]
-        for past, present in self._pairs:
-            current.bind(binding, past, past, as_input=True)
-            other.bind(binding, past, present, as_input=False)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
-        self._sessions[contract.PREFILL].run_with_iobinding(binding)
+        self._run_prefill(self._io.prefill_all(self._parity, input_ids, position_ids))
         self._parity ^= 1
-        return self._logits_view
+        return self._io.logits_view
 
     def prefill_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Start row ``row`` afresh (zero state) with one prompt ``[1, T]`` → that row's logits ``[1, V]``.
+        """Start row ``row`` afresh (zero state) with one prompt ``[1, T]`` → that row's logits ``[1, V]``."""
+        return self.prefill_rows(row, input_ids, position_ids)
 
-        The prefill graph writes its state straight into that row of the current state set, so
-        rows prefilled one by one (different lengths, no padding in the state) are already the
-        batch state the step graph continues from: nothing is gathered or copied.
+    def prefill_rows(self, first: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Start rows ``first .. first + B - 1`` afresh (zero state) with ``B`` prompts of equal
+        length ``[B, T]`` in one graph call → their logits ``[B, V]``.
+
+        The prefill graph writes its state straight into those rows of the current state set, so
+        rows prefilled in groups (different lengths in different calls, no padding in the state)
+        are already the batch state the step graph continues from: nothing is gathered or copied.
+        Rows are independent in the graph, so a row prefilled among others equals it prefilled
+        alone up to the batched-vs-single-row tolerance.
         """
-        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=1)
-        if not 0 <= row < self._batch:
-            raise ValueError(f"row {row} is outside the batch of {self._batch}")
+        self._require_open()
+        rows = int(np.shape(input_ids)[0]) if np.ndim(input_ids) == 2 else 0
+        if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first < self._batch \
+                or not 1 <= first + rows <= self._batch:
+            raise ValueError(f"rows {first!r} to {first!r} + {rows} - 1 are outside the batch of {self._batch}")
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=rows)
+        first = int(first)
         if not self.io_binding:
-            zero = {past: np.zeros((1, *a.shape[1:]), a.dtype) for past, a in self._state.items()}
-            logits = self._run_plain(contract.PREFILL, input_ids, position_ids, state=zero, into_row=row)
-            return logits
-        binding = self._prefill_binding(input_ids, position_ids)
-        current = self._sets[self._parity]
-        for past, present in self._pairs:
-            self._zero_row.bind(binding, past, past, as_input=True)
-            current.bind(binding, past, present, as_input=False, row=row)
-        vocab = self._logits.shape[1]
-        binding.bind_output("logits", "cpu", 0, np.float32, [1, vocab], self._logits.ctypes.data + row * vocab * 4)
-        self._sessions[contract.PREFILL].run_with_iobinding(binding)
-        return self._logits_view[row:row + 1]
-
-    # ---- rows as values: read, write, copy, and stepping only the first n rows ---------------------
-
-    def read_row(self, row: int) -> dict[str, np.ndarray]:
-        """Copies of row ``row``'s state, ``past_state.*`` name -> ``[1, ...]`` (see runtime/state.py)."""
-        self._check_row(row)
-        if not self.io_binding:
-            return {name: array[row:row + 1].copy() for name, array in self._state.items()}
-        current = self._sets[self._parity]
-        if self._device == "cpu":
-            return {past: current.host[past][row:row + 1].copy() for past, _ in self._pairs}
-        return {past: current.read(past)[row:row + 1].copy() for past, _ in self._pairs}
-
-    def write_row(self, row: int, state: dict[str, np.ndarray]) -> None:
-        """Set row ``row``'s state from ``past_state.*`` arrays ``[1, ...]`` (dtype and shape checked)."""
-        self._check_row(row)
-        shapes = self._state_shapes(1)
-        for name, shape in shapes.items():
-            array = state.get(name)
-            if array is None or array.shape != shape or array.dtype != np.dtype(self.config.state_dtype):
-                found = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
-                raise ValueError(f"state tensor {name!r} is {found}, expected {self.config.state_dtype}{list(shape)}")
-        if not self.io_binding:
-            for name in shapes:
-                self._state[name][row] = state[name][0]
-            return
-        current = self._sets[self._parity]
-        for name in shapes:
-            if self._device == "cpu":
-                current.host[name][row] = state[name][0]
-            else:
-                full = current.read(name)
-                full[row] = state[name][0]
-                current.values[name].update_inplace(full)
-
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row ``dst`` gets row ``src``'s state (a fork, or compacting the active rows)."""
-        if src != dst:
-            self.write_row(dst, self.read_row(src))
-
-    def extend_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Row ``row`` continues from its current state over ``[1, T]`` tokens → its logits ``[1, V]``.
-
-        What a restored state or a prefix-cache hit needs: only the tokens after the saved position
-        are prefilled. The graph writes into a one-row scratch state, then the row takes it.
-        """
-        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=1)
-        self._check_row(row)
-        state = self.read_row(row)
-        session = self._sessions[contract.PREFILL]
-        names = [o.name for o in session.get_outputs()]
-        results = dict(zip(names, session.run(None, {"input_ids": input_ids, "position_ids": position_ids, **state})))
-        self.write_row(row, {past: results[present] for past, present in self._pairs})
-        return results["logits"]
+            zero = {past: np.zeros((rows, *a.shape[1:]), a.dtype) for past, a in self._state.items()}
+            return self._run_plain(contract.PREFILL, input_ids, position_ids, state=zero, into_rows=first)
+        self._run_prefill(self._io.prefill_fresh(self._parity, first, input_ids, position_ids))
+        return self._io.logits_view[first:first + rows]
 
     def step_rows(self, rows: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """One step of the first ``rows`` rows only (``[rows, 1]`` ids) → their logits ``[rows, V]``.
@@ -354,17 +173,94 @@ class OrtDecoder(DecoderBase):
             for past, present in self._pairs:
                 self._state[past][:rows] = results[present]
             return results["logits"]
-        binding = self._rows_binding(rows, self._parity)
-        np.copyto(self._ids[:rows], input_ids)
-        np.copyto(self._pos[:rows], position_ids)
-        self._sessions[contract.STEP].run_with_iobinding(binding)
-        self._parity ^= 1
-        return self._logits_view[:rows]
+        return self._step_io(rows, input_ids, position_ids)
+
+    def side_decoder(self, batch: int) -> OrtDecoder:
+        """A decoder over these same sessions with state buffers of its own, ``batch`` rows.
+
+        ONNX Runtime runs one session from several threads at once, so a server can prefill new
+        prompts into a side decoder on one thread while this one steps on another, then move the
+        finished rows over with :meth:`take_row`. The weights stay in memory once; closing the
+        side decoder leaves this one open.
+        """
+        self._require_open()
+        side = copy.copy(self)
+        side._io, side._batch, side._parity = None, 0, 0
+        side.__dict__.pop("_state", None)
+        side.reset(batch)
+        return side
+
+    def take_row(self, source: OrtDecoder, src: int, dst: int) -> None:
+        """Row ``dst`` gets row ``src`` of ``source`` (a side decoder's prefilled row)."""
+        self.write_row(dst, source.read_row(src))
+
+    # ---- rows as values: read, write, copy ---------------------------------------------------
+
+    def read_row(self, row: int) -> dict[str, np.ndarray]:
+        """Copies of row ``row``'s state, ``past_state.*`` name -> ``[1, ...]`` (see runtime/state.py)."""
+        self._check_row(row)
+        if not self.io_binding:
+            return {name: array[row:row + 1].copy() for name, array in self._state.items()}
+        current = self._io.sets[self._parity]
+        if self._device == "cpu":
+            return {past: current.host[past][row:row + 1].copy() for past, _ in self._pairs}
+        return {past: current.read(past)[row:row + 1].copy() for past, _ in self._pairs}
+
+    def write_row(self, row: int, state: dict[str, np.ndarray]) -> None:
+        """Set row ``row``'s state from ``past_state.*`` arrays ``[1, ...]`` (dtype and shape checked)."""
+        self._check_row(row)
+        shapes = self._state_shapes(1)
+        for name, shape in shapes.items():
+            array = state.get(name)
+            if array is None or array.shape != shape or array.dtype != np.dtype(self.config.state_dtype):
+                found = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
+                raise ValueError(f"state tensor {name!r} is {found}, expected {self.config.state_dtype}{list(shape)}")
+        if not self.io_binding:
+            for name in shapes:
+                self._state[name][row] = state[name][0]
+            return
+        current = self._io.sets[self._parity]
+        for name in shapes:
+            if self._device == "cpu":
+                current.host[name][row] = state[name][0]
+            else:
+                full = current.read(name)
+                full[row] = state[name][0]
+                current.values[name].update_inplace(full)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` gets row ``src``'s state (a fork, or compacting the active rows)."""
+        if src == dst:
+            return
+        if self.io_binding and self._device == "cpu":
+            self._check_row(src)
+            self._check_row(dst)
+            current = self._io.sets[self._parity]
+            for past, _ in self._pairs:
+                current.host[past][dst] = current.host[past][src]
+            return
+        self.write_row(dst, self.read_row(src))
+
+    def extend_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Row ``row`` continues from its current state over ``[1, T]`` tokens → its logits ``[1, V]``.
+
+        What a restored state or a prefix-cache hit needs: only the tokens after the saved position
+        are prefilled. The graph writes into a one-row scratch state, then the row takes it.
+        """
+        input_ids, position_ids = self._check_ids(input_ids, position_ids, step=False, rows=1)
+        self._check_row(row)
+        state = self.read_row(row)
+        session = self._sessions[contract.PREFILL]
+        names = [o.name for o in session.get_outputs()]
+        feed = {"input_ids": input_ids, "position_ids": position_ids, **state}
+        results = dict(zip(names, session.run(None, feed, self._prefill_run)))
+        self.write_row(row, {past: results[present] for past, present in self._pairs})
+        return results["logits"]
 
     def read_state(self) -> dict[str, np.ndarray]:
         """Copies of the current state on the host, keyed by ``past_state.*`` name (for checks and debugging)."""
         if self.io_binding:
-            current = self._sets[self._parity]
+            current = self._io.sets[self._parity]
             return {past: current.read(past) for past, _ in self._pairs}
         return {name: array.copy() for name, array in self._state.items()}
 
@@ -375,71 +271,52 @@ class OrtDecoder(DecoderBase):
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._batch:
             raise ValueError(f"row {row!r} is outside the batch of {self._batch}")
 
-    def _rows_binding(self, rows: int, parity: int):
-        """The step binding over the first ``rows`` rows for one parity, made once and kept."""
-        key = (rows, parity)
-        binding = self._row_bindings.get(key)
-        if binding is not None:
-            return binding
-        binding = self._sessions[contract.STEP].io_binding()
-        vocab = self._logits.shape[1]
-        for name, array in (("input_ids", self._ids), ("position_ids", self._pos)):
-            binding.bind_input(name, "cpu", 0, np.int64, [rows, 1], array.ctypes.data)
-        binding.bind_output("logits", "cpu", 0, np.float32, [rows, vocab], self._logits.ctypes.data)
-        current, other = self._sets[parity], self._sets[parity ^ 1]
-        for past, present in self._pairs:
-            current.bind(binding, past, past, as_input=True, rows=rows)
-            other.bind(binding, past, present, as_input=False, rows=rows)
-        self._row_bindings[key] = binding
-        return binding
+    def _step_io(self, rows: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        np.copyto(self._io.ids[:rows], input_ids)
+        np.copyto(self._io.pos[:rows], position_ids)
+        self._sessions[contract.STEP].run_with_iobinding(self._io.step(rows, self._parity))
+        self._parity ^= 1
+        return self._io.logits_view[:rows]
+
+    def _run_prefill(self, binding) -> None:
+        self._sessions[contract.PREFILL].run_with_iobinding(binding, self._prefill_run)
 
     def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         specs = contract.graph_inputs(self.config.state_shape, contract.STEP)
         return {s.name: (batch, *s.shape[1:]) for s in specs if contract.is_state(s.name)}
 
     def _allocate(self, batch: int) -> None:
-        import onnxruntime as ort
-
         self._batch = batch
         shapes = self._state_shapes(batch)
         if not self.io_binding:
             self._state = {name: np.zeros(shape, self.config.state_dtype) for name, shape in shapes.items()}
             return
-        dtype = self.config.state_dtype
-        self._sets = (_StateSet(shapes, self._device, dtype), _StateSet(shapes, self._device, dtype))
-        self._zero_row = _StateSet(self._state_shapes(1), self._device, dtype)
-        self._ids = np.zeros((batch, 1), np.int64)
-        self._pos = np.zeros((batch, 1), np.int64)
-        self._logits = np.zeros((batch, self.config.vocab_size), np.float32)
-        self._logits_view = self._logits.view()
-        self._logits_view.flags.writeable = False
-        ids, pos, logits = (ort.OrtValue.ortvalue_from_numpy(a) for a in (self._ids, self._pos, self._logits))
-        self._step_bindings = []
-        for parity in (0, 1):
-            binding = self._sessions[contract.STEP].io_binding()
-            binding.bind_ortvalue_input("input_ids", ids)
-            binding.bind_ortvalue_input("position_ids", pos)
-            binding.bind_ortvalue_output("logits", logits)
-            for past, present in self._pairs:
-                binding.bind_ortvalue_input(past, self._sets[parity].values[past])
-                binding.bind_ortvalue_output(present, self._sets[parity ^ 1].values[past])
-            self._step_bindings.append(binding)
-        self._row_bindings: dict[tuple[int, int], object] = {}
+        self._io = Bindings(self._sessions, self._pairs, shapes, self._device, self.config.state_dtype,
+                            self.config.vocab_size)
 
-    def _prefill_binding(self, input_ids: np.ndarray, position_ids: np.ndarray):
-        binding = self._sessions[contract.PREFILL].io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("position_ids", position_ids)
-        return binding
-
-    def _run_plain(self, kind: str, input_ids, position_ids, state=None, into_row: int | None = None):
+    def _run_plain(self, kind: str, input_ids, position_ids, state=None, into_rows: int | None = None):
         session = self._sessions[kind]
         feed = {"input_ids": input_ids, "position_ids": position_ids, **(state or self._state)}
         names = [o.name for o in session.get_outputs()]
-        results = dict(zip(names, session.run(None, feed)))
+        options = self._prefill_run if kind == contract.PREFILL else None
+        results = dict(zip(names, session.run(None, feed, options)))
         for past, present in self._pairs:
-            if into_row is None:
+            if into_rows is None:
                 self._state[past] = results[present]
             else:
-                self._state[past][into_row] = results[present][0]
+                self._state[past][into_rows:into_rows + len(results[present])] = results[present]
         return results["logits"]
+
+
+PREFILL_ARENA = ("keep", "shrink", "off")
+
+
+def _prefill_run_options(mode: str, device: str):
+    """RunOptions for prefill runs: with ``shrink`` the arena frees the memory the run used when it ends."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if mode == "shrink":
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0" if device == "cpu" else
+                                     "cpu:0;gpu:0")
+    return options

@@ -99,23 +99,61 @@ def prefill_cached(decoder, row: int, ids, cache: PrefixCache | None, identity: 
     the whole prompt is stored, and so is the state at each of ``cache_points`` (token counts, e.g.
     where a chat's system prompt ends) that lies past the reused prefix.
     """
-    ids = [int(t) for t in ids]
-    reused, entry = cache.longest(identity, ids) if cache is not None else (0, None)
-    position, logits = 0, None
-    if entry is not None:
-        decoder.write_row(row, entry.tensors)
-        position, logits = reused, entry.logits
-    points = sorted(p for p in set(cache_points) if reused < p < len(ids))
-    for end in [*points, len(ids)]:
-        if end == position:
+    return prefill_many(decoder, row, [ids], cache, identity, [cache_points])[0]
+
+
+def prefill_many(decoder, first_row: int, prompts, cache: PrefixCache | None, identity: str,
+                 cache_points=None) -> list[tuple[np.ndarray, int]]:
+    """Prefill ``prompts[i]`` into row ``first_row + i`` through ``cache``, as :func:`prefill_cached`
+    does for each → one (logits ``[1, V]``, cached tokens reused) per prompt.
+
+    Consecutive prompts that start afresh (no cached prefix) with first segments of equal length
+    (the whole prompt, or up to its first cache point) are prefilled together in one graph call
+    (``decoder.prefill_rows``); the rest of each prompt goes on row by row. Order the prompts by
+    that length to make the groups large. A row prefilled in a group equals it prefilled alone up
+    to the batched-vs-single-row tolerance (t2r_export/tolerances.py).
+    """
+    prompts = [[int(t) for t in ids] for ids in prompts]
+    cache_points = cache_points or [()] * len(prompts)
+    plans = []
+    for ids, points in zip(prompts, cache_points):
+        reused, entry = cache.longest(identity, ids) if cache is not None else (0, None)
+        ends = [*sorted(p for p in set(points) if reused < p < len(ids)), len(ids)]
+        plans.append((reused, entry, [e for e in ends if e != reused]))
+    logits: list[np.ndarray | None] = [None] * len(prompts)
+    index = 0
+    while index < len(prompts):
+        reused, entry, ends = plans[index]
+        if entry is not None or not ends:
+            index += 1
             continue
-        chunk = np.asarray(ids[position:end], np.int64)[None]
-        positions = np.arange(position, end, dtype=np.int64)[None]
-        if position == 0:
-            logits = np.array(decoder.prefill_row(row, chunk, positions))
-        else:
-            logits = np.array(decoder.extend_row(row, chunk, positions))
-        position = end
-        if cache is not None:
-            cache.put(identity, ids[:end], decoder.read_row(row), logits)
-    return np.array(logits, copy=True), reused
+        # the run of fresh prompts from here whose first segments have this length
+        stop = index + 1
+        while stop < len(prompts) and plans[stop][1] is None and plans[stop][2][:1] == ends[:1]:
+            stop += 1
+        chunk = np.asarray([ids[:ends[0]] for ids in prompts[index:stop]], np.int64)
+        positions = np.tile(np.arange(ends[0], dtype=np.int64), (stop - index, 1))
+        group = np.array(decoder.prefill_rows(first_row + index, chunk, positions))
+        for offset in range(stop - index):
+            logits[index + offset] = group[offset:offset + 1]
+            if cache is not None:
+                cache.put(identity, prompts[index + offset][:ends[0]], decoder.read_row(first_row + index + offset),
+                          logits[index + offset])
+        index = stop
+    results = []
+    for i, (ids, (reused, entry, ends)) in enumerate(zip(prompts, plans)):
+        row, position, last = first_row + i, reused, logits[i]
+        if entry is not None:
+            decoder.write_row(row, entry.tensors)
+            last = entry.logits
+        elif ends:
+            # the first segment went through a group above
+            position, ends = ends[0], ends[1:]
+        for end in ends:
+            chunk = np.asarray(ids[position:end], np.int64)[None]
+            last = np.array(decoder.extend_row(row, chunk, np.arange(position, end, dtype=np.int64)[None]))
+            position = end
+            if cache is not None:
+                cache.put(identity, ids[:end], decoder.read_row(row), last)
+        results.append((np.array(last, copy=True), reused))
+    return results

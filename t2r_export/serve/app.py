@@ -22,11 +22,13 @@ from starlette.exceptions import HTTPException
 from ..runtime.sampling import SamplingParams
 from .engine import Engine, EngineFull, Request, default_seed
 from .protocol import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, TURN_STOP, ApiError, ChatRequest,
-                       CompletionRequest, chat_body, chat_segments, completion_body, completion_prompt, error_body,
-                       new_id)
+                       CompletionRequest, Renderer, chat_segments, completion_prompt, error_body, new_id)
 
 
-def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096):
+def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096,
+               stream_interval: float = 0.0):
+    """The app; ``stream_interval`` (seconds): a streamed response writes at most that often, the text
+    of the steps in between coalesced into one chunk per choice (0: every step that has text)."""
     app = FastAPI(title="t2r-export serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     add_bos = engine.bundle.tokenizer_config().get("add_bos_token") is True
@@ -72,8 +74,8 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                            "model_not_found", "not_found_error")
-        if body.n != 1:
-            raise ApiError(400, f"n = {body.n} is not supported; send n requests with their own seeds", "n")
+        if not 1 <= body.n <= engine.max_batch:
+            raise ApiError(400, f"n = {body.n} is outside [1, {engine.max_batch}] (the server's --max-batch)", "n")
         max_tokens = limit_field if limit_field is not None else body.max_tokens
         max_tokens = min(default_tokens, max_tokens_limit) if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= max_tokens_limit:
@@ -104,15 +106,16 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
             ids = [bos, *ids]
         return ids
 
-    async def run(http: HttpRequest, request: Request, events: asyncio.Queue, render, stream: bool):
+    async def run(http: HttpRequest, request: Request, events: asyncio.Queue, renderer: Renderer, stream: bool):
         try:
             engine.submit(request)
         except EngineFull as err:
             raise ApiError(429, str(err), code="rate_limit_exceeded", kind="rate_limit_error") from None
         if stream:
-            return StreamingResponse(_sse(request, events, render), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, events, renderer, stream_interval), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text = []
+        texts = [[] for _ in range(request.n)]
+        reasons, tokens, left = [""] * request.n, 0, request.n
         try:
             while True:
                 try:
@@ -122,19 +125,21 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
                         return JSONResponse(error_body("client disconnected"), status_code=499)
                     continue
                 if event[0] == "text":
-                    text.append(event[1])
+                    texts[event[-1]].append(event[1])
                 elif event[0] == "error":
                     return JSONResponse(error_body(event[2], "server_error"), status_code=event[1])
                 else:
-                    return render("".join(text), event[1], event[2], False)
+                    reasons[event[-1]], tokens, left = event[1], tokens + event[2], left - 1
+                    if not left:
+                        return renderer.whole(["".join(t) for t in texts], reasons, tokens)
         finally:
             request.cancel()
 
-    def make_request(ids, max_tokens, sampling, stops, stream, cache_points=()):
+    def make_request(ids, max_tokens, sampling, stops, body, cache_points=()):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = Request(ids, max_tokens, sampling, stops, loop, events, cache_points=tuple(cache_points),
-                          incremental=stream)
+                          incremental=body.stream, n=body.n)
         return request, events
 
     @app.post("/v1/completions")
@@ -144,14 +149,9 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
         ids = list(prompt) if isinstance(prompt, list) else encode(prompt, True)
         check_prompt(ids, max_tokens)
         echo = (prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)) if body.echo else ""
-        request, events = make_request(ids, max_tokens, sampling, body.stop_list(), body.stream)
-        rid = new_id("cmpl")
-
-        def render(text, reason, usage, chunk):
-            body_ = completion_body(rid, model_name, text, reason, usage, chunk)
-            return body_ if chunk else body_ | {"choices": [body_["choices"][0] | {"text": echo + text}]}
-
-        return await run(http, request, events, render, body.stream)
+        request, events = make_request(ids, max_tokens, sampling, body.stop_list(), body)
+        renderer = Renderer("completion", new_id("cmpl"), model_name, len(ids), body.n, echo)
+        return await run(http, request, events, renderer, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HttpRequest):
@@ -161,42 +161,46 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
         ids = head + encode(rest, not head)
         check_prompt(ids, max_tokens)
         stops = [*body.stop_list(), TURN_STOP]
-        request, events = make_request(ids, max_tokens, sampling, stops, body.stream,
-                                       [len(head)] if head else [])
-        rid = new_id("chatcmpl")
-        first = [True]
-
-        def render(text, reason, usage, chunk):
-            body_ = chat_body(rid, model_name, text, reason, usage, chunk, first[0])
-            first[0] = False
-            return body_
-
-        return await run(http, request, events, render, body.stream)
+        request, events = make_request(ids, max_tokens, sampling, stops, body, [len(head)] if head else [])
+        renderer = Renderer("chat", new_id("chatcmpl"), model_name, len(ids), body.n)
+        return await run(http, request, events, renderer, body.stream)
 
     return app
 
 
-async def _sse(request: Request, events: asyncio.Queue, render):
-    """Server-sent events; text that piled up since the last write goes out as one chunk."""
+async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer, interval: float = 0.0):
+    """Server-sent events: what piled up since the last write goes out in one write, each choice's
+    text in one chunk; the last choice to end carries the request's usage (as OpenAI does with
+    stream_options.include_usage)."""
+    left, tokens = request.n, 0
     try:
-        while True:
-            event = await events.get()
-            text = []
-            while event[0] == "text":
-                text.append(event[1])
-                if events.empty():
+        while left:
+            events_now = [await events.get()]
+            while not events.empty():
+                events_now.append(events.get_nowait())
+            texts: dict[int, list[str]] = {}
+            out = []
+            for event in events_now:
+                if event[0] == "text":
+                    texts.setdefault(event[-1], []).append(event[1])
+                    continue
+                # a choice's text goes out before its end
+                pending = texts.pop(event[-1], None)
+                if pending:
+                    out.append(renderer.chunk(event[-1], "".join(pending)))
+                if event[0] == "error":
+                    out.append(f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n")
+                    left = 0
                     break
-                event = events.get_nowait()
-            if text:
-                yield f"data: {json.dumps(render(''.join(text), None, None, True))}\n\n"
-            if event[0] == "done":
-                # the last chunk carries the usage (OpenAI sends it with stream_options.include_usage)
-                yield f"data: {json.dumps(render('', event[1], event[2], True) | {'usage': event[2]})}\n\n"
-                break
-            if event[0] == "error":
-                yield f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n"
-                break
+                left, tokens = left - 1, tokens + event[2]
+                out.append(renderer.chunk(event[-1], "", event[1], None if left else renderer.usage(tokens)))
+            else:
+                out[:0] = [renderer.chunk(index, "".join(parts)) for index, parts in texts.items()]
+            yield "".join(out)
+            if interval and left:
+                # the steps of the next interval pile up in the queue and go out as one chunk each
+                await asyncio.sleep(interval)
         yield "data: [DONE]\n\n"
     finally:
-        # a client that went away cancels its request: the decode loop frees its row at the next step
+        # a client that went away cancels its request: the decode loop frees its rows at the next step
         request.cancel()

@@ -1,17 +1,24 @@
-"""The decode loop behind `t2r-export serve`: one thread owns the decoder and batches continuously.
+"""The decode loop behind `t2r-export serve`: continuous batching over independent state rows.
 
-Every request gets a row of a decoder with capacity ``max_batch``. Active rows are kept packed at
-the front of the state buffers, so each step runs the step graph over exactly the active rows
-(``OrtDecoder.step_rows``): a request joins by prefilling its row (through the prefix cache) and
-leaves when it finishes or its client goes away, at any step; the rows after it move down one
-slot (a state copy, about 100 KB for the bundled model). Rows are independent in the graphs and each
-request samples from its own generator seeded by its ``seed``, so a request's output does not
-depend on which requests share its batch (up to the batched-vs-single-row tolerance of
-t2r_export/tolerances.py).
+Two threads share one OrtDecoder's sessions. The prefill thread takes waiting requests, orders
+them by prompt length and prefills them (equal lengths in one graph call, through the prefix
+cache) into a side decoder's rows; the decode thread moves those rows into its batch at the next
+step and steps all active rows. So new prompts are prefilled on the second core while the
+running streams keep decoding, instead of every stream stalling while the newcomers' prompts go
+through the graph.
 
-Events go back to the asyncio side as ("text", delta) while decoding, then ("done", finish_reason,
-usage) or ("error", status, message): collected over one step and handed over with one
-``loop.call_soon_threadsafe`` per step (a per-token call would wake the event loop 64 times a step).
+Active rows are kept packed at the front of the state buffers, so each step runs the step graph
+over exactly the active rows (``OrtDecoder.step_rows``); a request leaves when it finishes or its
+client goes away, at any step, and the rows after it move down one slot (a state copy, about
+100 KB for the bundled model). A request with ``n`` choices is prefilled once and its row forked
+into n rows. Rows are independent in the graphs and each choice samples from its own generator,
+seeded by its request's ``seed`` (choice i: ``seed + i``), so an output does not depend on which
+requests share its batch (up to the batched-vs-single-row tolerance of t2r_export/tolerances.py).
+
+Events go back to the asyncio side as ("text", delta, choice) while decoding, then ("done",
+finish_reason, usage, choice) or ("error", status, message, choice): collected over one step and
+handed over with one ``loop.call_soon_threadsafe`` per step (a per-token call would wake the
+event loop 64 times a step).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 
 from ..runtime import OrtDecoder
 from ..runtime.generate import RowStream
-from ..runtime.prefix_cache import PrefixCache, prefill_cached
+from ..runtime.prefix_cache import PrefixCache, prefill_cached, prefill_many
 from ..runtime.sampling import SamplingParams, sample_row
 from ..runtime.state import bundle_identity
 
@@ -43,15 +50,10 @@ class Request:
     cache_points: tuple[int, ...] = ()
     # False: no text until the end (no stop strings, not streamed), so no per-token detokenising
     incremental: bool = True
+    # the choices of one request share its prompt, queue and cancellation; choice i samples with seed + i
+    n: int = 1
     cancelled: bool = False
-    # decode-loop side
-    stream: RowStream | None = None
-    rng: np.random.Generator | None = None
-    logits: np.ndarray | None = None
-    position: int = 0
-    token: int = -1
-    reason: str | None = None
-    reused: int = 0
+    choices: list = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -66,32 +68,61 @@ class Request:
             pass
 
 
+@dataclass
+class Choice:
+    """One decoded row: a request's choice ``index``."""
+
+    request: Request
+    index: int
+    rng: np.random.Generator
+    stream: RowStream
+    logits: np.ndarray
+    position: int
+    token: int = -1
+    reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None or self.request.cancelled
+
+
 class EngineFull(Exception):
     """More requests are waiting than the engine accepts."""
 
 
 class Engine:
-    """Continuous batching over one OrtDecoder; ``submit`` from any thread, the loop runs in its own."""
+    """Continuous batching over one OrtDecoder; ``submit`` from any thread, the loops run in their own."""
 
     def __init__(self, bundle, max_batch: int = 64, threads: int = 0, provider: str = "cpu",
-                 prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024):
+                 prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 8,
+                 prefill_arena: str = "keep"):
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+        if prefill_batch < 1:
+            raise ValueError(f"--prefill-batch must be >= 1, got {prefill_batch}")
         self.bundle = bundle
         self.config = bundle.config
         self.tokenizer = bundle.load_tokenizer()
         self.identity = bundle_identity(bundle)
         self.max_batch = max_batch
         self.max_waiting = max_waiting
-        self.decoder = OrtDecoder(bundle, provider=provider, threads=threads)
+        self.decoder = OrtDecoder(bundle, provider=provider, threads=threads, prefill_arena=prefill_arena)
         self.decoder.reset(max_batch)
+        # the prefill thread's rows: the same sessions, state buffers of their own, one row per request
+        # of a round (a round's prefill memory is bounded by it, not by the streams)
+        self.prefill_batch = min(prefill_batch, max_batch)
+        self.staging = self.decoder.side_decoder(self.prefill_batch)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos = set(self.config.eos_token_ids)
         self._waiting: deque[Request] = deque()
-        self._active: list[Request] = []
+        # prefilled requests with their staging rows and logits, for the decode thread to take
+        self._ready: list[tuple[Request, int, np.ndarray]] = []
+        self._active: list[Choice] = []
+        # rows promised to requests being prefilled, ready or active
+        self._occupied = 0
         self._wake = threading.Condition()
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.requests_total = 0
         self.tokens_total = 0
         self._recent: deque[tuple[float, int]] = deque()
@@ -101,25 +132,32 @@ class Engine:
     # ---- the asyncio side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="t2r-decode", daemon=True)
-        self._thread.start()
+        for target, name in ((self._decode_loop, "t2r-decode"), (self._prefill_loop, "t2r-prefill")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         with self._wake:
             self._stop = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for request in [*self._waiting, *(r for r, _, _ in self._ready), *{id(c.request): c.request
+                                                                           for c in self._active}.values()]:
+            request.deliver(("error", 503, "the server is shutting down", 0))
+        self.staging.close()
         self.decoder.close()
 
     def submit(self, request: Request) -> None:
+        if not 1 <= request.n <= self.max_batch:
+            raise ValueError(f"n = {request.n} is outside [1, {self.max_batch}] (the server's --max-batch)")
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"{len(self._waiting)} requests are already waiting; retry later")
-            request.rng = np.random.default_rng(request.sampling.seed)
             self._waiting.append(request)
             self.requests_total += 1
-            self._wake.notify()
+            self._wake.notify_all()
 
     def metrics(self) -> dict:
         now = time.perf_counter()
@@ -135,31 +173,107 @@ class Engine:
                     "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
                     "hits": cache.hits, "misses": cache.misses}}
 
-    # ---- the decode thread ------------------------------------------------------------------------
+    # ---- the prefill thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _prefill_loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._active:
+                # one batch of staging rows at a time: wait until the decode thread took the last one
+                while not self._stop and (self._ready or not self._waiting
+                                          or self._occupied + self._waiting[0].n > self.max_batch):
                     self._wake.wait()
                 if self._stop:
-                    break
-                joining = []
-                while self._waiting and len(self._active) + len(joining) < self.max_batch:
-                    joining.append(self._waiting.popleft())
+                    return
+                joining, rows = [], 0
+                while self._waiting and len(joining) < self.prefill_batch \
+                        and self._occupied + rows + self._waiting[0].n <= self.max_batch:
+                    request = self._waiting.popleft()
+                    if not request.cancelled:
+                        joining.append(request)
+                        rows += request.n
+                self._occupied += rows
+            ready = self._prefill(joining)
+            with self._wake:
+                self._occupied -= sum(r.n for r in joining) - sum(r.n for r, _, _ in ready)
+                self._ready = ready
+                self._wake.notify_all()
+
+    def _prefill(self, joining: list[Request]) -> list[tuple[Request, int, np.ndarray]]:
+        """Prefill into staging rows 0, 1, ...: equal lengths together; a bad prompt fails alone."""
+        # equal first segments next to each other, so prefill_many groups them
+        joining.sort(key=lambda r: min([*r.cache_points, len(r.prompt_ids)]))
+        try:
+            results = prefill_many(self.staging, 0, [r.prompt_ids for r in joining], self.cache, self.identity,
+                                   [r.cache_points for r in joining])
+            return [(request, row, logits) for row, (request, (logits, _)) in enumerate(zip(joining, results))]
+        except ValueError:
+            pass
+        except Exception as err:  # a failing graph must not kill the server: fail these requests, go on
+            for request in joining:
+                request.deliver(("error", 500, f"the decoder failed: {_first_line(err)}", 0))
+            return []
+        ready = []
+        for request in joining:
             try:
-                self._iteration(joining)
+                logits, _ = prefill_cached(self.staging, len(ready), request.prompt_ids, self.cache, self.identity,
+                                           request.cache_points)
+            except Exception as err:
+                status = 400 if isinstance(err, ValueError) else 500
+                request.deliver(("error", status, _first_line(err), 0))
+                continue
+            ready.append((request, len(ready), logits))
+        return ready
+
+    # ---- the decode thread ------------------------------------------------------------------------
+
+    def _decode_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._ready and not self._active:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                joining = self._ready
+            try:
+                try:
+                    self._take(joining)
+                finally:
+                    # the staging rows are free again only once they have been copied
+                    if joining:
+                        with self._wake:
+                            self._ready = []
+                            self._wake.notify_all()
+                self._iteration()
                 self._flush()
             except Exception as err:  # a failing graph must not kill the server: fail the batch, go on
                 self._flush()
-                message = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
-                for request in [*self._active, *joining]:
-                    if request.reason is None:
-                        request.reason = "error"
-                        request.deliver(("error", 500, f"the decoder failed: {message}"))
+                for choice in self._active:
+                    if choice.reason is None:
+                        choice.reason = "error"
+                        choice.request.deliver(("error", 500, f"the decoder failed: {_first_line(err)}",
+                                                choice.index))
+                self._release(len(self._active))
                 self._active = []
-        for request in [*self._active, *self._waiting]:
-            request.deliver(("error", 503, "the server is shutting down"))
+
+    def _take(self, joining: list[tuple[Request, int, np.ndarray]]) -> None:
+        """Prefilled requests join the batch: their staging row forked into one row per choice."""
+        for request, row, logits in joining:
+            if request.cancelled:
+                self._release(request.n)
+                continue
+            for index in range(request.n):
+                self.decoder.take_row(self.staging, row, len(self._active))
+                seed = (request.sampling.seed + index) % (1 << 63)
+                stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
+                choice = Choice(request, index, np.random.default_rng(seed), stream, logits[0],
+                                len(request.prompt_ids))
+                request.choices.append(choice)
+                self._active.append(choice)
+
+    def _release(self, rows: int) -> None:
+        with self._wake:
+            self._occupied -= rows
+            self._wake.notify_all()
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops, one wake-up per loop."""
@@ -174,76 +288,61 @@ class Engine:
                 # that loop has closed (its server stopped): nobody is waiting for these events
                 pass
 
-    def _iteration(self, joining: list[Request]) -> None:
-        for request in joining:
-            if request.cancelled:
-                continue
-            row = len(self._active)
-            try:
-                logits, request.reused = prefill_cached(self.decoder, row, request.prompt_ids, self.cache,
-                                                        self.identity, request.cache_points)
-            except ValueError as err:
-                # one bad prompt fails alone; the rows already decoding go on
-                request.reason = "error"
-                request.deliver(("error", 400, str(err).splitlines()[0][:300]))
-                continue
-            request.logits = logits[0]
-            request.position = len(request.prompt_ids)
-            request.stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
-            self._active.append(request)
+    def _iteration(self) -> None:
         if not self._active:
             return
         produced = 0
-        for request in self._active:
-            if request.cancelled:
+        for choice in self._active:
+            if choice.request.cancelled:
                 continue
             produced += 1
-            self._advance(request)
+            self._advance(choice)
         self._note(produced)
         self._compact()
         if not self._active:
             return
-        ids = np.array([[r.token] for r in self._active], np.int64)
-        positions = np.array([[r.position] for r in self._active], np.int64)
+        ids = np.array([[c.token] for c in self._active], np.int64)
+        positions = np.array([[c.position] for c in self._active], np.int64)
         logits = self.decoder.step_rows(len(self._active), ids, positions)
-        for row, request in enumerate(self._active):
-            request.logits = logits[row]
-            request.position += 1
+        for row, choice in enumerate(self._active):
+            choice.logits = logits[row]
+            choice.position += 1
 
-    def _advance(self, request: Request) -> None:
-        """Sample the request's next token, send its text, decide whether it finished."""
-        if not np.isfinite(request.logits).all():
-            request.reason = "error"
-            request.deliver(("error", 500, "the model produced NaN or inf logits"))
+    def _advance(self, choice: Choice) -> None:
+        """Sample the choice's next token, send its text, decide whether it finished."""
+        request = choice.request
+        if not np.isfinite(choice.logits).all():
+            choice.reason = "error"
+            self._outbox.append((request, ("error", 500, "the model produced NaN or inf logits", choice.index)))
             return
-        token = sample_row(request.logits, request.sampling, request.rng)
-        stream = request.stream
+        token = sample_row(choice.logits, request.sampling, choice.rng)
+        stream = choice.stream
         if token in self.eos:
-            request.reason, delta = "eos", stream.finish()
+            choice.reason, delta = "eos", stream.finish()
         else:
             delta = stream.push(token)
             if stream.stopped:
-                request.reason = "stop"
+                choice.reason = "stop"
             elif len(stream.ids) >= request.max_tokens:
-                request.reason, delta = "length", delta + stream.finish()
-        request.token = token
+                choice.reason, delta = "length", delta + stream.finish()
+        choice.token = token
         if delta:
-            self._outbox.append((request, ("text", delta)))
-        if request.reason is not None:
-            completion = len(stream.ids) + (request.reason == "eos")
-            usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": completion,
-                     "total_tokens": len(request.prompt_ids) + completion}
-            self._outbox.append((request, ("done", request.reason, usage)))
+            self._outbox.append((request, ("text", delta, choice.index)))
+        if choice.reason is not None:
+            completion = len(stream.ids) + (choice.reason == "eos")
+            self._outbox.append((request, ("done", choice.reason, completion, choice.index)))
 
     def _compact(self) -> None:
         """Drop finished and cancelled rows; the others move down, keeping their order."""
         kept = []
-        for row, request in enumerate(self._active):
-            if request.reason is not None or request.cancelled:
+        for row, choice in enumerate(self._active):
+            if choice.done:
                 continue
             if row != len(kept):
                 self.decoder.copy_row(row, len(kept))
-            kept.append(request)
+            kept.append(choice)
+        if len(kept) < len(self._active):
+            self._release(len(self._active) - len(kept))
         self._active = kept
 
     def _note(self, produced: int) -> None:
@@ -257,6 +356,10 @@ class Engine:
 def _dispatch(items) -> None:
     for queue, event in items:
         queue.put_nowait(event)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0][:300]
 
 
 def default_seed() -> int:

@@ -4,7 +4,7 @@ In one run: the runtime's own batched decode at batch ``streams`` (``generate_id
 prompts and sampling, decode time only) as the baseline; each prompt decoded alone by the runtime
 (what every served answer must equal); then the server, first one request alone (its RSS is the
 one-stream figure), then ``requests`` requests at ``streams`` concurrency with the async openai
-client. Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
+client in a process of its own. Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
 prefill and HTTP included) and its ratio to the baseline, p50/p99 latency, the server's RSS idle,
 after one stream, at its peak under load and after, the growth per extra stream, and requests
 lost (no answer) or mixed up (an answer that is not its prompt's solo answer).
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +60,8 @@ class LoadReport:
     baseline_tokens_per_cpu_s: float
     lost: int
     mixed: int
+    prefill_batch: int = 8
+    stream_interval_ms: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -65,7 +69,8 @@ class LoadReport:
     def print(self, console) -> None:
         rows = [
             ("requests", f"{self.requests} at {self.streams} concurrent ({'streamed' if self.stream else 'whole'}), "
-                         f"max_tokens {self.max_tokens}"),
+                         f"max_tokens {self.max_tokens}, --prefill-batch {self.prefill_batch}"
+                         + (f", --stream-interval-ms {self.stream_interval_ms:g}" if self.stream else "")),
             ("wall time", f"{self.wall_s:.2f} s"),
             ("requests/s", f"{self.requests_per_s:.2f}"),
             ("tokens/s (aggregate)", f"{self.tokens_per_s:.1f} ({self.completion_tokens} completion tokens)"),
@@ -106,7 +111,8 @@ def load_prompts(count: int) -> list[str]:
 
 
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
-                  stream: bool = True, threads: int = 0) -> LoadReport:
+                  stream: bool = True, threads: int = 0, prefill_batch: int = 8,
+                  prefill_arena: str = "keep", stream_interval_ms: float = 0.0) -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
@@ -127,23 +133,26 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     port = free_port()
     command = [sys.executable, "-c", "from t2r_export.cli import main; main()", "serve", str(bundle),
                "--port", str(port), "--max-batch", str(streams), "--prefix-cache-mb", "0",
-               "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens)]
+               "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens),
+               "--prefill-batch", str(prefill_batch), "--prefill-arena", prefill_arena,
+               "--stream-interval-ms", str(stream_interval_ms)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(server, base)
         proc = psutil.Process(server.pid)
         rss_idle = proc.memory_info().rss
-        one = asyncio.run(_fire(base, prompts[:1], 1, max_tokens, stream))
-        rss_one = proc.memory_info().rss
-        peak = _PeakRss(proc)
-        peak.start()
-        server_cpu, client_cpu = sum(proc.cpu_times()[:2]), time.process_time()
-        start = time.perf_counter()
-        results = asyncio.run(_fire(base, prompts, streams, max_tokens, stream))
-        wall = time.perf_counter() - start
-        server_cpu, client_cpu = sum(proc.cpu_times()[:2]) - server_cpu, time.process_time() - client_cpu
-        peak.stop()
+        # the client runs in a process of its own (its CPU time is its own, it shares no GIL with the
+        # RSS sampler); the one-request run also warms its imports
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            one, _, _ = client.submit(_client, base, prompts[:1], 1, max_tokens, stream).result()
+            rss_one = proc.memory_info().rss
+            peak = _PeakRss(proc)
+            peak.start()
+            server_cpu = sum(proc.cpu_times()[:2])
+            results, wall, client_cpu = client.submit(_client, base, prompts, streams, max_tokens, stream).result()
+            server_cpu = sum(proc.cpu_times()[:2]) - server_cpu
+            peak.stop()
         rss_after = proc.memory_info().rss
         state_bytes = json.loads(urllib.request.urlopen(f"{base}/metrics", timeout=10).read())["state_bytes_per_stream"]
     finally:
@@ -173,7 +182,7 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
         baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
-        mixed=mixed)
+        mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms)
 
 
 def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
@@ -211,6 +220,13 @@ def _wait_healthy(server: subprocess.Popen, base: str, timeout: float = 60.0) ->
         except OSError:
             time.sleep(0.1)
     raise LoadError(f"the server did not answer {base}/health within {timeout:.0f} s")
+
+
+def _client(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
+    """In the client process: (results, wall s, CPU s of this process) of firing ``prompts``."""
+    cpu, start = time.process_time(), time.perf_counter()
+    results = asyncio.run(_fire(base, prompts, concurrency, max_tokens, stream))
+    return results, time.perf_counter() - start, time.process_time() - cpu
 
 
 async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):

@@ -21,7 +21,8 @@ def free_port() -> int:
 
 @contextmanager
 def local_server(bundle: str | Path, model_name: str = "t2r", max_batch: int = 8, threads: int = 1,
-                 prefix_cache_bytes: int = 8 << 20, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096):
+                 prefix_cache_bytes: int = 8 << 20, max_prompt_tokens: int = 4096, max_tokens_limit: int = 4096,
+                 stream_interval: float = 0.0):
     """Yield the base URL (``http://127.0.0.1:PORT/v1``) of a running server; stop it on exit."""
     import uvicorn
 
@@ -30,7 +31,7 @@ def local_server(bundle: str | Path, model_name: str = "t2r", max_batch: int = 8
     from .engine import Engine
 
     engine = Engine(load_bundle(bundle), max_batch=max_batch, threads=threads, prefix_cache_bytes=prefix_cache_bytes)
-    app = create_app(engine, model_name, max_prompt_tokens, max_tokens_limit)
+    app = create_app(engine, model_name, max_prompt_tokens, max_tokens_limit, stream_interval)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     engine.start()

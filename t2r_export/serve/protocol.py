@@ -13,6 +13,7 @@ Generation stops at the next ``\\n### `` turn header.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -20,6 +21,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 ROLES = ("system", "user", "assistant")
+Kind = Literal["completion", "chat"]
 TURN_STOP = "\n### "
 DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 256
@@ -134,33 +136,53 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid: str, model: str, text: str, reason: str | None, usage: dict | None,
-                    chunk: bool = False) -> dict:
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason(reason) if reason else None}]}
-    if usage is not None:
-        body["usage"] = usage
-    return body
+class Renderer:
+    """The bodies of one response with ``n`` choices: whole (a dict), or server-sent-event chunks.
+
+    A chunk is the same JSON around a different text, so its fixed parts are rendered once per
+    response and each chunk costs one ``json.dumps`` of its text (64 streams at one chunk per step
+    each make this the server's most frequent piece of work).
+    """
+
+    def __init__(self, kind: Kind, rid: str, model: str, prompt_tokens: int, n: int = 1, echo: str = ""):
+        self.kind, self.rid, self.model, self.n, self.echo = kind, rid, model, n, echo
+        self.prompt_tokens = prompt_tokens
+        self.created = int(time.time())
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+        self._head = (f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{self.created},'
+                      f'"model":{json.dumps(model)},"choices":[{{"index":')
+        self._started: set[int] = set()
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def chunk(self, index: int, text: str, reason: str | None = None, usage: dict | None = None) -> str:
+        """One ``data: ...`` event for choice ``index``: its new text, or its end (``reason``, and the
+        usage of the whole request on the last choice to end)."""
+        finish = "null" if reason is None else f'"{finish_reason(reason)}"'
+        if self.kind == "completion":
+            body = f'"text":{json.dumps(text)},"logprobs":null,"finish_reason":{finish}}}]'
+        else:
+            fields = [f'"content":{json.dumps(text)}'] if text or reason is None else []
+            if index not in self._started:
+                self._started.add(index)
+                fields.insert(0, '"role":"assistant"')
+            body = f'"delta":{{{",".join(fields)}}},"logprobs":null,"finish_reason":{finish}}}]'
+        tail = "}" if usage is None else f',"usage":{json.dumps(usage)}}}'
+        return f"{self._head}{index},{body}{tail}\n\n"
+
+    def whole(self, texts: list[str], reasons: list[str], completion_tokens: int) -> dict:
+        choices = []
+        for index, (text, reason) in enumerate(zip(texts, reasons)):
+            if self.kind == "completion":
+                choices.append({"index": index, "text": self.echo + text, "logprobs": None,
+                                "finish_reason": finish_reason(reason)})
+            else:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                "finish_reason": finish_reason(reason)})
+        return {"id": self.rid, "object": "text_completion" if self.kind == "completion" else "chat.completion",
+                "created": self.created, "model": self.model, "choices": choices,
+                "usage": self.usage(completion_tokens)}
 
 
-def chat_body(rid: str, model: str, text: str, reason: str | None, usage: dict | None, chunk: bool = False,
-              first: bool = False) -> dict:
-    reason = finish_reason(reason) if reason else None
-    if chunk:
-        delta: dict = {"content": text} if text or not reason else {}
-        if first:
-            delta["role"] = "assistant"
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        kind = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": reason}
-        kind = "chat.completion"
-    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-Kind = Literal["completion", "chat"]

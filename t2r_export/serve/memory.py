@@ -1,0 +1,96 @@
+"""Where a served stream's memory goes: the serve engine alone (no HTTP), stage by stage.
+
+    t2r-export serve-load BUNDLE --engine-only [--streams 64] [--prefill-batch 8] [--prefill-arena keep]
+
+Runs :class:`Engine` in this process with a stand-in for the event loop, first one request, then
+``streams`` concurrent greedy requests (each replaced as it finishes, until ``4 * streams`` are
+done), and prints the RSS after each stage and the growth per extra stream, next to the sizes
+the engine holds by design: two state sets (one read, one written each step) and a logits row per
+stream. What ``serve-load`` measures beyond these figures is the HTTP side (uvicorn, asyncio,
+the per-request objects). Torch-free.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+from .. import contract
+from ..runtime import SamplingParams, load_bundle
+from .engine import Engine, Request
+from .load import load_prompts
+
+
+class _Sink:
+    """Stands in for an asyncio loop and queue: events are handled on the decode thread."""
+
+    def __init__(self, on_done):
+        self.on_done = on_done
+
+    def call_soon_threadsafe(self, function, *args):
+        function(*args)
+
+    def put_nowait(self, event):
+        if event[0] in ("done", "error"):
+            self.on_done(event)
+
+
+def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
+            prefill_arena: str = "keep") -> list[tuple[str, float]]:
+    """[(stage, RSS bytes)] of this process serving ``streams`` concurrent requests."""
+    proc = psutil.Process()
+    marks = [("bundle loaded", proc.memory_info().rss)]
+    loaded = load_bundle(bundle)
+    engine = Engine(loaded, max_batch=streams, threads=1, prefix_cache_bytes=0, prefill_batch=prefill_batch,
+                    prefill_arena=prefill_arena)
+    engine.start()
+    marks.append((f"engine started (decoder at batch {streams}, staging {engine.prefill_batch} rows)",
+                  proc.memory_info().rss))
+    tokenizer = loaded.load_tokenizer()
+    prompts = [tokenizer.encode(p).ids for p in load_prompts(4 * streams)]
+    done = threading.Semaphore(0)
+    sink = _Sink(lambda event: done.release())
+
+    def submit(ids):
+        engine.submit(Request(ids, max_tokens, SamplingParams(temperature=0.0, seed=0), [], sink, sink,
+                              incremental=False))
+
+    try:
+        submit(prompts[0])
+        done.acquire()
+        marks.append(("after one stream", proc.memory_info().rss))
+        peak, sent, start = proc.memory_info().rss, 0, time.perf_counter()
+        for ids in prompts[:streams]:
+            submit(ids)
+            sent += 1
+        finished = 0
+        while finished < len(prompts):
+            while not done.acquire(timeout=0.02):
+                peak = max(peak, proc.memory_info().rss)
+            finished += 1
+            if sent < len(prompts):
+                submit(prompts[sent])
+                sent += 1
+        wall = time.perf_counter() - start
+        peak = max(peak, proc.memory_info().rss)
+        marks.append((f"peak, {streams} concurrent streams ({len(prompts)} requests, "
+                       f"{engine.tokens_total - max_tokens} tokens in {wall:.2f} s)", peak))
+    finally:
+        engine.stop()
+    return marks
+
+
+def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
+           prefill_arena: str = "keep") -> list[str]:
+    """The lines ``serve-load --engine-only`` prints."""
+    marks = measure(bundle, streams, max_tokens, prefill_batch, prefill_arena)
+    config = load_bundle(bundle).config
+    state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
+    lines = [f"{name:>64}: {rss / 1e6:7.1f} MB" for name, rss in marks]
+    growth = (marks[-1][1] - marks[-2][1]) / (streams - 1)
+    lines.append(f"{'growth per extra stream (peak - one stream) / (streams - 1)':>64}: {growth / 1e3:7.1f} KB")
+    lines.append(f"{'by design: 2 state sets + a logits row':>64}: {(2 * state + 4 * config.vocab_size) / 1e3:7.1f} "
+                 f"KB (one state {state / 1e3:.1f} KB)")
+    return lines
