@@ -2,7 +2,9 @@
 
 With IO binding (the default) two full state sets are allocated once per batch size on the
 session's device (runtime/ort_state.py). Step t reads set A as ``past_state.*`` and writes set B as
-``present_state.*``; step t+1 the reverse. Bindings are made once and kept, so a decode step binds
+``present_state.*``; step t+1 the reverse. On the CPU, graphs whose every state update may run in
+place (runtime/in_place.py: the plain T2R graphs) get one set that each step reads and overwrites,
+so a row costs one state, not two. Bindings are made once and kept, so a decode step binds
 nothing, allocates nothing and copies no state (docs/design.md#runtime). ``input_ids``/``position_ids``
 are small preallocated host buffers and ``logits`` lands in a preallocated host buffer. Prefills write
 their rows' state straight into the current set; :meth:`OrtDecoder.prefill_rows` prefills several
@@ -27,6 +29,7 @@ import numpy as np
 from .. import contract
 from .bundle import Bundle, load_bundle, session_io
 from .decoder import DecoderBase
+from .in_place import updates_in_place
 from .ort_session import (DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
                           session_options, shared_weights)
 from .ort_state import Bindings
@@ -46,10 +49,14 @@ class OrtDecoder(DecoderBase):
     prompt length and row count, and ONNX Runtime's CPU arena keeps the largest blocks it has seen:
     ``"keep"`` (the default) is that arena, ``"shrink"`` hands the arena's free blocks back at the
     end of each prefill run, ``"off"`` gives the prefill session no arena (plain malloc/free).
+
+    ``in_place``: one state set that each run overwrites, wherever runtime/in_place.py finds both
+    graphs safe for it, on the CPU (``False``: always two sets, the reference it is tested against).
     """
 
     def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
-                 optimization: str = "all", io_binding: bool = True, prefill_arena: str = "keep"):
+                 optimization: str = "all", io_binding: bool = True, prefill_arena: str = "keep",
+                 in_place: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.config = self.bundle.config
         self.provider = provider
@@ -72,6 +79,8 @@ class OrtDecoder(DecoderBase):
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
         self._sessions = sessions
+        self.in_place = in_place and io_binding and self._device == "cpu" and all(
+            updates_in_place(self.bundle.graph_path(kind), self._pairs) for kind in contract.GRAPH_KINDS)
         self._prefill_run = _prefill_run_options(prefill_arena, self._device)
         self._io: Bindings | None = None
         self._batch = 0
@@ -87,7 +96,8 @@ class OrtDecoder(DecoderBase):
         self.__dict__.pop("_state", None)
 
     def state_nbytes(self) -> int:
-        """Bytes of one decode state at the current batch size (IO binding keeps two sets resident)."""
+        """Bytes of one decode state at the current batch size (IO binding keeps two sets resident
+        unless the decoder runs ``in_place``)."""
         return contract.state_nbytes(self.config.state_shape, self._batch, self.config.state_dtype)
 
     def reset(self, batch: int) -> None:
@@ -292,7 +302,7 @@ class OrtDecoder(DecoderBase):
             self._state = {name: np.zeros(shape, self.config.state_dtype) for name, shape in shapes.items()}
             return
         self._io = Bindings(self._sessions, self._pairs, shapes, self._device, self.config.state_dtype,
-                            self.config.vocab_size)
+                            self.config.vocab_size, in_place=self.in_place)
 
     def _run_plain(self, kind: str, input_ids, position_ids, state=None, into_rows: int | None = None):
         session = self._sessions[kind]

@@ -1,7 +1,8 @@
 """The IO-binding side of the ONNX Runtime backend: state sets allocated once, and the bindings over them.
 
 Two full state sets per batch size (set A read as ``past_state.*`` while set B is written as
-``present_state.*``, then the reverse) plus a set of zeros that prefills read as their initial
+``present_state.*``, then the reverse), or one where the graphs may write their new state over the
+old (runtime/in_place.py), plus a set of zeros that prefills read as their initial
 state. Bindings point ONNX Runtime at slices of those buffers (a row, the first n rows, rows
 ``[first, first + n)``), so a step or a prefill allocates no state and copies none
 (docs/design.md#runtime). Torch-free.
@@ -58,17 +59,20 @@ class Bindings:
     """Every buffer and IO binding of one decoder at one batch size.
 
     ``sets[parity]`` is the current state; a step or a whole-batch prefill writes ``sets[parity ^ 1]``
-    and the caller flips the parity. Step bindings are made once per (active rows, parity) and kept.
+    and the caller flips the parity. With ``in_place`` (graphs that may write their new state over
+    the old one, runtime/in_place.py) both entries are the same set, so a row costs one state. Step bindings are made once per (active rows, parity) and kept.
     ``logits`` is a host buffer the graphs write into; ``logits_view`` is its read-only view.
     """
 
-    def __init__(self, sessions: dict, pairs, shapes: dict[str, tuple[int, ...]], device: str, dtype, vocab: int):
+    def __init__(self, sessions: dict, pairs, shapes: dict[str, tuple[int, ...]], device: str, dtype, vocab: int,
+                 in_place: bool = False):
         import onnxruntime as ort
 
         self.sessions = sessions
         self.pairs = pairs
         self.batch = next(iter(shapes.values()))[0]
-        self.sets = (StateSet(shapes, device, dtype), StateSet(shapes, device, dtype))
+        first = StateSet(shapes, device, dtype)
+        self.sets = (first, first) if in_place else (first, StateSet(shapes, device, dtype))
         # prefills start from these zeros; ONNX Runtime only reads them, so their pages stay unbacked
         self.zeros = StateSet(shapes, device, dtype)
         self.ids = np.zeros((self.batch, 1), np.int64)

@@ -1,0 +1,129 @@
+"""One state set where the graphs allow it (runtime/in_place.py): the rule on hand-built graphs, and
+decoders with one set equal to decoders with two on the exporter's real graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from t2r_export import contract
+from t2r_export.runtime import OrtDecoder, load_bundle
+from t2r_export.runtime.in_place import graph_updates_in_place
+
+from conftest import make_tiny_model
+from toy_bundle import build_toy_bundle
+
+PAIRS = [("past_state.0.s", "present_state.0.s")]
+SHAPE = ["batch", 2, 3]
+
+
+def _graph(nodes, outputs=("present_state.0.s",), present_shape=SHAPE):
+    value = {"logits": ["batch", 2, 3], "present_state.0.s": present_shape}
+    return helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("past_state.0.s", TensorProto.FLOAT, SHAPE),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, value[name]) for name in outputs])
+
+
+def test_an_add_that_is_the_only_reader_updates_in_place():
+    graph = _graph([helper.make_node("Add", ["past_state.0.s", "x"], ["present_state.0.s"])])
+    assert graph_updates_in_place(graph, PAIRS)
+
+
+def test_readers_that_run_before_the_writer_are_allowed():
+    # a decay: the old state is scaled first, then the update writes the new one
+    graph = _graph([helper.make_node("Reshape", ["past_state.0.s", "x"], ["view"]),
+                    helper.make_node("Mul", ["view", "x"], ["scaled"]),
+                    helper.make_node("Add", ["scaled", "x"], ["present_state.0.s"])])
+    assert graph_updates_in_place(graph, PAIRS)
+
+
+@pytest.mark.parametrize("case", ["read-after-write", "read-through-a-view-after-write", "fused-op",
+                                  "identity", "broadcast", "not-elementwise", "passed-through"])
+def test_graphs_that_read_the_old_state_late_keep_two_sets(case):
+    add = helper.make_node("Add", ["past_state.0.s", "x"], ["present_state.0.s"])
+    outputs = ("present_state.0.s",)
+    if case == "read-after-write":
+        nodes = [add, helper.make_node("Mul", ["past_state.0.s", "present_state.0.s"], ["logits"])]
+        outputs += ("logits",)
+    elif case == "read-through-a-view-after-write":
+        nodes = [helper.make_node("Squeeze", ["past_state.0.s"], ["view"]), add,
+                 helper.make_node("Mul", ["view", "present_state.0.s"], ["logits"])]
+        outputs += ("logits",)
+    elif case == "fused-op":
+        nodes = [helper.make_node("LinearAttention", ["x", "x", "x", "past_state.0.s"], ["logits", "present_state.0.s"],
+                                  domain="com.microsoft")]
+    elif case == "identity":
+        nodes = [helper.make_node("Identity", ["past_state.0.s"], ["present_state.0.s"])]
+    elif case == "broadcast":
+        return assert_two_sets(_graph([add], present_shape=["batch", 4, 2, 3]))
+    elif case == "not-elementwise":
+        nodes = [helper.make_node("MatMul", ["past_state.0.s", "x"], ["present_state.0.s"])]
+    else:
+        nodes = [add, helper.make_node("Identity", ["past_state.0.s"], ["logits"])]
+        outputs += ("logits",)
+    assert_two_sets(_graph(nodes, outputs))
+
+
+def assert_two_sets(graph):
+    assert not graph_updates_in_place(graph, PAIRS)
+
+
+def _run(decoder: OrtDecoder, prompts, steps: int, rng_seed: int = 0):
+    """Prefill rows in two groups, step every row, step the first rows only, then continue all rows
+    with one more prefill; every logits copy and the final state."""
+    rng = np.random.default_rng(rng_seed)
+    vocab = decoder.config.vocab_size
+    decoder.reset(len(prompts))
+    out = [decoder.prefill_rows(0, prompts[:2], np.tile(np.arange(prompts.shape[1]), (2, 1))).copy(),
+           decoder.prefill_rows(2, prompts[2:], np.tile(np.arange(prompts.shape[1]), (len(prompts) - 2, 1))).copy()]
+    position = prompts.shape[1]
+    for t in range(steps):
+        ids = rng.integers(3, vocab, (len(prompts), 1))
+        out.append(decoder.step(ids, np.full((len(prompts), 1), position + t)).copy())
+    out.append(decoder.step_rows(2, rng.integers(3, vocab, (2, 1)), np.full((2, 1), position + steps)).copy())
+    decoder.copy_row(0, 3)
+    tail = rng.integers(3, vocab, (len(prompts), 5))
+    start = position + steps + 1
+    out.append(decoder.prefill(tail, np.tile(np.arange(start, start + 5), (len(prompts), 1))).copy())
+    return out, decoder.read_state()
+
+
+def _assert_same(bundle, expect_in_place: bool):
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(3, bundle.config.vocab_size, (4, 6))
+    with OrtDecoder(bundle, threads=1) as one, OrtDecoder(bundle, threads=1, in_place=False) as two:
+        assert one.in_place is expect_in_place and not two.in_place
+        got, got_state = _run(one, prompts, 40)
+        want, want_state = _run(two, prompts, 40)
+        assert (one._io.sets[0] is one._io.sets[1]) is expect_in_place
+        assert two._io.sets[0] is not two._io.sets[1]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    for name, value in want_state.items():
+        np.testing.assert_array_equal(got_state[name], value, err_msg=name)
+
+
+def test_one_state_set_decodes_exactly_as_two_on_the_toy_bundle(tmp_path):
+    _assert_same(load_bundle(build_toy_bundle(tmp_path / "toy")), expect_in_place=True)
+
+
+@pytest.mark.parametrize("arch, t2r, target, expect", [
+    ("llama", {}, "plain", True),
+    ("gpt2", {}, "plain", True),
+    ("llama", {"feature_map": "hedgehog", "window": 4, "decay": True}, "plain", False),
+    ("llama", {}, "ort", False),
+])
+def test_exported_graphs_one_set_where_the_rule_allows(tmp_path, tiny_tokenizer, arch, t2r, target, expect):
+    from t2r_export.export.bundle import export_bundle
+    from t2r_export.models import T2RConfig, swap_attention
+
+    model = swap_attention(make_tiny_model(arch), T2RConfig(**t2r))
+    kwargs = {} if target == "plain" else {"target": target}
+    out = export_bundle(model, tmp_path / "b", tokenizer=tiny_tokenizer, verify=False, **kwargs).out
+    bundle = load_bundle(out)
+    assert bundle.config.target == target
+    _assert_same(bundle, expect_in_place=expect)
+    assert contract.GRAPH_KINDS  # both graphs were judged (the decoder's rule covers every kind)
