@@ -58,18 +58,13 @@ class StepEmitter(DecoderEmitter):
 
     def build(self):
         g, dec = self.g, self.dec
-        ids = g.reshape("input_ids", [-1])
-        x = g.op("Gather", g.weight("embed", dec.embed), ids, axis=0)                    # [B, D]
+        x = self.embed(g.reshape("input_ids", [-1]), 1)                                   # [B, D]
         if dec.pos_embed is not None:
             pos = g.reshape("position_ids", [-1])
             x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), pos, axis=0))
         x = self.decoder_layers(x, self.rope_tables() if dec.rope else None)
         x = self.norm(x, dec.final_norm, "final_norm")
-        if dec.tied_lm_head:
-            with g.scope("lm_head"):
-                logits = g.op("Gemm", x, g.weight("embed", dec.embed), transB=1)
-        else:
-            logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
+        logits = self.lm_head(x)
         with g.scope("logits", fp32_island=True):
             self.name_output(self.to_fp32(logits), "logits")
         return self._model()
