@@ -102,6 +102,16 @@ def test_floor_graph_holds_only_the_dense_matmuls(arch):
     assert logits.shape == (1, 1, dec.vocab_size) and np.isfinite(logits).all()
 
 
+def test_the_floor_runs_its_matmuls_as_the_runtime_runs_a_bundles():
+    from t2r_export.bench.softmax_graph import FloorRunner
+
+    # fp32 bundles are opened without weight prepacking (the matrix-vector kernel for one token)
+    runner = FloorRunner(extract_softmax_decoder(make_tiny_model("llama")), threads=1)
+    assert runner.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    logits = runner.step(3)
+    assert logits.shape[-1] == runner.session.get_outputs()[0].shape[-1] and np.isfinite(logits).all()
+
+
 # -- the command -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

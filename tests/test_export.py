@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED_OPS = {"Add", "Cast", "Concat", "Cos", "CumSum", "Div", "Elu", "Erf", "Gather", "Gemm", "LayerNormalization",
                "MatMul", "Max", "Mul", "Neg", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Sin",
                "Slice", "Softmax", "Split", "Sqrt", "Tanh", "Unsqueeze"}
+# a tied embedding, stored [D, V] for the lm head's MatMul, moves D last after its lookup
+TIED_OPS = {"Transpose"}
 # the sliding window adds its masked softmax (the prefill gathers each query's W keys)
 WINDOW_OPS = {"Exp", "ReduceMax", "Sub", "Transpose"}
 # the chunk-parallel prefill pads T to whole chunks and moves the chunk axis (all TensorRT-parsable)
@@ -65,7 +67,7 @@ def test_graphs_follow_the_contract_and_use_plain_ops(arch, feature_map, window,
         onnx.checker.check_model(graph, full_check=True)
         assert graph.opset_import[0].version >= 17
         ops = {node.op_type for node in graph.graph.node}
-        allowed = (ALLOWED_OPS | (WINDOW_OPS if window else set()) | (DECAY_OPS if decay else set())
+        allowed = (ALLOWED_OPS | TIED_OPS | (WINDOW_OPS if window else set()) | (DECAY_OPS if decay else set())
                    | (CHUNK_OPS if kind == contract.PREFILL else set()))
         assert ops <= allowed, f"{kind}: ops outside the allowlist: {ops - allowed}"
         assert len(graph.graph.input) == 2 + len(dec.layers) * (5 if window else 2)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from t2r_export.cli import app
 from t2r_export import contract
+from t2r_export.contract import RuntimeConfig
 from t2r_export.export.bundle import export_bundle
 from t2r_export.export.weight_file import ALIGNMENT, MIN_EXTERNAL_BYTES, WEIGHTS_FILE, read_index
 from t2r_export.models import T2RConfig, swap_attention
@@ -73,7 +74,8 @@ def test_both_graphs_read_every_big_weight_from_one_file_at_the_same_offsets(fp3
     assert refs and all(len(places) == 1 for places in refs.values()), "a weight is stored at two places"
     step = {t.name for t in _graphs(fp32_bundle)["step"].graph.initializer if t.data_location}
     prefill = {t.name for t in _graphs(fp32_bundle)["prefill"].graph.initializer if t.data_location}
-    assert step == prefill
+    # the step graph's RoPE matrices (step_graph.StepEmitter.rope_tables) are its own
+    assert prefill <= step and step - prefill <= {"rope.identity", "rope.rotate_half"}
     # the file holds each weight once: its size is their lengths plus alignment padding at most
     lengths = sum(int(length) for (_, length), in refs.values())
     size = (fp32_bundle / WEIGHTS_FILE).stat().st_size
@@ -82,13 +84,18 @@ def test_both_graphs_read_every_big_weight_from_one_file_at_the_same_offsets(fp3
 
 
 def test_the_tied_lm_head_reads_the_embedding_and_is_not_stored_again(fp32_bundle):
+    # _tied_llama's hidden size and vocabulary
+    index = read_index(fp32_bundle)["tensors"]
     for kind, graph in _graphs(fp32_bundle).items():
         names = {t.name for t in graph.graph.initializer}
         assert not any(name.startswith("lm_head") for name in names), kind
-        gemm = [n for n in graph.graph.node if n.op_type == "Gemm"]
+        assert not [n for n in graph.graph.node if n.op_type == "Gemm"], kind
+        # one [D, V] copy: the lm head's MatMul reads it as it is, the lookup gathers its columns
+        head = [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] == "embed"]
         gather = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] == "embed"]
-        assert len(gemm) == 1 and gemm[0].input[1] == "embed" and len(gather) == 1, kind
-        assert {a.name: a.i for a in gemm[0].attribute}.get("transB") == 1
+        assert len(head) == 1 and head[0].name.startswith("lm_head/") and len(gather) == 1, kind
+        assert {a.name: a.i for a in gather[0].attribute}.get("axis") == 1, kind
+    assert index["embed"]["shape"] == [64, 16384]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -219,3 +226,23 @@ def test_the_calibration_cache_key_sees_the_weights_not_only_the_graph(fp32_bund
         fh.seek(0)
         fh.write(bytes([first[0] ^ 0xFF]))
     assert calibration_cache_key(copy, ["x"], CalibrationRecipe()) != before
+
+
+def test_int8_keeps_a_tied_embedding_fp32_and_shared_by_the_lookup_and_the_lm_head(fp32_bundle, tmp_path):
+    from t2r_export.export.quantize import CalibrationRecipe, quantize_graph
+
+    shape = RuntimeConfig.read(fp32_bundle / contract.RUNTIME_JSON).state_shape
+    rng = np.random.default_rng(0)
+    feeds = []
+    for token in (1, 7, 11):
+        feed = {"input_ids": np.array([[token]], np.int64), "position_ids": np.array([[token]], np.int64)}
+        for spec in contract.graph_inputs(shape, contract.STEP)[2:]:
+            feed[spec.name] = rng.random((1, *spec.shape[1:]), dtype=np.float32)
+        feeds.append(feed)
+    quantized = quantize_graph(fp32_bundle / "step.onnx", tmp_path / "step.onnx", feeds, CalibrationRecipe())
+    graph = onnx.load(str(tmp_path / "step.onnx"), load_external_data=False).graph
+    assert quantized and not [name for name in quantized if name.startswith("lm_head/")]
+    assert [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    # no DequantizeLinear of the whole embedding in front of the lookup, run on every step
+    reads = {n.op_type for n in graph.node if "embed" in n.input}
+    assert reads == {"Gather", "MatMul"}

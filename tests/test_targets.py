@@ -79,8 +79,8 @@ def test_the_runtime_decodes_both_targets_alike(bundles):
     assert _greedy(out["ort"]) == _greedy(out["plain"])
 
 
-def test_the_lean_step_graph_has_fewer_nodes_and_no_rotation_matmul(bundles):
-    """The plain step graph drops the T axis and the rotate_half MatMul; the general emitter's is larger."""
+def test_the_lean_step_graph_has_fewer_nodes_and_one_rotation_matmul_per_layer(bundles):
+    """The plain step graph drops the T axis and rotates q|k with the step's one rotation matrix."""
     from t2r_export.export.graph import DecoderEmitter
     from t2r_export.export.weights import extract_decoder
     from t2r_export.models import load_t2r_model
@@ -89,8 +89,10 @@ def test_the_lean_step_graph_has_fewer_nodes_and_no_rotation_matmul(bundles):
     step = onnx.load(str(out["plain"] / "step.onnx"), load_external_data=False)
     general = DecoderEmitter(extract_decoder(load_t2r_model(model)), contract.STEP).build()
     assert len(step.graph.node) < len(general.graph.node)
-    assert not [n for n in step.graph.node if n.op_type == "MatMul" and "rope" in n.name]
-    assert [n for n in step.graph.node if n.op_type == "Gather" and "rope" in n.name]
+    layers = len([n for n in general.graph.node if n.op_type == "Gather" and "rope" in n.name])
+    rotations = [n for n in step.graph.node if n.op_type == "MatMul" and n.name.split("/")[0].endswith(".rope")]
+    assert layers > 0 and len(rotations) == layers and len({n.input[1] for n in rotations}) == 1
+    assert not [n for n in step.graph.node if "rope" in n.name and n.op_type == "Gather"]
 
 
 @pytest.mark.parametrize("argv, message", [

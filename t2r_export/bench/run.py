@@ -230,8 +230,10 @@ def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress)
     return result
 
 
-def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
+def profile_graph(model, feeds: dict, threads: int, runs: int = 200, prepack: bool = True) -> dict:
     """ONNX Runtime's own profile of ``runs`` runs: kernel µs per run and node count by op type.
+
+    ``prepack``: ONNX Runtime's weight prepacking (the runtime turns it off for fp32 bundles).
 
     Profiling adds a few µs per node, so the per-op times are for ranking, not for the tables.
     """
@@ -248,6 +250,8 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200) -> dict:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         for _ in range(runs):
@@ -280,8 +284,10 @@ def profile_step_and_floor(bundle, dec, threads: int) -> dict:
     feeds = {"input_ids": np.array([[1]], np.int64), "position_ids": np.array([[1000]], np.int64)}
     for spec in contract.graph_inputs(shape, contract.STEP)[2:]:
         feeds[spec.name] = rng.random((1, *spec.shape[1:]), dtype=np.float32)
-    return {"t2r_step": profile_graph(bundle.graph_path(contract.STEP), feeds, threads),
-            "floor": profile_graph(build_floor_graph(dec), {"input_ids": feeds["input_ids"]}, threads)}
+    # prepacking as the runtime opens the bundle (ort_backend.OrtDecoder)
+    prepack = bundle.config.precision in contract.WEIGHT_ONLY_PRECISIONS
+    return {"t2r_step": profile_graph(bundle.graph_path(contract.STEP), feeds, threads, prepack=prepack),
+            "floor": profile_graph(build_floor_graph(dec), {"input_ids": feeds["input_ids"]}, threads, prepack=False)}
 
 
 def measure_rss(path: T2ROrtPath, tokens: int, progress, samples: int = 100) -> dict:

@@ -283,8 +283,11 @@ class FloorRunner:
 
         from ..runtime.ort_backend import session_options
 
-        self.session = ort.InferenceSession(build_floor_graph(dec).SerializeToString(),
-                                            session_options(threads, optimization),
+        options = session_options(threads, optimization)
+        # the runtime opens fp32 bundles without weight prepacking (ort_backend.open_sessions); one
+        # token's matmuls are then ONNX Runtime's matrix-vector kernel, faster than the packed one
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        self.session = ort.InferenceSession(build_floor_graph(dec).SerializeToString(), options,
                                             providers=["CPUExecutionProvider"])
         self._ids = np.zeros((1, 1), np.int64)
         self._logits = np.zeros((1, 1, dec.vocab_size), np.float32)

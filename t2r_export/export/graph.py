@@ -6,7 +6,8 @@ matmul, one RoPE rotation and one feature-map matmul for queries and keys togeth
 and shapes of the graph I/O come from ``contract``; the sliding-window hybrid's attention is emitted by
 ``window.py``. Given a ``WeightFile`` (``weight_file.py``), named
 weights become external data in the bundle's one shared weights.bin instead of proto contents; a
-tied lm head is a Gemm (transB=1) on the embedding itself. Precision plans:
+tied embedding is stored once, [D, V], read by the lm head's MatMul and by a column Gather
+(``DecoderEmitter.embed``). Precision plans:
 - fp32: everything fp32.
 - fp16: weights, matmuls and activations fp16; the fp32 island is the state (inputs, updates,
   outputs), phi(q)·z, the clamp and the division, the norms, and the logits (docs/design.md#precision-plan).
@@ -302,6 +303,26 @@ class DecoderEmitter:
             h = self.act(h, layer.act)
         return self.linear(h, layer.mlp_out, layer.mlp_out_bias, p + ".out")
 
+    def embed(self, ids: str, rank: int) -> str:
+        """The embedding rows of ``ids`` (``rank`` dims) -> [*ids.shape, D].
+
+        A tied embedding is stored once, as [D, V]: the layout of the lm head's plain MatMul, which
+        ONNX Runtime runs as a matrix-vector product for one token (a Gemm reading [V, D]
+        transposed repacks it on every call: 1.65x the time on a 49k x 576 head). The lookup
+        then gathers columns and moves D last."""
+        g, dec = self.g, self.dec
+        if not dec.tied_lm_head:
+            return g.op("Gather", g.weight("embed", dec.embed), ids, axis=0)
+        columns = g.op("Gather", g.weight("embed", dec.lm_head), ids, axis=1)       # [D, *ids.shape]
+        return g.op("Transpose", columns, perm=list(range(1, rank + 1)) + [0])
+
+    def lm_head(self, x: str) -> str:
+        """Logits [..., V]; a tied head reads the one [D, V] embedding (``embed``)."""
+        if not self.dec.tied_lm_head:
+            return self.linear(x, self.dec.lm_head, self.dec.lm_head_bias, "lm_head")
+        with self.g.scope("lm_head"):
+            return self.g.op("MatMul", x, self.g.weight("embed", self.dec.lm_head))
+
     def positions(self) -> tuple[str, list[int]]:
         """position_ids as fp32 [B, T, 1], and the axes that make the tables broadcast over [H_kv, G+1]."""
         return self.g.unsqueeze(self.g.cast("position_ids", np.float32), [-1]), [2, 3]
@@ -341,20 +362,14 @@ class DecoderEmitter:
 
     def build(self) -> onnx.ModelProto:
         g, dec = self.g, self.dec
-        x = g.op("Gather", g.weight("embed", dec.embed), "input_ids", axis=0)    # [B, T, D]
+        x = self.embed("input_ids", 2)                                            # [B, T, D]
         if dec.pos_embed is not None:
             x = g.op("Add", x, g.op("Gather", g.weight("pos_embed", dec.pos_embed), "position_ids", axis=0))
         x = self.decoder_layers(x, self.rope_tables() if dec.rope else None)
         if self.kind == contract.PREFILL:
             x = g.slice_last(x, 1)                                                  # [B, 1, D]
         x = self.norm(x, dec.final_norm, "final_norm")
-        if dec.tied_lm_head:
-            # the embedding itself, read transposed by Gemm: one copy of the weight serves both ends
-            with g.scope("lm_head"):
-                flat = g.reshape(x, [-1, dec.hidden_size])
-                logits = g.op("Gemm", flat, g.weight("embed", dec.embed), transB=1)
-        else:
-            logits = self.linear(x, dec.lm_head, dec.lm_head_bias, "lm_head")
+        logits = self.lm_head(x)
         with g.scope("logits", fp32_island=True):
             g.op("Reshape", self.to_fp32(logits), g.const([-1, dec.vocab_size], np.int64), outputs=["logits"])
         return self._model()

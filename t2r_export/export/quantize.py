@@ -290,6 +290,10 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], recipe: CalibrationR
 
     model = onnx.load(str(src))
     nodes = weight_matmul_nodes(model, recipe.exclude_scopes)
+    # a tied embedding stays fp32 and shared: quantizing its lm head would put a full-size
+    # DequantizeLinear in front of the lookup's Gather, run on every call
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    nodes = [n.name for n in model.graph.node if n.name in set(nodes) and n.input[1] not in gathered]
     if not nodes:
         raise ValueError(f"{src.name} has no weight matmul to quantize")
     class Reader(_FeedReader, CalibrationDataReader):
