@@ -72,8 +72,8 @@ def assert_two_sets(graph):
 
 
 def _run(decoder: OrtDecoder, prompts, steps: int, rng_seed: int = 0):
-    """Prefill rows in two groups, step every row, step the first rows only, then continue all rows
-    with one more prefill; every logits copy and the final state."""
+    """Prefill rows in two groups, step every row, step the first rows only, copy rows, then continue
+    all rows with one more prefill; every logits copy and the final state."""
     rng = np.random.default_rng(rng_seed)
     vocab = decoder.config.vocab_size
     decoder.reset(len(prompts))
@@ -84,7 +84,9 @@ def _run(decoder: OrtDecoder, prompts, steps: int, rng_seed: int = 0):
         ids = rng.integers(3, vocab, (len(prompts), 1))
         out.append(decoder.step(ids, np.full((len(prompts), 1), position + t)).copy())
     out.append(decoder.step_rows(2, rng.integers(3, vocab, (2, 1)), np.full((2, 1), position + steps)).copy())
-    decoder.copy_row(0, 3)
+    # rows past the stepped ones are stale with two sets: give them defined states again
+    decoder.copy_row(0, 2)
+    decoder.copy_row(1, 3)
     tail = rng.integers(3, vocab, (len(prompts), 5))
     start = position + steps + 1
     out.append(decoder.prefill(tail, np.tile(np.arange(start, start + 5), (len(prompts), 1))).copy())

@@ -67,9 +67,12 @@ def test_int4_qdq_exports_verified_standard_onnx(qdq):
         weights = {t.name: t for t in model.graph.initializer}
         consumers = {i: n for n in model.graph.node for i in n.input}
         dqs = _dq_nodes(model)
-        # one per quantized matmul (no weight is read twice here), the lm head's transposed copy among them
+        # one per quantized matmul (no weight is read twice here), the tied lm head's among them; the
+        # lookup's Gather still reads the fp32 embedding
         assert len(dqs) == runtime.quantization["quantized_matmuls"][kind] >= 5
-        assert any(n.input[0] == "embed.transposed_DQ_Q4" for n in dqs)
+        assert any(n.input[0] == "embed_DQ_Q4" for n in dqs)
+        gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "embed"]
+        assert gathers and weights["embed"].data_type == TensorProto.FLOAT
         for node in dqs:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             assert attrs == {"axis": 0, "block_size": 64} and len(node.input) == 2
@@ -91,7 +94,7 @@ def test_int4_blocks_round_trip_to_the_fp32_weights(qdq):
         q = numpy_helper.to_array(weights[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(weights[node.input[1]])
         source = node.input[0].removesuffix("_DQ_Q4")
-        original = fp32[source] if source in fp32 else fp32[source.removesuffix(".transposed")].T
+        original = fp32[source]
         step = np.repeat(scale, 64, axis=0)
         assert np.all(np.abs(q * step - original) <= step / 2 + 1e-6), source
         assert np.abs(q).max() == 7

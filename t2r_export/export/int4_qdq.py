@@ -12,8 +12,9 @@ the weight matmuls stay fp32. INT4 and ``block_size`` need opset 21: the rest of
 moved from opset 17 to 21 by onnx's version converter (the only change it makes to these graphs:
 ReduceMean's axes become an input). TensorRT documents INT4 weight blocks of 64 or 128 rows, so
 those are the block sizes. What stays unquantized, and the tied lm head, as in weight_only.py:
-the state core, the feature map, RoPE, the norms and the embedding lookup stay fp32; the lm head
-gets its own quantized transposed copy (docs/design.md#precision-plan).
+the state core, the feature map, RoPE, the norms and the embedding lookup stay fp32; a tied lm head
+(a MatMul on the [D, V] embedding the lookup also reads) gets its own INT4 copy while the lookup keeps
+the fp32 one (docs/design.md#precision-plan).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ round-to-nearest, symmetric, one scale per block of ``BLOCK_SIZE`` input rows): 
 calibrated, so the two graphs quantize to byte-identical weights and keep sharing one weights.bin.
 What stays fp32 and why (docs/design.md#precision-plan): the state core, the feature map and RoPE
 (the same scopes the int8 plan leaves alone), the norms and the embedding lookup. A tied lm head,
-a Gemm reading the embedding transposed, gets its own quantized copy: the quantizer handles
-MatMul only, and the lm head is a fifth of the matmul work of a 135M model. MatMulNBits is an ONNX
+a MatMul on the [D, V] embedding that the lookup's Gather also reads, gets its own quantized copy
+(the lm head is a fifth of the matmul work of a 135M model) and the lookup keeps the fp32 one;
+bundles written before that layout have a Gemm reading the embedding transposed, which
+``untie_lm_head`` turns into a MatMul on a transposed copy first (the quantizer takes MatMul only). MatMulNBits is an ONNX
 Runtime contrib op: TensorRT cannot parse these graphs (``t2r-export trt`` refuses the plan).
 """
 
