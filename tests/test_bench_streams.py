@@ -64,9 +64,10 @@ def _genai_installed() -> bool:
     return True
 
 
-# per stream: T2R's two state sets (2 layers, 2 KV heads, k = 16, d = 16 + 1 for z) and one logits row;
+# per stream: T2R's one state set (its plain graphs update it in place; 2 layers, 2 KV heads, k = 16,
+# d = 16 + 1 for z) and one logits row;
 # a KV cache: keys and values of 2 layers x 2 KV heads x 16 dims per token, fp32
-T2R_STREAM = 2 * (2 * 2 * 16 * 17 * 4) + 4 * 300
+T2R_STREAM = 2 * 2 * 16 * 17 * 4 + 4 * 300
 KV_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 
 
@@ -117,7 +118,7 @@ def _fails_with_one_line(result, *needles: str) -> None:
 
 @pytest.mark.parametrize("args, needles", [
     (["--batch", "0"], ["--batch", "positive integers"]),
-    (["--batch", "1,1000000"], ["--batch 1000000 at --context 24", "over --memory-budget"]),
+    (["--batch", "1,10000000"], ["--batch 10000000 at --context 24", "over --memory-budget"]),
     (["--memory-budget", "8 parsecs"], ["--memory-budget", "8GiB"]),
     (["--batch", "1", "--memory-budget", "1KiB"], ["--batch 1 at --context 24", "over --memory-budget 1.00 KiB"]),
     (["--context", "0"], ["--context must be >= 1"]),

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from t2r_export import contract
+from t2r_export.bench.streams import t2r_footprint
 from t2r_export.runtime import OrtDecoder, load_bundle
 from t2r_export.runtime.in_place import graph_updates_in_place
 
@@ -102,6 +103,12 @@ def _assert_same(bundle, expect_in_place: bool):
         want, want_state = _run(two, prompts, 40)
         assert (one._io.sets[0] is one._io.sets[1]) is expect_in_place
         assert two._io.sets[0] is not two._io.sets[1]
+        state = contract.state_nbytes(bundle.config.state_shape, 1, bundle.config.state_dtype)
+        logits_row = 4 * bundle.config.vocab_size
+        assert one.row_nbytes() == (1 if expect_in_place else 2) * state + logits_row
+        assert two.row_nbytes() == 2 * state + logits_row
+        # the streams bench counts what the runtime holds
+        assert t2r_footprint(bundle)[1] == one.row_nbytes()
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     for name, value in want_state.items():
@@ -128,4 +135,3 @@ def test_exported_graphs_one_set_where_the_rule_allows(tmp_path, tiny_tokenizer,
     bundle = load_bundle(out)
     assert bundle.config.target == target
     _assert_same(bundle, expect_in_place=expect)
-    assert contract.GRAPH_KINDS  # both graphs were judged (the decoder's rule covers every kind)

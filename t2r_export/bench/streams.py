@@ -4,7 +4,7 @@ For each batch size B every path decodes B streams together at context P (defaul
 call per step advances all B streams by one greedy token. Aggregate tokens/s = B × steps / the
 median repeat's wall time (paths take turns repeat by repeat, as in ``bench run``).
 
-    t2r-ort      the bundle's step graph through OrtDecoder with batch B (IO binding, ping-pong state)
+    t2r-ort      the bundle's step graph through OrtDecoder with batch B (IO binding)
     softmax-ort  the softmax KV-cache graph from the same emitter, batch B
     genai        onnxruntime-genai's generator with batch_size B (in-place KV cache)
 
@@ -16,8 +16,9 @@ tokens before P (128, or 1,024 ÷ B when fewer: the prefill graph keeps per-toke
 their true positions. No path rewinds: the context moves on by the
 warm-up and timed steps (a few dozen tokens past P).
 
-Memory per stream is what each path holds for one stream, from its buffers: T2R, its two state
-sets (IO binding ping-pongs between them) and its logits row; softmax-ort, the past and the
+Memory per stream is what each path holds for one stream, from its buffers: T2R, its state once
+per state set the runtime keeps (one set for graphs that update it in place, else two) and its
+logits row; softmax-ort, the past and the
 present cache (its concat graph holds both during a step); genai, the KV cache at P (it
 preallocates the run's maximum length). With ``--memory-budget`` the largest batch each fits is
 (budget - its weights) // per-stream bytes; a peer is not run at a batch over the budget.
@@ -125,11 +126,11 @@ def _file_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
 
 def t2r_footprint(bundle) -> tuple[int, int]:
     """(weight bytes, bytes per stream) of the T2R runtime on ``bundle``: its graphs and weight file;
-    two state sets (IO binding ping-pongs between them) and one fp32 logits row per stream."""
-    from .. import contract
+    per stream its state once per state set the runtime keeps (one where the graphs update it in
+    place, two where IO binding ping-pongs between them) and one fp32 logits row."""
+    from ..runtime.in_place import bundle_updates_in_place, resident_row_nbytes
 
-    config = bundle.config
-    per_stream = 2 * contract.state_nbytes(config.state_shape, 1, config.state_dtype) + 4 * config.vocab_size
+    per_stream = resident_row_nbytes(bundle.config, bundle_updates_in_place(bundle))
     return _file_bytes(bundle.path, (".onnx", ".bin", ".data")), per_stream
 
 

@@ -26,6 +26,23 @@ VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 IN_PLACE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
+def bundle_updates_in_place(bundle) -> bool:
+    """True when both of ``bundle``'s graphs may write every state over its old value."""
+    from .. import contract
+
+    pairs = contract.state_pairs(bundle.config.num_layers, bundle.config.state_shape.parts)
+    return all(updates_in_place(bundle.graph_path(kind), pairs) for kind in contract.GRAPH_KINDS)
+
+
+def resident_row_nbytes(config, in_place: bool) -> int:
+    """Bytes one row holds in the IO-binding ONNX Runtime decoder: its state once per state set (one
+    set in place, two otherwise) and its fp32 logits row."""
+    from .. import contract
+
+    state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
+    return (1 if in_place else 2) * state + 4 * config.vocab_size
+
+
 def updates_in_place(graph: Path, pairs) -> bool:
     """True when every ``(past, present)`` pair of ``graph`` may share one buffer (see the module docstring)."""
     try:

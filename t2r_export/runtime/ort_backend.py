@@ -29,7 +29,7 @@ import numpy as np
 from .. import contract
 from .bundle import Bundle, load_bundle, session_io
 from .decoder import DecoderBase
-from .in_place import updates_in_place
+from .in_place import bundle_updates_in_place, resident_row_nbytes
 from .ort_session import (DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
                           session_options, shared_weights)
 from .ort_state import Bindings
@@ -79,8 +79,7 @@ class OrtDecoder(DecoderBase):
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
         self._sessions = sessions
-        self.in_place = in_place and io_binding and self._device == "cpu" and all(
-            updates_in_place(self.bundle.graph_path(kind), self._pairs) for kind in contract.GRAPH_KINDS)
+        self.in_place = in_place and io_binding and self._device == "cpu" and bundle_updates_in_place(self.bundle)
         self._prefill_run = _prefill_run_options(prefill_arena, self._device)
         self._io: Bindings | None = None
         self._batch = 0
@@ -99,6 +98,10 @@ class OrtDecoder(DecoderBase):
         """Bytes of one decode state at the current batch size (IO binding keeps two sets resident
         unless the decoder runs ``in_place``)."""
         return contract.state_nbytes(self.config.state_shape, self._batch, self.config.state_dtype)
+
+    def row_nbytes(self) -> int:
+        """Bytes one row holds here: its state once per state set and its logits row."""
+        return resident_row_nbytes(self.config, self.in_place)
 
     def reset(self, batch: int) -> None:
         """Zero the state for ``batch`` rows; buffers are reallocated only when the batch size changes."""

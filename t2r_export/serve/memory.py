@@ -5,8 +5,8 @@
 Runs :class:`Engine` in this process with a stand-in for the event loop, first one request, then
 ``streams`` concurrent greedy requests (each replaced as it finishes, until ``4 * streams`` are
 done), and prints the RSS after each stage and the growth per extra stream, next to the sizes
-the engine holds by design: two state sets (one read, one written each step) and a logits row per
-stream. What ``serve-load`` measures beyond these figures is the HTTP side (uvicorn, asyncio,
+the engine holds by design: its state once per state set the decoder keeps (one where the graphs
+update it in place, two otherwise) and a logits row per stream. What ``serve-load`` measures beyond these figures is the HTTP side (uvicorn, asyncio,
 the per-request objects). Torch-free.
 """
 
@@ -19,6 +19,7 @@ import psutil
 
 from .. import contract
 from ..runtime import SamplingParams, load_bundle
+from ..runtime.in_place import bundle_updates_in_place, resident_row_nbytes
 from .engine import Engine, Request
 from .load import load_prompts
 
@@ -86,11 +87,15 @@ def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int =
            prefill_arena: str = "keep") -> list[str]:
     """The lines ``serve-load --engine-only`` prints."""
     marks = measure(bundle, streams, max_tokens, prefill_batch, prefill_arena)
-    config = load_bundle(bundle).config
+    loaded = load_bundle(bundle)
+    config = loaded.config
     state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
+    sets = 1 if bundle_updates_in_place(loaded) else 2
     lines = [f"{name:>64}: {rss / 1e6:7.1f} MB" for name, rss in marks]
     growth = (marks[-1][1] - marks[-2][1]) / (streams - 1)
     lines.append(f"{'growth per extra stream (peak - one stream) / (streams - 1)':>64}: {growth / 1e3:7.1f} KB")
-    lines.append(f"{'by design: 2 state sets + a logits row':>64}: {(2 * state + 4 * config.vocab_size) / 1e3:7.1f} "
+    label = f"by design: {sets} state set{'s' if sets > 1 else ''} + a logits row"
+    lines.append(f"{label:>64}: "
+                 f"{resident_row_nbytes(config, sets == 1) / 1e3:7.1f} "
                  f"KB (one state {state / 1e3:.1f} KB)")
     return lines
