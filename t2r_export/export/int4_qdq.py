@@ -19,9 +19,7 @@ the fp32 one (docs/design.md#precision-plan).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +28,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
-from ..atomic import atomic_dir
 from .quantize import weight_matmul_nodes
-from .weight_file import repack_graphs
-from .weight_only import EXCLUDE_SCOPES, untie_lm_head
+from .weight_only import EXCLUDE_SCOPES, untie_lm_head, write_quantized_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +132,6 @@ def export_qdq_bundle(fp32_bundle_dir: str | Path, out: str | Path, block_size: 
     from ..runtime.bundle import load_bundle
 
     check_block_size(block_size)
-    progress = progress or (lambda message: logger.info(message))
     source = load_bundle(Path(fp32_bundle_dir))
     if source.config.precision != "fp32":
         raise ValueError(f"{fp32_bundle_dir} is a {source.config.precision} bundle; int4-qdq is quantized from an "
@@ -144,39 +139,22 @@ def export_qdq_bundle(fp32_bundle_dir: str | Path, out: str | Path, block_size: 
     if source.config.target != "plain":
         raise ValueError(f"{fp32_bundle_dir} is a --target {source.config.target} bundle; int4-qdq is the TensorRT "
                          "plan, quantized from a plain bundle (the int4 plan serves --target ort)")
-    quantized = {}
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        graphs = {}
-        for kind in contract.GRAPH_KINDS:
-            progress(f"quantizing {kind}.onnx to int4-qdq weights (blocks of {block_size})")
-            path = source.graph_path(kind)
-            # the converter sees the graph without its weights (they stay external), then they are read
-            model = to_qdq_opset(onnx.load(str(path), load_external_data=False))
-            load_external_data_for_model(model, str(path.parent))
-            model, quantized[kind] = quantize_qdq(model, block_size)
-            graphs[kind] = dataclasses.replace(source.config.graphs[kind], file=f"{kind}.onnx")
-            onnx.save_model(model, str(tmp / graphs[kind].file), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=f"{kind}.onnx.data", size_threshold=1024)
-            del model
-        # both graphs' blocks come from the same weights by the same rule: one shared weights.bin
-        repack_graphs(tmp, [graphs[kind].file for kind in contract.GRAPH_KINDS])
-        for kind in contract.GRAPH_KINDS:
-            onnx.checker.check_model(str(tmp / graphs[kind].file), full_check=True)
-        for name in contract.TOKENIZER_FILES:
-            if source.file(name).is_file():
-                shutil.copy2(source.file(name), tmp / name)
-        runtime = source.config.replace(precision="int4-qdq", state_dtype=contract.STATE_DTYPES["int4-qdq"],
-                                        opset=OPSET, graphs=graphs, verification=None, quantization={
-            "tool": "t2r_export.export.int4_qdq", "format": "DequantizeLinear (INT4, axis 0, block_size) -> MatMul",
-            "bits": 4, "block_size": block_size, "symmetric": True, "scale": f"max |w| / {QMAX} per block, fp32",
-            "algorithm": "RTN", "quantized_matmuls": {kind: len(names) for kind, names in quantized.items()},
-        })
-        if check is not None:
-            progress("verifying the int4-qdq bundle against the fp32 model")
-            runtime = runtime.replace(verification=check(tmp, runtime))
-        (tmp / contract.RUNTIME_JSON).write_text(runtime.to_json())
-    logger.info("wrote int4-qdq bundle %s", out)
-    return runtime
+    progress = progress or (lambda message: logger.info(message))
+    progress(f"int4-qdq: INT4 weight blocks of {block_size} input rows")
+
+    def quantize(path: Path):
+        # the converter sees the graph without its weights (they stay external), then they are read
+        model = to_qdq_opset(onnx.load(str(path), load_external_data=False))
+        load_external_data_for_model(model, str(path.parent))
+        return quantize_qdq(model, block_size)
+
+    def quantization(counts: dict[str, int]) -> dict:
+        return {"tool": "t2r_export.export.int4_qdq", "format": "DequantizeLinear (INT4, axis 0, block_size) -> MatMul",
+                "bits": 4, "block_size": block_size, "symmetric": True, "scale": f"max |w| / {QMAX} per block, fp32",
+                "algorithm": "RTN", "quantized_matmuls": counts}
+
+    return write_quantized_bundle(source, out, "int4-qdq", quantize, quantization, opset=OPSET, overwrite=overwrite,
+                                  progress=progress, check=check)
 
 
 __all__ = ["BLOCK_SIZES", "DEFAULT_BLOCK_SIZE", "check_block_size", "export_qdq_bundle", "pack_int4",

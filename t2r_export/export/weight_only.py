@@ -115,36 +115,53 @@ def export_weight_only_bundle(fp32_bundle_dir: str | Path, out: str | Path, prec
 
     if precision not in BITS:
         raise ValueError(f"unknown weight-only precision {precision!r}; expected one of {', '.join(BITS)}")
-    progress = progress or (lambda message: logger.info(message))
     source = load_bundle(Path(fp32_bundle_dir))
     if source.config.precision != "fp32":
         raise ValueError(f"{fp32_bundle_dir} is a {source.config.precision} bundle; {precision} is quantized from "
                          "an fp32 bundle")
+
+    def quantization(counts: dict[str, int]) -> dict:
+        return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                "onnxruntime": onnxruntime.__version__, "bits": BITS[precision], "block_size": BLOCK_SIZE,
+                "symmetric": True, "accuracy_level": ACCURACY_LEVEL, "algorithm": "RTN", "quantized_matmuls": counts}
+
+    return write_quantized_bundle(source, out, precision, lambda path: quantize_weight_only(onnx.load(str(path)),
+                                                                                           precision),
+                                  quantization, overwrite=overwrite, progress=progress, check=check)
+
+
+def write_quantized_bundle(source, out: str | Path, precision: str,
+                           quantize: Callable[[Path], tuple[onnx.ModelProto, list[str]]],
+                           quantization: Callable[[dict[str, int]], dict], opset: int | None = None,
+                           overwrite: bool = True, progress: Callable[[str], None] | None = None,
+                           check: Callable[[Path, contract.RuntimeConfig], contract.VerificationRecord] | None = None):
+    """What every weight-only plan does with an fp32 ``source`` bundle once ``quantize(graph path)``
+    has turned each graph into ``precision`` (the model and its quantized matmuls' names): save both
+    graphs over one shared weights.bin (both quantize the same weights by the same rule, so their
+    blocks are byte-identical), check them, copy the tokenizer, and write runtime.json with
+    ``quantization(quantized matmuls per graph)``, verified by ``check`` before the bundle is moved
+    into place at ``out`` (raising leaves nothing there). Returns its RuntimeConfig."""
+    progress = progress or (lambda message: logger.info(message))
     quantized = {}
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         graphs = {}
         for kind in contract.GRAPH_KINDS:
             progress(f"quantizing {kind}.onnx to {precision} weights")
-            model = onnx.load(str(source.graph_path(kind)))
-            model, quantized[kind] = quantize_weight_only(model, precision)
+            model, quantized[kind] = quantize(source.graph_path(kind))
             graphs[kind] = dataclasses.replace(source.config.graphs[kind], file=f"{kind}.onnx")
             onnx.save_model(model, str(tmp / graphs[kind].file), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{kind}.onnx.data", size_threshold=1024)
             del model
-        # both graphs' blocks come from the same weights by the same rule: one shared weights.bin
         repack_graphs(tmp, [graphs[kind].file for kind in contract.GRAPH_KINDS])
         for kind in contract.GRAPH_KINDS:
             onnx.checker.check_model(str(tmp / graphs[kind].file), full_check=True)
         for name in contract.TOKENIZER_FILES:
             if source.file(name).is_file():
                 shutil.copy2(source.file(name), tmp / name)
-        runtime = source.config.replace(precision=precision, state_dtype=contract.STATE_DTYPES[precision],
-                                        graphs=graphs, verification=None, quantization={
-            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-            "onnxruntime": onnxruntime.__version__, "bits": BITS[precision], "block_size": BLOCK_SIZE,
-            "symmetric": True, "accuracy_level": ACCURACY_LEVEL, "algorithm": "RTN",
-            "quantized_matmuls": {kind: len(names) for kind, names in quantized.items()},
-        })
+        runtime = source.config.replace(
+            precision=precision, state_dtype=contract.STATE_DTYPES[precision], graphs=graphs, verification=None,
+            quantization=quantization({kind: len(names) for kind, names in quantized.items()}),
+            **({"opset": opset} if opset is not None else {}))
         if check is not None:
             progress(f"verifying the {precision} bundle against the fp32 model")
             runtime = runtime.replace(verification=check(tmp, runtime))
@@ -153,4 +170,5 @@ def export_weight_only_bundle(fp32_bundle_dir: str | Path, out: str | Path, prec
     return runtime
 
 
-__all__ = ["BITS", "BLOCK_SIZE", "export_weight_only_bundle", "quantize_weight_only", "untie_lm_head"]
+__all__ = ["BITS", "BLOCK_SIZE", "export_weight_only_bundle", "quantize_weight_only", "untie_lm_head",
+           "write_quantized_bundle"]
