@@ -135,3 +135,20 @@ def test_exported_graphs_one_set_where_the_rule_allows(tmp_path, tiny_tokenizer,
     bundle = load_bundle(out)
     assert bundle.config.target == target
     _assert_same(bundle, expect_in_place=expect)
+
+
+def test_rows_past_a_partial_step_keep_their_state_with_one_set(tmp_path):
+    bundle = load_bundle(build_toy_bundle(tmp_path / "toy"))
+    rng = np.random.default_rng(2)
+    with OrtDecoder(bundle, threads=1) as dec:
+        assert dec.in_place
+        dec.reset(4)
+        dec.prefill_rows(0, rng.integers(3, bundle.config.vocab_size, (4, 5)), np.tile(np.arange(5), (4, 1)))
+        before = {row: dec.read_row(row) for row in (0, 2, 3)}
+        dec.step_rows(2, rng.integers(3, bundle.config.vocab_size, (2, 1)), np.full((2, 1), 5))
+        for row in (2, 3):
+            for name, value in before[row].items():
+                np.testing.assert_array_equal(dec.read_row(row)[name], value, err_msg=f"row {row} {name}")
+        # the stepped rows did move
+        after = dec.read_row(0)
+        assert any(not np.array_equal(after[name], value) for name, value in before[0].items())

@@ -168,7 +168,8 @@ class OrtDecoder(DecoderBase):
 
         Rows are contiguous in the state buffers, so the first n rows of a set are a valid ``[n, ...]``
         tensor: a server keeps its active rows packed at the front (copy_row when one leaves) and
-        steps exactly those, paying for n rows, not the capacity. Rows past ``rows`` are left stale.
+        steps exactly those, paying for n rows, not the capacity. Rows past ``rows`` keep their state with
+        one state set (``in_place``) and are left stale with two: write them before using them again.
         """
         self._require_open()
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 1 <= rows <= self._batch:
