@@ -40,25 +40,23 @@ def _batches(blocks, batch_size: int):
         yield np.stack(pending)
 
 
-def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: int = 256, batch_size: int = 8,
+def bundle_perplexity(bundle, stream: np.ndarray, block_size: int = 256, batch_size: int = 8,
                       max_tokens: int | None = None, reference=None, threads: int = 0,
                       progress: Callable[[dict], None] | None = None) -> dict:
-    """``{"loss", "perplexity", "tokens", "agreement"}`` of the bundle over ``stream``'s eval blocks;
-    agreement is None without a ``reference`` torch model."""
+    """``{"loss", "perplexity", "tokens", "agreement"}`` of ``bundle`` (a loaded runtime Bundle) over
+    ``stream``'s eval blocks; agreement is None without a ``reference`` torch model."""
     import torch
 
     from ..data.corpus import eval_blocks
-    from ..runtime.bundle import load_bundle
     from .plan_check import plan_session
 
-    bundle = load_bundle(Path(bundle_dir))
     config = bundle.config
     if max_tokens is not None:
         stream = stream[:max_tokens]
     if len(stream) < 2:
         raise ValueError(f"the token stream has {len(stream)} tokens: expected at least 2 to predict one")
     if int(stream.max()) >= config.vocab_size:
-        raise ValueError(f"the token stream holds id {int(stream.max())}, {bundle_dir} has {config.vocab_size} "
+        raise ValueError(f"the token stream holds id {int(stream.max())}, {bundle.path} has {config.vocab_size} "
                          "tokens; eval bundles with the tokenizer they ship")
     session = plan_session(bundle.graph_path(contract.STEP), config.precision, threads)
     pairs = contract.state_pairs(config.num_layers, config.state_shape.parts)
@@ -90,12 +88,11 @@ def bundle_perplexity(bundle_dir: str | Path, stream: np.ndarray, block_size: in
             "agreement": agree / done if reference is not None else None}
 
 
-def source_model(bundle_dir: str | Path, model_dirs: list[Path]) -> Path | None:
-    """The model folder among ``model_dirs`` whose safetensors the bundle was exported from (sha256), or None."""
-    from ..runtime.bundle import load_bundle
+def source_model(bundle, model_dirs: list[Path]) -> Path | None:
+    """The model folder among ``model_dirs`` whose safetensors ``bundle`` was exported from (sha256), or None."""
     from .bundle import checkpoint_sha256
 
-    wanted = load_bundle(Path(bundle_dir)).config.source_checkpoint_sha256
+    wanted = bundle.config.source_checkpoint_sha256
     for path in model_dirs:
         if wanted and checkpoint_sha256(Path(path), None) == wanted:
             return Path(path)
@@ -109,11 +106,11 @@ def bundle_row(bundle_dir: str | Path, model_dirs: list[Path], stream: np.ndarra
     from ..models import load_causal_lm
     from ..runtime.bundle import load_bundle
 
-    config = load_bundle(Path(bundle_dir)).config
-    source = source_model(bundle_dir, model_dirs)
+    bundle = load_bundle(Path(bundle_dir))
+    source = source_model(bundle, model_dirs)
     reference = load_causal_lm(source, trust_remote_code=trust_remote_code) if source is not None else None
-    score = bundle_perplexity(bundle_dir, stream, block_size, batch_size, max_tokens, reference, progress=progress)
-    return {"model": str(bundle_dir), "kind": f"bundle {config.precision}", "params": None, **score,
+    score = bundle_perplexity(bundle, stream, block_size, batch_size, max_tokens, reference, progress=progress)
+    return {"model": str(bundle_dir), "kind": f"bundle {bundle.config.precision}", "params": None, **score,
             "agreement_with": str(source) if source is not None else None}
 
 
