@@ -53,6 +53,15 @@ DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
 
 
+
+def check_counts(cfg, names) -> None:
+    """ValueError (one line) for the first setting of ``cfg`` in ``names`` below 1, or ``warmup`` below 0."""
+    for name in names:
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+
 @dataclass
 class BenchConfig:
     bundle: Path
@@ -87,11 +96,7 @@ class BenchConfig:
         """ValueError with one line for every setting that cannot run."""
         if not self.positions or any(int(p) < 1 for p in self.positions):
             raise ValueError(f"positions must be integers >= 1, got {list(self.positions)}")
-        for name in ("steps", "repeats", "threads", "rss_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        check_counts(self, ("steps", "repeats", "threads", "rss_tokens"))
         if not self.prefill_lengths or any(int(t) < 1 for t in self.prefill_lengths):
             raise ValueError(f"prefill lengths must be integers >= 1, got {list(self.prefill_lengths)}")
         if self.device not in ("cpu", "cuda"):

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .peers import PathUnavailable
+from .run import check_counts
 
 STREAM_PATHS = {
     "t2r-ort": "T2R step graph, OrtDecoder batch B",
@@ -91,11 +92,7 @@ class StreamsConfig:
         """ValueError with one line for every setting that cannot run."""
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"--batch must be positive integers, got {list(self.batches)}")
-        for name in ("context", "steps", "repeats", "threads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        check_counts(self, ("context", "steps", "repeats", "threads"))
         unknown = set(self.paths) - set(STREAM_PATHS)
         if unknown or "t2r-ort" not in self.paths:
             raise ValueError(f"paths must include t2r-ort and be among {', '.join(STREAM_PATHS)}; "
