@@ -81,7 +81,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 # -- ONNX Runtime: the T2R bundle, the softmax KV graph, the floor ------------------------------
 
 class T2ROrtPath:
-    """The bundle through the project's torch-free OrtDecoder (IO binding, state kept in place)."""
+    """The bundle through the project's torch-free OrtDecoder (IO binding; one state set where the graphs allow it)."""
 
     # the prefill graph's running sums are [T, H_kv, K, d] per layer: past ~1k tokens they fall out
     # of the last-level cache and long prompts get slower per token (8k: 5.4k tokens/s in 1k calls,
