@@ -11,6 +11,7 @@ from t2r_export import contract
 from t2r_export.bench.streams import t2r_footprint
 from t2r_export.runtime import OrtDecoder, load_bundle
 from t2r_export.runtime.in_place import graph_updates_in_place
+from t2r_export.runtime.onnx_scan import scan_onnx
 
 from conftest import make_tiny_model
 from toy_bundle import build_toy_bundle
@@ -19,23 +20,27 @@ PAIRS = [("past_state.0.s", "present_state.0.s")]
 SHAPE = ["batch", 2, 3]
 
 
-def _graph(nodes, outputs=("present_state.0.s",), present_shape=SHAPE):
+def _graph(folder, nodes, outputs=("present_state.0.s",), present_shape=SHAPE):
+    """The bundle loader's scan (runtime/onnx_scan.py) of a model holding these nodes, written to a file."""
     value = {"logits": ["batch", 2, 3], "present_state.0.s": present_shape}
-    return helper.make_graph(
+    graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("past_state.0.s", TensorProto.FLOAT, SHAPE),
          helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, value[name]) for name in outputs])
+    path = folder / "g.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return scan_onnx(path)
 
 
-def test_an_add_that_is_the_only_reader_updates_in_place():
-    graph = _graph([helper.make_node("Add", ["past_state.0.s", "x"], ["present_state.0.s"])])
+def test_an_add_that_is_the_only_reader_updates_in_place(tmp_path):
+    graph = _graph(tmp_path, [helper.make_node("Add", ["past_state.0.s", "x"], ["present_state.0.s"])])
     assert graph_updates_in_place(graph, PAIRS)
 
 
-def test_readers_that_run_before_the_writer_are_allowed():
+def test_readers_that_run_before_the_writer_are_allowed(tmp_path):
     # a decay: the old state is scaled first, then the update writes the new one
-    graph = _graph([helper.make_node("Reshape", ["past_state.0.s", "x"], ["view"]),
+    graph = _graph(tmp_path, [helper.make_node("Reshape", ["past_state.0.s", "x"], ["view"]),
                     helper.make_node("Mul", ["view", "x"], ["scaled"]),
                     helper.make_node("Add", ["scaled", "x"], ["present_state.0.s"])])
     assert graph_updates_in_place(graph, PAIRS)
@@ -43,7 +48,7 @@ def test_readers_that_run_before_the_writer_are_allowed():
 
 @pytest.mark.parametrize("case", ["read-after-write", "read-through-a-view-after-write", "fused-op",
                                   "identity", "broadcast", "not-elementwise", "passed-through"])
-def test_graphs_that_read_the_old_state_late_keep_two_sets(case):
+def test_graphs_that_read_the_old_state_late_keep_two_sets(tmp_path, case):
     add = helper.make_node("Add", ["past_state.0.s", "x"], ["present_state.0.s"])
     outputs = ("present_state.0.s",)
     if case == "read-after-write":
@@ -59,13 +64,13 @@ def test_graphs_that_read_the_old_state_late_keep_two_sets(case):
     elif case == "identity":
         nodes = [helper.make_node("Identity", ["past_state.0.s"], ["present_state.0.s"])]
     elif case == "broadcast":
-        return assert_two_sets(_graph([add], present_shape=["batch", 4, 2, 3]))
+        return assert_two_sets(_graph(tmp_path, [add], present_shape=["batch", 4, 2, 3]))
     elif case == "not-elementwise":
         nodes = [helper.make_node("MatMul", ["past_state.0.s", "x"], ["present_state.0.s"])]
     else:
         nodes = [add, helper.make_node("Identity", ["past_state.0.s"], ["logits"])]
         outputs += ("logits",)
-    assert_two_sets(_graph(nodes, outputs))
+    assert_two_sets(_graph(tmp_path, nodes, outputs))
 
 
 def assert_two_sets(graph):

@@ -30,7 +30,7 @@ import gc
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +125,9 @@ def t2r_footprint(bundle) -> tuple[int, int]:
     """(weight bytes, bytes per stream) of the T2R runtime on ``bundle``: its graphs and weight file;
     per stream its state once per state set the runtime keeps (one where the graphs update it in
     place, two where IO binding ping-pongs between them) and one fp32 logits row."""
-    from ..runtime.in_place import bundle_updates_in_place, resident_row_nbytes
+    from ..runtime.in_place import resident_row_nbytes
 
-    per_stream = resident_row_nbytes(bundle.config, bundle_updates_in_place(bundle))
+    per_stream = resident_row_nbytes(bundle.config, bundle.updates_in_place)
     return _file_bytes(bundle.path, (".onnx", ".bin", ".data")), per_stream
 
 

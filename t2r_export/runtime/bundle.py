@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ from .. import contract
 # BundleError, GraphEntry and RuntimeConfig are re-exported: runtime users import them from here
 from ..contract import (RUNTIME_JSON, TOKENIZER_CONFIG_JSON, TOKENIZER_FILES, TOKENIZER_JSON, BundleError,
                         GraphEntry, RuntimeConfig, field_error)
+from .in_place import graph_updates_in_place
 from .onnx_scan import ScanError, scan_onnx
 
 _PAST_RE = re.compile(r"past_state\.(\d+)\.(\w+)")
@@ -54,6 +56,8 @@ class Bundle:
 
     path: Path
     config: RuntimeConfig
+    # both graphs may write every new state over the old one (runtime/in_place.py), from the loader's scan
+    updates_in_place: bool = False
 
     def file(self, name: str, what: str | None = None) -> Path:
         """The real path of ``name`` inside the bundle; BundleError if it leads outside (docs/design.md#closed-bundle)."""
@@ -135,12 +139,16 @@ def load_bundle(path: str | Path) -> Bundle:
     except BundleError as err:
         raise BundleError(f"{path}: {err}") from None
     bundle = Bundle(path=path, config=config)
-    check_closed(bundle)
-    return bundle
+    scans = check_closed(bundle)
+    pairs = contract.state_pairs(config.num_layers, config.state_shape.parts)
+    return dataclasses.replace(bundle, updates_in_place=all(graph_updates_in_place(scan, pairs)
+                                                            for scan in scans.values()))
 
 
-def check_closed(bundle: Bundle) -> None:
-    """Every file the bundle names exists inside its folder: graphs, their external data, the tokenizer."""
+def check_closed(bundle: Bundle) -> dict:
+    """Every file the bundle names exists inside its folder: graphs, their external data, the tokenizer.
+    Returns each graph's scan (runtime/onnx_scan.py) by kind."""
+    scans = {}
     for name in TOKENIZER_FILES:
         bundle.file(name)
     if not bundle.tokenizer_path.is_file():
@@ -163,6 +171,8 @@ def check_closed(bundle: Bundle) -> None:
                 raise BundleError(f"{entry.file}: external data file {location!r} of '{tensor}' is missing "
                                   f"from {bundle.path}")
         _check_weight_precision(bundle.config, entry.file, scan.initializer_types, scan.metadata)
+        scans[kind] = scan
+    return scans
 
 
 def _check_weight_precision(config: RuntimeConfig, file: str, types, metadata: dict[str, str]) -> None:

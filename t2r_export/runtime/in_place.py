@@ -12,26 +12,17 @@ safe when nothing reads the old state after the new one starts being written:
 
 The plain T2R step meets this (``S' = S + phi(k) v^T`` is one Add; with a decay, a Mul on S runs
 first); graphs that update the state inside a fused op or read the old state after the update do
-not, and keep two sets. ``onnx`` reads the graph (without its external data); where it is not
-installed the answer is no (docs/design.md#runtime).
+not, and keep two sets. The bundle loader decides it from the scan it already makes of each graph
+(runtime/onnx_scan.py, no ``onnx`` package needed) and records it as ``Bundle.updates_in_place``
+(docs/design.md#runtime).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 # ops ONNX Runtime's CPU provider may run as a view of input 0 (the output shares its buffer)
 VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 # elementwise kernels that may write their output over a same-shaped input
 IN_PLACE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
-
-
-def bundle_updates_in_place(bundle) -> bool:
-    """True when both of ``bundle``'s graphs may write every state over its old value."""
-    from .. import contract
-
-    pairs = contract.state_pairs(bundle.config.num_layers, bundle.config.state_shape.parts)
-    return all(updates_in_place(bundle.graph_path(kind), pairs) for kind in contract.GRAPH_KINDS)
 
 
 def resident_row_nbytes(config, in_place: bool) -> int:
@@ -43,23 +34,11 @@ def resident_row_nbytes(config, in_place: bool) -> int:
     return (1 if in_place else 2) * state + 4 * config.vocab_size
 
 
-def updates_in_place(graph: Path, pairs) -> bool:
-    """True when every ``(past, present)`` pair of ``graph`` may share one buffer (see the module docstring)."""
-    try:
-        import onnx
-    except ImportError:
-        return False
-    try:
-        model = onnx.load(str(graph), load_external_data=False)
-    except Exception:  # an unreadable graph fails later, with its own message, where it is opened
-        return False
-    return graph_updates_in_place(model.graph, pairs)
-
-
-def graph_updates_in_place(graph, pairs) -> bool:
-    nodes = list(graph.node)
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output}
-    shapes = {v.name: _shape(v) for v in (*graph.input, *graph.output, *graph.value_info)}
+def graph_updates_in_place(scan, pairs) -> bool:
+    """True when every ``(past, present)`` pair of the graph ``scan`` describes (runtime/onnx_scan.py:
+    its nodes in file order and its inputs' and outputs' shapes) may share one buffer."""
+    nodes = scan.nodes
+    producer = {name: i for i, node in enumerate(nodes) for name in node.outputs}
     for past, present in pairs:
         writer = producer.get(present)
         if writer is None or nodes[writer].domain not in ("", "ai.onnx"):
@@ -69,16 +48,17 @@ def graph_updates_in_place(graph, pairs) -> bool:
             return False
         ancestors = _ancestors(nodes, producer, writer)
         for i, node in enumerate(nodes):
-            if node.op_type in VIEW_OPS or not views.intersection(node.input):
+            if node.op_type in VIEW_OPS or not views.intersection(node.inputs):
                 continue
             if i == writer:
-                reads = [name for name in node.input if name in views]
-                if node.op_type not in IN_PLACE_OPS or reads != [past] or shapes.get(past) is None \
-                        or shapes.get(past) != shapes.get(present):
+                reads = [name for name in node.inputs if name in views]
+                shape = scan.shapes.get(past)
+                if node.op_type not in IN_PLACE_OPS or reads != [past] or shape is None \
+                        or shape != scan.shapes.get(present):
                     return False
             elif i not in ancestors:
                 return False
-        if any(name in views for name in (o.name for o in graph.output) if name != present):
+        if any(name in views for name in scan.outputs if name != present):
             return False
     return True
 
@@ -87,8 +67,8 @@ def _views_of(nodes, name: str) -> set[str]:
     """``name`` and every tensor that may share its buffer through a chain of view ops."""
     views = {name}
     for node in nodes:  # ONNX nodes are stored in topological order
-        if node.op_type in VIEW_OPS and node.input and node.input[0] in views:
-            views.update(node.output)
+        if node.op_type in VIEW_OPS and node.inputs and node.inputs[0] in views:
+            views.update(node.outputs)
     return views
 
 
@@ -96,14 +76,9 @@ def _ancestors(nodes, producer: dict[str, int], index: int) -> set[int]:
     seen: set[int] = set()
     todo = [index]
     while todo:
-        for name in nodes[todo.pop()].input:
+        for name in nodes[todo.pop()].inputs:
             parent = producer.get(name)
             if parent is not None and parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
     return seen
-
-
-def _shape(value) -> tuple | None:
-    dims = value.type.tensor_type.shape.dim
-    return tuple(d.dim_param or d.dim_value for d in dims) if value.type.tensor_type.HasField("shape") else None

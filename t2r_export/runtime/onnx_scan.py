@@ -1,7 +1,8 @@
 """Read what a bundle check needs from an ONNX file without the ``onnx`` package or its weights.
 
 A small protobuf wire-format walker: the model's metadata, the data types of the main graph's
-initializers, and the ``location`` of every tensor stored as external data (initializers, sparse
+initializers, the main graph's nodes (op type, domain, input and output names) and the shapes of
+its inputs and outputs, and the ``location`` of every tensor stored as external data (initializers, sparse
 initializers, tensors in node attributes, subgraphs, functions, training graphs). Weight bytes are
 skipped, never parsed; the file is memory-mapped, so a large graph costs no copy. The runtime uses
 it before handing a graph to ONNX Runtime, which would otherwise open whatever file a location
@@ -17,8 +18,10 @@ from pathlib import Path
 
 # field numbers of onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto, TensorProto, ...)
 _MODEL_GRAPH, _MODEL_METADATA, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 14, 20, 25
-_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE = 1, 5, 15
-_NODE_ATTRIBUTE = 5
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_SPARSE = 1, 5, 11, 12, 15
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
+_VALUE_NAME, _VALUE_TYPE, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE, _SHAPE_DIM = 1, 2, 1, 2, 1
+_DIM_VALUE, _DIM_PARAM = 1, 2
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
 _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL = 2, 8, 13
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
@@ -31,6 +34,14 @@ class ScanError(ValueError):
     """The bytes are not a well-formed ONNX protobuf."""
 
 
+@dataclass(frozen=True)
+class ScanNode:
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
 @dataclass
 class GraphScan:
     metadata: dict[str, str] = field(default_factory=dict)
@@ -38,6 +49,13 @@ class GraphScan:
     initializer_types: Counter = field(default_factory=Counter)
     # (tensor name, location) of every tensor whose data lives in another file
     external: list[tuple[str, str]] = field(default_factory=list)
+    # the main graph's nodes in file order (topological in a valid model)
+    nodes: list[ScanNode] = field(default_factory=list)
+    # the main graph's inputs and outputs: name -> dims (int, or str for a named dynamic axis),
+    # None where the graph declares no shape
+    shapes: dict[str, tuple | None] = field(default_factory=dict)
+    # the main graph's output names
+    outputs: list[str] = field(default_factory=list)
 
 
 def scan_onnx(path: str | Path) -> GraphScan:
@@ -120,6 +138,13 @@ def _graph(buf, start: int, end: int, scan: GraphScan, main: bool) -> None:
             continue
         if number == _GRAPH_NODE:
             _node(buf, *value, scan)
+            if main:
+                scan.nodes.append(_node_io(buf, *value))
+        elif number in (_GRAPH_INPUT, _GRAPH_OUTPUT) and main:
+            name, shape = _value_info(buf, *value)
+            scan.shapes[name] = shape
+            if number == _GRAPH_OUTPUT:
+                scan.outputs.append(name)
         elif number == _GRAPH_INITIALIZER:
             dtype = _tensor(buf, *value, scan)
             if main:
@@ -139,6 +164,37 @@ def _node(buf, start: int, end: int, scan: GraphScan) -> None:
                 _graph(buf, *value, scan, main=False)
             elif number in (_ATTR_SPARSE, _ATTR_SPARSES):
                 _sparse(buf, *value, scan)
+
+
+def _node_io(buf, start: int, end: int) -> ScanNode:
+    strings: dict[int, list[str]] = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: [], _NODE_DOMAIN: []}
+    for number, wire, value in _fields(buf, start, end):
+        if wire == 2 and number in strings:
+            strings[number].append(_text(buf, *value))
+    return ScanNode("".join(strings[_NODE_OP_TYPE]), "".join(strings[_NODE_DOMAIN]),
+                    tuple(strings[_NODE_INPUT]), tuple(strings[_NODE_OUTPUT]))
+
+
+def _value_info(buf, start: int, end: int) -> tuple[str, tuple | None]:
+    """(name, dims or None) of a ValueInfoProto holding a tensor type."""
+    name, shape = "", None
+    for number, wire, value in _fields(buf, start, end):
+        if wire == 2 and number == _VALUE_NAME:
+            name = _text(buf, *value)
+        elif wire == 2 and number == _VALUE_TYPE:
+            for tensor in _spans(buf, *value, _TYPE_TENSOR):
+                for dims in _spans(buf, *tensor, _TENSOR_TYPE_SHAPE):
+                    shape = tuple(_dim(buf, *dim) for dim in _spans(buf, *dims, _SHAPE_DIM))
+    return name, shape
+
+
+def _dim(buf, start: int, end: int) -> int | str | None:
+    for number, wire, value in _fields(buf, start, end):
+        if number == _DIM_VALUE and wire == 0:
+            return value
+        if number == _DIM_PARAM and wire == 2:
+            return _text(buf, *value)
+    return None
 
 
 def _sparse(buf, start: int, end: int, scan: GraphScan) -> None:

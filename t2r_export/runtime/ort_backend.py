@@ -29,7 +29,7 @@ import numpy as np
 from .. import contract
 from .bundle import Bundle, load_bundle, session_io
 from .decoder import DecoderBase
-from .in_place import bundle_updates_in_place, resident_row_nbytes
+from .in_place import resident_row_nbytes
 from .ort_session import (DEVICES, OPTIMIZATION_LEVELS, PROVIDERS, ProviderError, open_sessions, resolve_providers,
                           session_options, shared_weights)
 from .ort_state import Bindings
@@ -50,8 +50,9 @@ class OrtDecoder(DecoderBase):
     ``"keep"`` (the default) is that arena, ``"shrink"`` hands the arena's free blocks back at the
     end of each prefill run, ``"off"`` gives the prefill session no arena (plain malloc/free).
 
-    ``in_place``: one state set that each run overwrites, wherever runtime/in_place.py finds both
-    graphs safe for it, on the CPU (``False``: always two sets, the reference it is tested against).
+    ``in_place``: one state set that each run overwrites, wherever the bundle's graphs allow it
+    (``Bundle.updates_in_place``, runtime/in_place.py), on the CPU (``False``: always two sets, the
+    reference it is tested against).
     """
 
     def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
@@ -79,7 +80,7 @@ class OrtDecoder(DecoderBase):
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)
         self._sessions = sessions
-        self.in_place = in_place and io_binding and self._device == "cpu" and bundle_updates_in_place(self.bundle)
+        self.in_place = in_place and io_binding and self._device == "cpu" and self.bundle.updates_in_place
         self._prefill_run = _prefill_run_options(prefill_arena, self._device)
         self._io: Bindings | None = None
         self._batch = 0

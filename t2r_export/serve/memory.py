@@ -19,7 +19,7 @@ import psutil
 
 from .. import contract
 from ..runtime import SamplingParams, load_bundle
-from ..runtime.in_place import bundle_updates_in_place, resident_row_nbytes
+from ..runtime.in_place import resident_row_nbytes
 from .engine import Engine, Request
 from .load import load_prompts
 
@@ -90,7 +90,7 @@ def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int =
     loaded = load_bundle(bundle)
     config = loaded.config
     state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
-    sets = 1 if bundle_updates_in_place(loaded) else 2
+    sets = 1 if loaded.updates_in_place else 2
     lines = [f"{name:>64}: {rss / 1e6:7.1f} MB" for name, rss in marks]
     growth = (marks[-1][1] - marks[-2][1]) / (streams - 1)
     lines.append(f"{'growth per extra stream (peak - one stream) / (streams - 1)':>64}: {growth / 1e3:7.1f} KB")
