@@ -157,3 +157,23 @@ def test_rows_past_a_partial_step_keep_their_state_with_one_set(tmp_path):
         # the stepped rows did move
         after = dec.read_row(0)
         assert any(not np.array_equal(after[name], value) for name, value in before[0].items())
+
+
+def test_one_set_without_the_onnx_package(tmp_path):
+    """A runtime-only install (no onnx, no torch) decides from the loader's own scan."""
+    import subprocess
+    import sys
+
+    out = build_toy_bundle(tmp_path / "toy")
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('onnx', 'torch'):\n"
+            "            raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from t2r_export.runtime import OrtDecoder, load_bundle\n"
+            f"dec = OrtDecoder(load_bundle({str(out)!r}))\n"
+            "print(dec.in_place, 'onnx' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"]
