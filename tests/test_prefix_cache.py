@@ -129,3 +129,40 @@ def test_prefill_many_groups_equal_fresh_prompts_and_equals_each_alone(bundle):
             np.testing.assert_allclose(logits, expected, rtol=0, atol=tol)
             for name, value in alone.read_row(row).items():
                 np.testing.assert_allclose(together.read_row(row)[name], value, rtol=0, atol=tol)
+
+
+def test_max_tokens_bounds_every_graph_call_and_changes_no_result(bundle):
+    """With ``max_tokens`` no prefill call takes more tokens (rows x length); the logits, states and cache
+    entries are those of the unbounded prefill (a T2R state continues exactly across pieces)."""
+    identity, rng = bundle_identity(bundle), np.random.default_rng(7)
+    vocab = bundle.config.vocab_size
+    head = list(rng.integers(3, vocab, 5))
+    # equal lengths (split by rows), one longer than the bound (in pieces), a cached head, a cache point
+    prompts = [list(rng.integers(3, vocab, 6)) for _ in range(3)] + [list(rng.integers(3, vocab, 23)),
+                                                                     head + list(rng.integers(3, vocab, 9)),
+                                                                     list(rng.integers(3, vocab, 14))]
+    points = [(), (), (), (), (), (11,)]
+    tol = TOLERANCES[("ort-prefill", "fp32")]
+    with OrtDecoder(bundle, threads=1) as bounded, OrtDecoder(bundle, threads=1) as whole:
+        bounded.reset(7)
+        whole.reset(7)
+        caches = PrefixCache(), PrefixCache()
+        for dec, cache in zip((bounded, whole), caches):
+            prefill_cached(dec, 6, head, cache, identity)
+        tokens = []
+        for name in ("prefill_rows", "extend_row"):
+            original = getattr(bounded, name)
+            setattr(bounded, name, lambda first, ids, pos, original=original: tokens.append(ids.size)
+                    or original(first, ids, pos))
+        results = prefill_many(bounded, 0, prompts, caches[0], identity, points, max_tokens=8)
+        expected = prefill_many(whole, 0, prompts, caches[1], identity, points)
+        assert tokens and max(tokens) == 8
+        assert sum(tokens) == sum(len(p) for p in prompts) - len(head)
+        assert [reused for _, reused in results] == [reused for _, reused in expected] == [0, 0, 0, 0, 5, 0]
+        assert sorted(caches[0].keys()) == sorted(caches[1].keys())
+        for row, ((logits, _), (want, _)) in enumerate(zip(results, expected)):
+            np.testing.assert_allclose(logits, want, rtol=0, atol=tol)
+            for name, value in whole.read_row(row).items():
+                np.testing.assert_allclose(bounded.read_row(row)[name], value, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        prefill_many(bounded, 0, prompts[:1], None, identity, max_tokens=0)

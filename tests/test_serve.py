@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,6 +243,8 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--port", "70000"]), 2, "--port")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--streams", "0"]), 2, "--streams")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-batch", "0"]), 2, "--prefill-batch")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-tokens", "0"]), 2, "--prefill-tokens")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-tokens", "0"]), 2, "--prefill-tokens")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--stream-interval-ms", "-1"]), 2, "--stream-interval-ms")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
@@ -276,3 +279,51 @@ def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):
     assert "growth per extra stream" in result.output
     assert re.search(rf"by design: 1 state set \+ a logits row: +{row / 1e3:.1f} KB", result.output), result.output
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "1"]), 2, "--streams >= 2")
+
+
+class _Sink:
+    """Stands in for an asyncio loop and queue: events are collected on the decode thread."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def call_soon_threadsafe(self, function, *args):
+        function(*args)
+
+    def put_nowait(self, event):
+        self.events.append(event)
+        if event[0] in ("done", "error"):
+            self.done.set()
+
+
+def test_the_engine_takes_its_working_memory_at_start_and_bounds_each_prefill(bundle_dir):
+    """The engine steps a throwaway max-batch state and prefills its staging rows once at start, with no
+    per-shape memory pattern, and no later prefill call takes more than --prefill-tokens tokens; the
+    streams' own rows stay unwritten until used, and a prompt prefilled in pieces answers as it does alone."""
+    from t2r_export.serve.engine import Engine, Request
+
+    bundle = load_bundle(bundle_dir)
+    engine = Engine(bundle, max_batch=3, threads=1, prefix_cache_bytes=0, prefill_batch=2, prefill_tokens=8)
+    try:
+        for session in engine.decoder._sessions.values():
+            assert session.get_session_options().enable_mem_pattern is False
+        assert all(not value.any() for value in engine.decoder.read_state().values())
+        tokens = []
+        for name in ("prefill_rows", "extend_row"):
+            original = getattr(engine.staging, name)
+            setattr(engine.staging, name, lambda first, ids, pos, original=original: tokens.append(ids.size)
+                    or original(first, ids, pos))
+        engine.start()
+        prompt = "import os\nimport sys\nfor name in sys.argv:\n    print(name)\n"
+        ids = bundle.load_tokenizer().encode(prompt).ids
+        assert len(ids) > 8
+        sink = _Sink()
+        engine.submit(Request(ids, 12, SamplingParams(temperature=0.0, seed=0), [], sink, sink))
+        assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    assert tokens and max(tokens) <= 8 and sum(tokens) == len(ids)
+    text = "".join(event[1] for event in sink.events if event[0] == "text")
+    assert text == _alone(bundle_dir, prompt, 12).text
+    with pytest.raises(ValueError, match="--prefill-tokens must be >= 1"):
+        Engine(bundle, max_batch=2, prefill_tokens=0)

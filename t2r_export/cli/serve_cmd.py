@@ -40,10 +40,12 @@ def serve(
                                                    "(keep its blocks, hand them back after each run, none)."),
     stream_interval_ms: float = typer.Option(0.0, help="Streamed responses write at most every this many ms, the "
                                                        "tokens in between in one chunk (0 = every step)."),
+    prefill_tokens: int = typer.Option(512, help="Tokens one prefill graph call takes at most (longer prompts go "
+                                                 "on in pieces); its working memory is taken at start-up."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
                              max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),
-                             ("--prefill-batch", prefill_batch, 1)):
+                             ("--prefill-batch", prefill_batch, 1), ("--prefill-tokens", prefill_tokens, 1)):
         if value < low or (name == "--port" and value > 65535):
             fail(f"{name} must be {'in [0, 65535]' if name == '--port' else f'>= {low}'}, got {value}")
     if prefix_cache_mb < 0:
@@ -64,7 +66,7 @@ def serve(
     try:
         engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
                         prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)), prefill_batch=prefill_batch,
-                        prefill_arena=prefill_arena)
+                        prefill_arena=prefill_arena, prefill_tokens=prefill_tokens)
     except ValueError as err:
         fail(str(err))
     app = create_app(engine, name, max_prompt_tokens, max_tokens, stream_interval_ms / 1000)
@@ -105,12 +107,13 @@ def serve_load(
     prefill_batch: int = typer.Option(8, help="The server's --prefill-batch."),
     prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
     stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
+    prefill_tokens: int = typer.Option(512, help="The server's --prefill-tokens."),
     engine_only: bool = typer.Option(False, "--engine-only", help="Run the serve engine alone in this process (no "
                                      "HTTP, no baseline) and print its RSS stage by stage."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
     for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
-                        ("--prefill-batch", prefill_batch)):
+                        ("--prefill-batch", prefill_batch), ("--prefill-tokens", prefill_tokens)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
     if engine_only and streams < 2:
@@ -126,13 +129,13 @@ def serve_load(
     if not 0 <= stream_interval_ms <= 10_000:
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     if engine_only:
-        for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena):
+        for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena, prefill_tokens):
             err_console.print(line, highlight=False, soft_wrap=True)
         return
     try:
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
                                threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
-                               stream_interval_ms=stream_interval_ms)
+                               stream_interval_ms=stream_interval_ms, prefill_tokens=prefill_tokens)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

@@ -53,11 +53,16 @@ class OrtDecoder(DecoderBase):
     ``in_place``: one state set that each run overwrites, wherever the bundle's graphs allow it
     (``Bundle.updates_in_place``, runtime/in_place.py), on the CPU (``False``: always two sets, the
     reference it is tested against).
+
+    ``memory_pattern``: ONNX Runtime plans one memory block for each input shape it sees and keeps
+    them all. That suits a fixed batch (a step 5% faster at one row on the bundled model); a server
+    stepping every row count from 1 to its capacity turns it off, so its working memory stays what
+    the largest step needs (docs/design.md#serving-memory).
     """
 
     def __init__(self, bundle: Bundle | str | Path, provider: str = "cpu", threads: int = 0,
                  optimization: str = "all", io_binding: bool = True, prefill_arena: str = "keep",
-                 in_place: bool = True):
+                 in_place: bool = True, memory_pattern: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.config = self.bundle.config
         self.provider = provider
@@ -75,7 +80,8 @@ class OrtDecoder(DecoderBase):
         # fuses int4-qdq's DequantizeLinear + MatMul pairs into the same kernel
         prepack = self.config.precision in (*contract.WEIGHT_ONLY_PRECISIONS, *contract.QDQ_WEIGHT_PRECISIONS)
         no_arena = (contract.PREFILL,) if prefill_arena == "off" else ()
-        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack, no_arena)
+        sessions = open_sessions(self.bundle.path, files, threads, optimization, providers, prepack, no_arena,
+                                 memory_pattern)
         self._weights = sessions.pop("weights")
         for kind, session in sessions.items():
             self.bundle.check_graph_io(kind, *session_io(session), session.get_modelmeta().custom_metadata_map)

@@ -76,13 +76,17 @@ def shared_weights(folder: str | Path) -> tuple[dict, dict[str, list[str]]]:
 
 
 def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, optimization: str = "all",
-                  providers=("CPUExecutionProvider",), prepack: bool = False, no_arena=()) -> dict:
+                  providers=("CPUExecutionProvider",), prepack: bool = False, no_arena=(),
+                  memory_pattern: bool = True) -> dict:
     """One ONNX Runtime session per ``kind -> graph file`` of a bundle folder, sharing one copy of the weights.
 
     The returned dict also keeps the weight OrtValues alive (key ``"weights"``) as long as the sessions.
     ``prepack``: keep ONNX Runtime's weight prepacking (the weight-only plans need it, see below).
     ``no_arena``: the kinds whose sessions allocate with plain malloc/free instead of ONNX Runtime's
     CPU arena (which keeps the largest blocks it has ever needed).
+    ``memory_pattern``: ONNX Runtime's memory pattern, one planned block per input shape it has seen,
+    each kept; off, every intermediate comes from the arena on its own and a run needs only what its
+    own shape needs (for callers whose shapes keep changing, docs/design.md#serving-memory).
     """
     import onnxruntime as ort
 
@@ -92,6 +96,7 @@ def open_sessions(folder: str | Path, files: dict[str, str], threads: int = 0, o
         options = session_options(threads, optimization)
         if kind in no_arena:
             options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = memory_pattern
         names = [name for name in graphs.get(file, []) if name in values]
         # add_initializer uses the OrtValue's buffer as it is (add_external_initializers would copy it)
         for name in names:

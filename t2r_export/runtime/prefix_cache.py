@@ -92,18 +92,19 @@ class PrefixCache:
 
 
 def prefill_cached(decoder, row: int, ids, cache: PrefixCache | None, identity: str,
-                   cache_points=()) -> tuple[np.ndarray, int]:
+                   cache_points=(), max_tokens: int | None = None) -> tuple[np.ndarray, int]:
     """Prefill ``ids`` into ``row`` through ``cache`` → (next-token logits ``[1, V]``, cached tokens reused).
 
     The longest cached prefix's state is restored and only the rest is prefilled. The state after
     the whole prompt is stored, and so is the state at each of ``cache_points`` (token counts, e.g.
-    where a chat's system prompt ends) that lies past the reused prefix.
+    where a chat's system prompt ends) that lies past the reused prefix. ``max_tokens``: as for
+    :func:`prefill_many`.
     """
-    return prefill_many(decoder, row, [ids], cache, identity, [cache_points])[0]
+    return prefill_many(decoder, row, [ids], cache, identity, [cache_points], max_tokens)[0]
 
 
 def prefill_many(decoder, first_row: int, prompts, cache: PrefixCache | None, identity: str,
-                 cache_points=None) -> list[tuple[np.ndarray, int]]:
+                 cache_points=None, max_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
     """Prefill ``prompts[i]`` into row ``first_row + i`` through ``cache``, as :func:`prefill_cached`
     does for each → one (logits ``[1, V]``, cached tokens reused) per prompt.
 
@@ -112,7 +113,13 @@ def prefill_many(decoder, first_row: int, prompts, cache: PrefixCache | None, id
     (``decoder.prefill_rows``); the rest of each prompt goes on row by row. Order the prompts by
     that length to make the groups large. A row prefilled in a group equals it prefilled alone up
     to the batched-vs-single-row tolerance (t2r_export/tolerances.py).
+
+    ``max_tokens``: the most tokens (rows x length) one graph call takes, so a prefill's working
+    memory is bounded whatever the prompts' lengths: a group is split by rows, and a longer
+    prompt goes on in pieces of at most this many tokens (a T2R state continues exactly).
     """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     prompts = [[int(t) for t in ids] for ids in prompts]
     cache_points = cache_points or [()] * len(prompts)
     plans = []
@@ -121,6 +128,8 @@ def prefill_many(decoder, first_row: int, prompts, cache: PrefixCache | None, id
         ends = [*sorted(p for p in set(points) if reused < p < len(ids)), len(ids)]
         plans.append((reused, entry, [e for e in ends if e != reused]))
     logits: list[np.ndarray | None] = [None] * len(prompts)
+    # tokens of each prompt the grouped calls below took
+    done = [reused for reused, _, _ in plans]
     index = 0
     while index < len(prompts):
         reused, entry, ends = plans[index]
@@ -131,29 +140,32 @@ def prefill_many(decoder, first_row: int, prompts, cache: PrefixCache | None, id
         stop = index + 1
         while stop < len(prompts) and plans[stop][1] is None and plans[stop][2][:1] == ends[:1]:
             stop += 1
-        chunk = np.asarray([ids[:ends[0]] for ids in prompts[index:stop]], np.int64)
-        positions = np.tile(np.arange(ends[0], dtype=np.int64), (stop - index, 1))
-        group = np.array(decoder.prefill_rows(first_row + index, chunk, positions))
-        for offset in range(stop - index):
-            logits[index + offset] = group[offset:offset + 1]
-            if cache is not None:
-                cache.put(identity, prompts[index + offset][:ends[0]], decoder.read_row(first_row + index + offset),
-                          logits[index + offset])
+        length = ends[0] if max_tokens is None else min(ends[0], max_tokens)
+        rows = stop - index if max_tokens is None else max(1, max_tokens // length)
+        for start in range(index, stop, rows):
+            end = min(start + rows, stop)
+            chunk = np.asarray([ids[:length] for ids in prompts[start:end]], np.int64)
+            positions = np.tile(np.arange(length, dtype=np.int64), (end - start, 1))
+            group = np.array(decoder.prefill_rows(first_row + start, chunk, positions))
+            for offset in range(end - start):
+                i = start + offset
+                logits[i], done[i] = group[offset:offset + 1], length
+                if cache is not None and length == ends[0]:
+                    cache.put(identity, prompts[i][:length], decoder.read_row(first_row + i), logits[i])
         index = stop
     results = []
     for i, (ids, (reused, entry, ends)) in enumerate(zip(prompts, plans)):
-        row, position, last = first_row + i, reused, logits[i]
+        row, position, last = first_row + i, done[i], logits[i]
         if entry is not None:
             decoder.write_row(row, entry.tensors)
             last = entry.logits
-        elif ends:
-            # the first segment went through a group above
-            position, ends = ends[0], ends[1:]
         for end in ends:
-            chunk = np.asarray(ids[position:end], np.int64)[None]
-            last = np.array(decoder.extend_row(row, chunk, np.arange(position, end, dtype=np.int64)[None]))
-            position = end
-            if cache is not None:
+            while position < end:
+                piece = end if max_tokens is None else min(end, position + max_tokens)
+                chunk = np.asarray(ids[position:piece], np.int64)[None]
+                last = np.array(decoder.extend_row(row, chunk, np.arange(position, piece, dtype=np.int64)[None]))
+                position = piece
+            if cache is not None and end > done[i]:
                 cache.put(identity, ids[:end], decoder.read_row(row), last)
         results.append((np.array(last, copy=True), reused))
     return results

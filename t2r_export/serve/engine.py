@@ -95,23 +95,29 @@ class Engine:
 
     def __init__(self, bundle, max_batch: int = 64, threads: int = 0, provider: str = "cpu",
                  prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 8,
-                 prefill_arena: str = "keep"):
+                 prefill_arena: str = "keep", prefill_tokens: int = 512):
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_batch < 1:
             raise ValueError(f"--prefill-batch must be >= 1, got {prefill_batch}")
+        if prefill_tokens < 1:
+            raise ValueError(f"--prefill-tokens must be >= 1, got {prefill_tokens}")
         self.bundle = bundle
         self.config = bundle.config
         self.tokenizer = bundle.load_tokenizer()
         self.identity = bundle_identity(bundle)
         self.max_batch = max_batch
         self.max_waiting = max_waiting
-        self.decoder = OrtDecoder(bundle, provider=provider, threads=threads, prefill_arena=prefill_arena)
+        # the step runs every row count from 1 to max_batch: no memory pattern per shape (see reserve)
+        self.decoder = OrtDecoder(bundle, provider=provider, threads=threads, prefill_arena=prefill_arena,
+                                  memory_pattern=False)
         self.decoder.reset(max_batch)
         # the prefill thread's rows: the same sessions, state buffers of their own, one row per request
         # of a round (a round's prefill memory is bounded by it, not by the streams)
         self.prefill_batch = min(prefill_batch, max_batch)
+        self.prefill_tokens = prefill_tokens
         self.staging = self.decoder.side_decoder(self.prefill_batch)
+        self.reserve()
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos = set(self.config.eos_token_ids)
         self._waiting: deque[Request] = deque()
@@ -128,6 +134,28 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()
         self._outbox: list[tuple[Request, tuple]] = []
         self.started = time.time()
+
+    def reserve(self) -> None:
+        """Take the working memory the largest step and the largest prefill call need, now.
+
+        ONNX Runtime's arena keeps the blocks it has needed, so without this a server's RSS climbs
+        with the first busy minutes, by more than the streams' states; with it, what serving adds
+        per stream is that stream's state and logits row (docs/design.md#serving-memory). The step
+        runs once over ``max_batch`` rows of a throwaway state (the streams' own rows stay unwritten
+        until used); the staging rows, which every prefill round writes anyway, take one prefill of
+        ``prefill_tokens`` tokens, and then as many as each prefill call ever takes.
+        """
+        side = self.decoder.side_decoder(self.max_batch)
+        try:
+            zeros = np.zeros((self.max_batch, 1), np.int64)
+            side.step(zeros, zeros)
+        finally:
+            side.close()
+        rows = min(self.prefill_batch, self.prefill_tokens)
+        length = max(1, self.prefill_tokens // rows)
+        ids = np.zeros((rows, length), np.int64)
+        self.staging.prefill_rows(0, ids, np.tile(np.arange(length, dtype=np.int64), (rows, 1)))
+        self.staging.reset(self.prefill_batch)
 
     # ---- the asyncio side -------------------------------------------------------------------------
 
@@ -204,7 +232,7 @@ class Engine:
         joining.sort(key=lambda r: min([*r.cache_points, len(r.prompt_ids)]))
         try:
             results = prefill_many(self.staging, 0, [r.prompt_ids for r in joining], self.cache, self.identity,
-                                   [r.cache_points for r in joining])
+                                   [r.cache_points for r in joining], self.prefill_tokens)
             return [(request, row, logits) for row, (request, (logits, _)) in enumerate(zip(joining, results))]
         except ValueError:
             pass
@@ -216,7 +244,7 @@ class Engine:
         for request in joining:
             try:
                 logits, _ = prefill_cached(self.staging, len(ready), request.prompt_ids, self.cache, self.identity,
-                                           request.cache_points)
+                                           request.cache_points, self.prefill_tokens)
             except Exception as err:
                 status = 400 if isinstance(err, ValueError) else 500
                 request.deliver(("error", status, _first_line(err), 0))

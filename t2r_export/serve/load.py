@@ -112,7 +112,8 @@ def load_prompts(count: int) -> list[str]:
 
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
                   stream: bool = True, threads: int = 0, prefill_batch: int = 8,
-                  prefill_arena: str = "keep", stream_interval_ms: float = 0.0) -> LoadReport:
+                  prefill_arena: str = "keep", stream_interval_ms: float = 0.0,
+                  prefill_tokens: int = 512) -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
@@ -135,7 +136,7 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
                "--port", str(port), "--max-batch", str(streams), "--prefix-cache-mb", "0",
                "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens),
                "--prefill-batch", str(prefill_batch), "--prefill-arena", prefill_arena,
-               "--stream-interval-ms", str(stream_interval_ms)]
+               "--stream-interval-ms", str(stream_interval_ms), "--prefill-tokens", str(prefill_tokens)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

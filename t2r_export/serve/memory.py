@@ -39,15 +39,15 @@ class _Sink:
 
 
 def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
-            prefill_arena: str = "keep") -> list[tuple[str, float]]:
+            prefill_arena: str = "keep", prefill_tokens: int = 512) -> list[tuple[str, float]]:
     """[(stage, RSS bytes)] of this process serving ``streams`` concurrent requests."""
     proc = psutil.Process()
     marks = [("bundle loaded", proc.memory_info().rss)]
     loaded = load_bundle(bundle)
     engine = Engine(loaded, max_batch=streams, threads=1, prefix_cache_bytes=0, prefill_batch=prefill_batch,
-                    prefill_arena=prefill_arena)
+                    prefill_arena=prefill_arena, prefill_tokens=prefill_tokens)
     engine.start()
-    marks.append((f"engine started (decoder at batch {streams}, staging {engine.prefill_batch} rows)",
+    marks.append((f"engine started (working memory taken: batch {streams}, {engine.prefill_tokens}-token prefills)",
                   proc.memory_info().rss))
     tokenizer = loaded.load_tokenizer()
     prompts = [tokenizer.encode(p).ids for p in load_prompts(4 * streams)]
@@ -84,9 +84,9 @@ def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int 
 
 
 def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
-           prefill_arena: str = "keep") -> list[str]:
+           prefill_arena: str = "keep", prefill_tokens: int = 512) -> list[str]:
     """The lines ``serve-load --engine-only`` prints."""
-    marks = measure(bundle, streams, max_tokens, prefill_batch, prefill_arena)
+    marks = measure(bundle, streams, max_tokens, prefill_batch, prefill_arena, prefill_tokens)
     loaded = load_bundle(bundle)
     config = loaded.config
     state = contract.state_nbytes(config.state_shape, 1, config.state_dtype)
