@@ -245,6 +245,7 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-batch", "0"]), 2, "--prefill-batch")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-tokens", "0"]), 2, "--prefill-tokens")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-tokens", "0"]), 2, "--prefill-tokens")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--client", "curl"]), 2, "--client")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--stream-interval-ms", "-1"]), 2, "--stream-interval-ms")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
@@ -255,12 +256,16 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
         assert_one_line_failure(invoke(["serve", bundle_dir, "--port", port]), 2, f"cannot listen on 127.0.0.1:{port}")
 
 
-def test_bounded_load_test(bundle_dir, tmp_path):
+@pytest.mark.parametrize("client, stream", [("openai", "--stream"), ("aiohttp", "--stream"),
+                                            ("aiohttp", "--no-stream")])
+def test_bounded_load_test(bundle_dir, tmp_path, client, stream):
     out = tmp_path / "load.json"
     result = invoke(["serve-load", bundle_dir, "--streams", "4", "--requests", "12", "--max-tokens", "8",
-                     "--threads", "1", "--json", out])
+                     "--threads", "1", "--json", out, "--client", client, stream])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    # every answer was read whole and equals its prompt decoded alone
+    assert report["client"] == client and report["stream"] == (stream == "--stream")
     assert report["lost"] == 0 and report["mixed"] == 0
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0

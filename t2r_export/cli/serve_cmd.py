@@ -108,6 +108,8 @@ def serve_load(
     prefill_arena: str = typer.Option("keep", help="The server's --prefill-arena (keep | shrink | off)."),
     stream_interval_ms: float = typer.Option(0.0, help="The server's --stream-interval-ms."),
     prefill_tokens: int = typer.Option(512, help="The server's --prefill-tokens."),
+    client: str = typer.Option("openai", help="openai | aiohttp: the load generator (aiohttp reads the JSON and "
+                                              "the events itself, a lighter client on a machine it shares)."),
     engine_only: bool = typer.Option(False, "--engine-only", help="Run the serve engine alone in this process (no "
                                      "HTTP, no baseline) and print its RSS stage by stage."),
 ) -> None:
@@ -128,6 +130,8 @@ def serve_load(
         fail(f"--prefill-arena must be keep, shrink or off, got {prefill_arena!r}")
     if not 0 <= stream_interval_ms <= 10_000:
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
+    if client not in ("openai", "aiohttp"):
+        fail(f"--client must be openai or aiohttp, got {client!r}")
     if engine_only:
         for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena, prefill_tokens):
             err_console.print(line, highlight=False, soft_wrap=True)
@@ -135,7 +139,8 @@ def serve_load(
     try:
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
                                threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
-                               stream_interval_ms=stream_interval_ms, prefill_tokens=prefill_tokens)
+                               stream_interval_ms=stream_interval_ms, prefill_tokens=prefill_tokens,
+                               client=client)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

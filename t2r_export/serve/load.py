@@ -3,8 +3,10 @@
 In one run: the runtime's own batched decode at batch ``streams`` (``generate_ids``, the same
 prompts and sampling, decode time only) as the baseline; each prompt decoded alone by the runtime
 (what every served answer must equal); then the server, first one request alone (its RSS is the
-one-stream figure), then ``requests`` requests at ``streams`` concurrency with the async openai
-client in a process of its own. Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
+one-stream figure), then ``requests`` requests at ``streams`` concurrency from a client in a
+process of its own: the async openai client, or (``client="aiohttp"``) plain aiohttp reading the
+JSON body or the server-sent events itself, a lighter load generator for a machine whose cores the
+client shares with the server (openai's client builds typed objects for every streamed chunk). Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
 prefill and HTTP included) and its ratio to the baseline, p50/p99 latency, the server's RSS idle,
 after one stream, at its peak under load and after, the growth per extra stream, and requests
 lost (no answer) or mixed up (an answer that is not its prompt's solo answer).
@@ -25,6 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .local import free_port
+
+
+# the load generators serve-load can run
+CLIENTS = ("openai", "aiohttp")
 
 
 class LoadError(RuntimeError):
@@ -62,6 +68,7 @@ class LoadReport:
     mixed: int
     prefill_batch: int = 8
     stream_interval_ms: float = 0.0
+    client: str = "openai"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -69,7 +76,8 @@ class LoadReport:
     def print(self, console) -> None:
         rows = [
             ("requests", f"{self.requests} at {self.streams} concurrent ({'streamed' if self.stream else 'whole'}), "
-                         f"max_tokens {self.max_tokens}, --prefill-batch {self.prefill_batch}"
+                         f"max_tokens {self.max_tokens}, --prefill-batch {self.prefill_batch}, "
+                         f"{self.client} client"
                          + (f", --stream-interval-ms {self.stream_interval_ms:g}" if self.stream else "")),
             ("wall time", f"{self.wall_s:.2f} s"),
             ("requests/s", f"{self.requests_per_s:.2f}"),
@@ -113,10 +121,13 @@ def load_prompts(count: int) -> list[str]:
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
                   stream: bool = True, threads: int = 0, prefill_batch: int = 8,
                   prefill_arena: str = "keep", stream_interval_ms: float = 0.0,
-                  prefill_tokens: int = 512) -> LoadReport:
+                  prefill_tokens: int = 512, client: str = "openai") -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
+
+    if client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}; expected one of {', '.join(CLIENTS)}")
 
     loaded = load_bundle(bundle)
     tokenizer = loaded.load_tokenizer()
@@ -145,13 +156,14 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_idle = proc.memory_info().rss
         # the client runs in a process of its own (its CPU time is its own, it shares no GIL with the
         # RSS sampler); the one-request run also warms its imports
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-            one, _, _ = client.submit(_client, base, prompts[:1], 1, max_tokens, stream).result()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            one, _, _ = pool.submit(_client, client, base, prompts[:1], 1, max_tokens, stream).result()
             rss_one = proc.memory_info().rss
             peak = _PeakRss(proc)
             peak.start()
             server_cpu = sum(proc.cpu_times()[:2])
-            results, wall, client_cpu = client.submit(_client, base, prompts, streams, max_tokens, stream).result()
+            results, wall, client_cpu = pool.submit(_client, client, base, prompts, streams, max_tokens,
+                                                    stream).result()
             server_cpu = sum(proc.cpu_times()[:2]) - server_cpu
             peak.stop()
         rss_after = proc.memory_info().rss
@@ -183,7 +195,7 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
         baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
-        mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms)
+        mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client)
 
 
 def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
@@ -223,11 +235,47 @@ def _wait_healthy(server: subprocess.Popen, base: str, timeout: float = 60.0) ->
     raise LoadError(f"the server did not answer {base}/health within {timeout:.0f} s")
 
 
-def _client(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
+def _client(kind: str, base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
     """In the client process: (results, wall s, CPU s of this process) of firing ``prompts``."""
+    fire = _fire if kind == "openai" else _fire_aiohttp
     cpu, start = time.process_time(), time.perf_counter()
-    results = asyncio.run(_fire(base, prompts, concurrency, max_tokens, stream))
+    results = asyncio.run(fire(base, prompts, concurrency, max_tokens, stream))
     return results, time.perf_counter() - start, time.process_time() - cpu
+
+
+async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
+    """As :func:`_fire`, with plain aiohttp: the JSON body, or each ``data:`` line of the event stream."""
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(http, prompt: str):
+        body = {"model": "t2r", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+        async with gate:
+            start = time.perf_counter()
+            try:
+                async with http.post(f"{base}/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    if not stream:
+                        answer = await response.json()
+                        return answer["choices"][0]["text"], time.perf_counter() - start, \
+                            answer["usage"]["completion_tokens"]
+                    parts, tokens = [], 0
+                    async for line in response.content:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices"):
+                            parts.append(chunk["choices"][0]["text"])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                    return "".join(parts), time.perf_counter() - start, tokens
+            except (aiohttp.ClientError, KeyError, ValueError):
+                return None
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        return await asyncio.gather(*(one(http, p) for p in prompts))
 
 
 async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
