@@ -332,3 +332,41 @@ def test_the_engine_takes_its_working_memory_at_start_and_bounds_each_prefill(bu
     assert text == _alone(bundle_dir, prompt, 12).text
     with pytest.raises(ValueError, match="--prefill-tokens must be >= 1"):
         Engine(bundle, max_batch=2, prefill_tokens=0)
+
+
+def test_a_round_is_prefilled_while_the_batch_is_full_and_joins_when_a_row_frees(bundle_dir):
+    """With every decode row busy, the next request is prefilled at once (not when a row frees) and
+    answers as it does alone."""
+    from t2r_export.serve.engine import Engine, Request
+
+    bundle = load_bundle(bundle_dir)
+    tokenizer = bundle.load_tokenizer()
+    engine = Engine(bundle, max_batch=1, threads=1, prefix_cache_bytes=0, prefill_batch=1)
+    busy, second = [], threading.Event()
+    original, step = engine._prefill, engine.decoder.step_rows
+
+    def prefill(joining):
+        busy.append(len(engine._active))
+        if len(busy) == 2:
+            second.set()
+        return original(joining)
+
+    def stepping(*args):
+        # the first request's steps wait (10 s at most) for the second's prefill, so no timing decides
+        second.wait(10)
+        return step(*args)
+
+    engine._prefill, engine.decoder.step_rows = prefill, stepping
+    sinks = [_Sink(), _Sink()]
+    try:
+        engine.start()
+        for prompt, sink, tokens in zip(PROMPTS[:2], sinks, (40, 6)):
+            engine.submit(Request(tokenizer.encode(prompt).ids, tokens, SamplingParams(temperature=0.0, seed=0), [],
+                                  sink, sink))
+        assert all(sink.done.wait(60) for sink in sinks)
+    finally:
+        engine.stop()
+    # the second prompt went through the graph while the first still held the only row
+    assert busy == [0, 1]
+    for prompt, sink, tokens in zip(PROMPTS[:2], sinks, (40, 6)):
+        assert "".join(e[1] for e in sink.events if e[0] == "text") == _alone(bundle_dir, prompt, tokens).text

@@ -3,9 +3,10 @@
 Two threads share one OrtDecoder's sessions. The prefill thread takes waiting requests, orders
 them by prompt length and prefills them (equal lengths in one graph call, through the prefix
 cache) into a side decoder's rows; the decode thread moves those rows into its batch at the next
-step and steps all active rows. So new prompts are prefilled on the second core while the
-running streams keep decoding, instead of every stream stalling while the newcomers' prompts go
-through the graph.
+step, as far as its free rows go, and steps all active rows. So new prompts are prefilled on the
+second core while the running streams keep decoding, instead of every stream stalling while the
+newcomers' prompts go through the graph; and a round is prefilled while the batch is still full,
+so its requests join at the very step rows free up.
 
 Active rows are kept packed at the front of the state buffers, so each step runs the step graph
 over exactly the active rows (``OrtDecoder.step_rows``); a request leaves when it finishes or its
@@ -124,8 +125,6 @@ class Engine:
         # prefilled requests with their staging rows and logits, for the decode thread to take
         self._ready: list[tuple[Request, int, np.ndarray]] = []
         self._active: list[Choice] = []
-        # rows promised to requests being prefilled, ready or active
-        self._occupied = 0
         self._wake = threading.Condition()
         self._stop = False
         self._threads: list[threading.Thread] = []
@@ -153,6 +152,9 @@ class Engine:
             side.close()
         rows = min(self.prefill_batch, self.prefill_tokens)
         length = max(1, self.prefill_tokens // rows)
+        if self.config.max_position is not None:
+            # no call is longer than the model's positions (prompts are refused before that)
+            length = min(length, self.config.max_position)
         ids = np.zeros((rows, length), np.int64)
         self.staging.prefill_rows(0, ids, np.tile(np.arange(length, dtype=np.int64), (rows, 1)))
         self.staging.reset(self.prefill_batch)
@@ -206,23 +208,20 @@ class Engine:
     def _prefill_loop(self) -> None:
         while True:
             with self._wake:
-                # one batch of staging rows at a time: wait until the decode thread took the last one
-                while not self._stop and (self._ready or not self._waiting
-                                          or self._occupied + self._waiting[0].n > self.max_batch):
+                # one round of staging rows at a time: wait until the decode thread took the last one.
+                # A round does not wait for free decode rows: it is prefilled while the batch is full,
+                # so its requests join at the step their rows free up
+                while not self._stop and (self._ready or not self._waiting):
                     self._wake.wait()
                 if self._stop:
                     return
-                joining, rows = [], 0
-                while self._waiting and len(joining) < self.prefill_batch \
-                        and self._occupied + rows + self._waiting[0].n <= self.max_batch:
+                joining = []
+                while self._waiting and len(joining) < self.prefill_batch:
                     request = self._waiting.popleft()
                     if not request.cancelled:
                         joining.append(request)
-                        rows += request.n
-                self._occupied += rows
             ready = self._prefill(joining)
             with self._wake:
-                self._occupied -= sum(r.n for r in joining) - sum(r.n for r, _, _ in ready)
                 self._ready = ready
                 self._wake.notify_all()
 
@@ -262,15 +261,18 @@ class Engine:
                 if self._stop:
                     return
                 joining = self._ready
+            # on a failure below, the round's requests are dropped with the batch
+            taken = len(joining)
             try:
                 try:
-                    self._take(joining)
+                    taken = self._take(joining)
                 finally:
-                    # the staging rows are free again only once they have been copied
-                    if joining:
+                    # the staging rows are free again once every request of the round has been copied
+                    if taken:
                         with self._wake:
-                            self._ready = []
-                            self._wake.notify_all()
+                            self._ready = joining[taken:]
+                            if not self._ready:
+                                self._wake.notify_all()
                 self._iteration()
                 self._flush()
             except Exception as err:  # a failing graph must not kill the server: fail the batch, go on
@@ -280,15 +282,18 @@ class Engine:
                         choice.reason = "error"
                         choice.request.deliver(("error", 500, f"the decoder failed: {_first_line(err)}",
                                                 choice.index))
-                self._release(len(self._active))
                 self._active = []
 
-    def _take(self, joining: list[tuple[Request, int, np.ndarray]]) -> None:
-        """Prefilled requests join the batch: their staging row forked into one row per choice."""
+    def _take(self, joining: list[tuple[Request, int, np.ndarray]]) -> int:
+        """Prefilled requests join the batch in order, as far as its free rows go: their staging row
+        forked into one row per choice. Returns how many of ``joining`` were taken (or dropped, cancelled)."""
+        taken = 0
         for request, row, logits in joining:
             if request.cancelled:
-                self._release(request.n)
+                taken += 1
                 continue
+            if len(self._active) + request.n > self.max_batch:
+                break
             for index in range(request.n):
                 self.decoder.take_row(self.staging, row, len(self._active))
                 seed = (request.sampling.seed + index) % (1 << 63)
@@ -297,11 +302,8 @@ class Engine:
                                 len(request.prompt_ids))
                 request.choices.append(choice)
                 self._active.append(choice)
-
-    def _release(self, rows: int) -> None:
-        with self._wake:
-            self._occupied -= rows
-            self._wake.notify_all()
+            taken += 1
+        return taken
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops, one wake-up per loop."""
@@ -369,8 +371,6 @@ class Engine:
             if row != len(kept):
                 self.decoder.copy_row(row, len(kept))
             kept.append(choice)
-        if len(kept) < len(self._active):
-            self._release(len(self._active) - len(kept))
         self._active = kept
 
     def _note(self, produced: int) -> None:
