@@ -152,7 +152,7 @@ def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monke
     result = runner.invoke(_app(), _args(tiny_models, out))
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
-    assert set(data["paths"]) == set(bench_run.PATHS)
+    assert set(data["paths"]) == set(bench_run.DEFAULT_PATHS)
     for name, entry in data["paths"].items():
         # a row is measured or says why not: never empty, never faked
         if entry["status"] == "ok":
@@ -176,6 +176,32 @@ def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monke
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "| t2r-ort: " in (out / "summary.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
+
+
+def test_weight_only_paths_run_their_own_cached_bundles_beside_fp32(tiny_models, tmp_path, monkeypatch):
+    """--paths t2r-int4,... exports the T2R model once per plan into the cache and times it beside the
+    fp32 step; the ratios and the int4 goal come from the measured tokens/s."""
+    from t2r_export.bench.goals import INT4_SPEEDUP_GOAL, QUANTIZED_PATHS
+    from t2r_export.runtime import load_bundle
+
+    monkeypatch.setenv("T2R_EXPORT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = runner.invoke(_app(), _args(tiny_models, out, "--paths", "t2r-ort," + ",".join(QUANTIZED_PATHS)))
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data["paths"]) == {"t2r-ort", *QUANTIZED_PATHS}
+    precisions = {load_bundle(path.parent).config.precision
+                  for path in (tmp_path / "cache" / "bench-bundle").glob("*/runtime.json")}
+    assert precisions == set(QUANTIZED_PATHS.values())
+    fp32 = data["paths"]["t2r-ort"]["tokens_per_s"]
+    for p, row in data["summary"]["positions"].items():
+        for name in QUANTIZED_PATHS:
+            assert data["paths"][name]["status"] == "ok"
+            assert row[f"{name}/t2r-ort"] == pytest.approx(data["paths"][name]["tokens_per_s"][p] / fp32[p])
+    worst = min(row["t2r-int4/t2r-ort"] for row in data["summary"]["positions"].values())
+    goal = next(g for g in data["summary"]["goals"] if g["goal"].startswith("int4 step"))
+    assert goal["met"] == (worst >= INT4_SPEEDUP_GOAL) and f"{worst:.2f}" in goal["value"]
+    assert "Weight-only plans" in (out / "summary.md").read_text()
 
 
 def test_a_peer_that_cannot_run_or_fails_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):

@@ -16,6 +16,10 @@ PEER_GOAL_AT = {128: 1.0}
 CEILING_GOAL_AT = (4096, 16384)
 CEILING_SHARE = 0.95
 FLOOR_GOAL_EVERY_POSITION = 1.05
+# bench paths that run the same T2R model exported with a weight-only plan: path -> precision
+QUANTIZED_PATHS = {"t2r-int4": "int4", "t2r-int8-wo": "int8-wo", "t2r-int4-qdq": "int4-qdq"}
+# int4 weight blocks: at least this many times the fp32 step's tokens/s at every position
+INT4_SPEEDUP_GOAL = 2.0
 
 
 def summarize(result: dict) -> dict:
@@ -47,6 +51,7 @@ def summarize(result: dict) -> dict:
                 entry["value"] += f" (ceiling: the floor is {row['floor/fastest_softmax']:.2f}×)"
             goals.append(entry)
     goals += _floor_goals(per_position)
+    goals += _quantized(paths, per_position)
     for row in result.get("prefill", {}).values():
         if "t2r-ort prefill graph" in row:
             graph = row["t2r-ort prefill graph"]
@@ -98,6 +103,20 @@ def _floor_goals(per_position: dict) -> list[dict]:
         goals.append(_goal(f"T2R step latency ≤ {FLOOR_GOAL_EVERY_POSITION:.2f}× the floor at every position "
                            "(the worst)", max(floors), FLOOR_GOAL_EVERY_POSITION, "×", higher=False))
     return goals
+
+
+def _quantized(paths: dict, per_position: dict) -> list[dict]:
+    """Each weight-only path's tokens/s over the fp32 step's (``{path}/t2r-ort`` per position); the int4 goal."""
+    t2r = paths["t2r-ort"]["tokens_per_s"]
+    for name in QUANTIZED_PATHS:
+        measured = paths.get(name, {}).get("tokens_per_s", {})
+        for p, row in per_position.items():
+            row[f"{name}/t2r-ort"] = measured[p] / t2r[p] if measured.get(p) else None
+    ratios = [row["t2r-int4/t2r-ort"] for row in per_position.values() if row.get("t2r-int4/t2r-ort")]
+    if not ratios:
+        return []
+    return [_goal(f"int4 step ≥ {INT4_SPEEDUP_GOAL:g}× the fp32 step's tokens/s at every position (the worst)",
+                  min(ratios), INT4_SPEEDUP_GOAL, "×", higher=True)]
 
 
 def _goal(text: str, value: float, target: float, unit: str, higher: bool) -> dict:

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .goals import QUANTIZED_PATHS  # noqa: E402
 from .streams import gib  # noqa: E402
 
 STYLE = {
@@ -27,6 +28,9 @@ STYLE = {
     "genai": dict(color="tab:purple", marker="D"),
     "transformers": dict(color="tab:green", marker="v", linestyle="--"),
     "floor": dict(color="black", marker="_", linestyle=":"),
+    "t2r-int4": dict(color="darkred", marker="*"),
+    "t2r-int8-wo": dict(color="indianred", marker="P"),
+    "t2r-int4-qdq": dict(color="maroon", marker="X", linestyle="-."),
 }
 PREFILL_COLORS = {"t2r-ort prefill graph": "tab:red", "t2r-ort step feeding": "salmon",
                   "softmax-ort": "tab:blue", "genai": "tab:purple", "transformers": "tab:green"}
@@ -164,6 +168,12 @@ def markdown_summary(result: dict) -> str:
         lines.append(f"| {int(p):,} | {_x(row.get('t2r/softmax-ort'))} | {_x(row.get('t2r/genai'))} | "
                      f"{_x(row.get('t2r/transformers'))} | {_x(row.get('t2r/fastest_softmax'))}{fastest} | "
                      f"{_x(row.get('t2r_latency/floor'))} | {_x(row.get('floor/fastest_softmax'))} |")
+    quantized = [name for name in QUANTIZED_PATHS if paths.get(name, {}).get("status") == "ok"]
+    if quantized:
+        lines += ["", "Weight-only plans, tokens/s over the fp32 T2R step's:", "",
+                  "| position | " + " | ".join(quantized) + " |", "| ---: |" + " ---: |" * len(quantized)]
+        for p, row in result["summary"]["positions"].items():
+            lines.append(f"| {int(p):,} | " + " | ".join(_x(row.get(f"{name}/t2r-ort")) for name in quantized) + " |")
     mem = result["memory"]
     rss = mem["rss"]
     lines += ["", "Memory per sequence (fp32):", "", "| position | softmax KV cache | T2R state |",

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import contract
 from ..machine import cpu_model
-from .goals import summarize
+from .goals import QUANTIZED_PATHS, summarize
 from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,12 @@ PATHS = {
     "transformers": "softmax teacher, transformers DynamicCache (torch)",
     "t2r-torch": "T2R recurrent step (torch, decode_step)",
     "floor": "dense matmuls only (floor), ONNX Runtime + IO binding",
+    "t2r-int4": "T2R step graph, int4 weight blocks (MatMulNBits), ONNX Runtime + IO binding",
+    "t2r-int8-wo": "T2R step graph, int8 weight blocks (MatMulNBits), ONNX Runtime + IO binding",
+    "t2r-int4-qdq": "T2R step graph, INT4 DequantizeLinear blocks (TensorRT's plan), ONNX Runtime + IO binding",
 }
+# what `bench` runs unless --paths names more: the weight-only paths export bundles of their own
+DEFAULT_PATHS = tuple(name for name in PATHS if name not in QUANTIZED_PATHS)
 TORCH_PATHS = ("transformers", "t2r-torch")
 DEFAULT_POSITIONS = (128, 1024, 4096, 16384)
 QUICK_POSITIONS = (128, 1024)
@@ -78,7 +83,7 @@ class BenchConfig:
     prefill_lengths: tuple = (1024, 8192)
     # greedy T2R decode watched for RSS growth: ~20-60 s here; the 100k-token check sets 100000
     rss_tokens: int = 10_000
-    paths: tuple = tuple(PATHS)
+    paths: tuple = DEFAULT_PATHS
     cache_dir: Path | None = None
     seed: int = 0
     # ORT's profiler on the step graph and the floor: time and node count by op type
@@ -400,17 +405,18 @@ def exporter_fingerprint(package: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def default_bundle(t2r_model: Path, cache_root: Path | None = None) -> Path:
-    """A verified bundle of ``t2r_model``, exported once into the cache (keyed by its weights and
-    by the exporter's source)."""
+def default_bundle(t2r_model: Path, cache_root: Path | None = None, precision: str = "fp32") -> Path:
+    """A verified bundle of ``t2r_model`` in ``precision``, exported once into the cache (keyed by its
+    weights, the precision and the exporter's source)."""
     from ..data.corpus import cache_dir_default
-    from ..export.bundle import checkpoint_sha256, export_bundle
+    from ..export.bundle import checkpoint_sha256
+    from ..export.plans import export_plan
 
     sha = checkpoint_sha256(Path(t2r_model), None)
-    key = f"{sha[:16]}-{exporter_fingerprint()[:12]}"
+    key = f"{sha[:16]}-{exporter_fingerprint()[:12]}" + ("" if precision == "fp32" else f"-{precision}")
     out = Path(cache_root or cache_dir_default()) / "bench-bundle" / key
     if not (out / contract.RUNTIME_JSON).is_file():
-        export_bundle(Path(t2r_model), out)
+        export_plan(Path(t2r_model), out, precision=precision)
     return out
 
 
@@ -461,6 +467,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     def open_path(name: str) -> DecodePath:
         if name == "t2r-ort":
             return T2ROrtPath(bundle, cfg.threads)
+        if name in QUANTIZED_PATHS:
+            progress(f"{name}: exporting the T2R model as {QUANTIZED_PATHS[name]} (cached)")
+            return T2ROrtPath(load_bundle(default_bundle(cfg.t2r_model, cache_root, QUANTIZED_PATHS[name])),
+                              cfg.threads)
         if name == "floor":
             return FloorPath(dec, cfg.threads)
         if name == "softmax-ort":
@@ -490,7 +500,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             entry.update(_unavailable(failed[name]))
         else:
             entry.update(measured[name])
-            entry["rewinds"] = name not in ("t2r-ort", "floor")
+            entry["rewinds"] = name not in ("t2r-ort", "floor", *QUANTIZED_PATHS)
             if getattr(opened[name], "graph_note", ""):
                 entry["note"] = opened[name].graph_note
         if name in TORCH_PATHS:

@@ -36,7 +36,9 @@ def bench(
     rss_tokens: Optional[int] = typer.Option(None, help="Tokens of the greedy decode watched for RSS growth "
                                                         "(default 10000; quick 2000; the 100k check: 100000)."),
     paths: str = typer.Option("all", help="Comma-separated subset of t2r-ort,softmax-ort,genai,transformers,"
-                                          "t2r-torch,floor (t2r-ort is always run)."),
+                                          "t2r-torch,floor (all: these; t2r-ort is always run), plus the T2R "
+                                          "model's weight-only bundles t2r-int4, t2r-int8-wo, t2r-int4-qdq "
+                                          "(exported into the cache)."),
     quick: bool = typer.Option(False, "--quick", help="A ~1-minute run: fewer positions, steps and tokens."),
     profile: bool = typer.Option(False, "--profile", help="Also profile the T2R step graph and the floor with "
                                                           "ONNX Runtime's profiler (time and nodes by op type)."),
@@ -48,7 +50,7 @@ def bench(
 ) -> None:
     import os
 
-    from ..bench.run import PATHS, BenchConfig, default_bundle, parse_int_list
+    from ..bench.run import DEFAULT_PATHS, BenchConfig, default_bundle, parse_int_list
     from ..teacher import bundled_model_dir
 
     if out is not None:
@@ -62,7 +64,7 @@ def bench(
         for name, value in (("repeats", repeats), ("steps", steps), ("warmup", warmup), ("rss_tokens", rss_tokens)):
             if value is not None:
                 overrides[name] = value
-        wanted = tuple(PATHS) if paths.strip() == "all" else tuple(
+        wanted = DEFAULT_PATHS if paths.strip() == "all" else tuple(
             dict.fromkeys(["t2r-ort", *(p.strip() for p in paths.split(",") if p.strip())]))
         overrides["paths"] = wanted
         softmax_dir = softmax or bundled_model_dir("softmax")
@@ -158,6 +160,8 @@ def _fmt(value, digits: int = 1) -> str:
 def print_result(result: dict) -> None:
     from rich.table import Table
 
+    from ..bench.goals import QUANTIZED_PATHS
+
     m = result["machine"]
     shape = result["config"].get("shape")
     if shape:
@@ -191,6 +195,15 @@ def print_result(result: dict) -> None:
         cells[3] += fastest
         ratios.add_row(f"{int(p):,}", *cells)
     console.print(ratios)
+    quantized = [name for name in QUANTIZED_PATHS if result["paths"].get(name, {}).get("status") == "ok"]
+    if quantized:
+        table = Table(title="weight-only plans: tokens/s over the fp32 T2R step's")
+        table.add_column("position", justify="right")
+        for name in quantized:
+            table.add_column(name, justify="right")
+        for p, row in result["summary"]["positions"].items():
+            table.add_row(f"{int(p):,}", *[_fmt(row.get(f"{name}/t2r-ort"), 2) + "×" for name in quantized])
+        console.print(table)
 
     mem = result["memory"]
     memory = Table(title="memory per sequence (fp32)")
