@@ -469,8 +469,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             return T2ROrtPath(bundle, cfg.threads)
         if name in QUANTIZED_PATHS:
             progress(f"{name}: exporting the T2R model as {QUANTIZED_PATHS[name]} (cached)")
-            return T2ROrtPath(load_bundle(default_bundle(cfg.t2r_model, cache_root, QUANTIZED_PATHS[name])),
-                              cfg.threads)
+            # the exporter's step-by-step log would bury the bench's own progress lines
+            exporter = logging.getLogger("t2r_export.export")
+            level = exporter.level
+            exporter.setLevel(logging.WARNING)
+            try:
+                quantized = default_bundle(cfg.t2r_model, cache_root, QUANTIZED_PATHS[name])
+            finally:
+                exporter.setLevel(level)
+            return T2ROrtPath(load_bundle(quantized), cfg.threads)
         if name == "floor":
             return FloorPath(dec, cfg.threads)
         if name == "softmax-ort":
