@@ -3,6 +3,7 @@ and `t2r-export serve-load BUNDLE`: its load test. Torch-free; needs the `serve`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -58,7 +59,7 @@ def serve(
         import uvicorn
 
         from ..serve.app import create_app
-        from ..serve.engine import Engine
+        from ..serve.engine import GIL_SWITCH_S, Engine
     except ImportError as err:
         fail(f"`serve` needs {err.name}: {SERVE_EXTRA}")
     loaded, name = _bundle_and_name(bundle, model_name)
@@ -69,6 +70,7 @@ def serve(
                         prefill_arena=prefill_arena, prefill_tokens=prefill_tokens)
     except ValueError as err:
         fail(str(err))
+    sys.setswitchinterval(GIL_SWITCH_S)
     app = create_app(engine, name, max_prompt_tokens, max_tokens, stream_interval_ms / 1000)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     engine.start()
