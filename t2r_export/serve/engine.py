@@ -137,6 +137,8 @@ class Engine:
         self.tokens_total = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._outbox: list[tuple[Request, tuple]] = []
+        # the last step's logits, [active rows, V], while no row has joined since
+        self._step_logits: np.ndarray | None = None
         self.started = time.time()
 
     def reserve(self) -> None:
@@ -288,6 +290,7 @@ class Engine:
                         choice.request.deliver(("error", 500, f"the decoder failed: {_first_line(err)}",
                                                 choice.index))
                 self._active = []
+                self._step_logits = None
 
     def _take(self, joining: list[tuple[Request, int, np.ndarray]]) -> int:
         """Prefilled requests join the batch in order, as far as its free rows go: their staging row
@@ -307,6 +310,7 @@ class Engine:
                                 len(request.prompt_ids))
                 request.choices.append(choice)
                 self._active.append(choice)
+                self._step_logits = None
             taken += 1
         return taken
 
@@ -326,12 +330,19 @@ class Engine:
     def _iteration(self) -> None:
         if not self._active:
             return
+        # the checks and greedy picks of every row in two array calls, not two per row; the last
+        # step's logits are already that block unless rows joined since
+        block = self._step_logits
+        if block is None or len(block) != len(self._active):
+            block = np.stack([c.logits for c in self._active])
+        finite = np.isfinite(block).all(axis=1)
+        best = block.argmax(axis=1)
         produced = 0
-        for choice in self._active:
+        for row, choice in enumerate(self._active):
             if choice.request.cancelled:
                 continue
             produced += 1
-            self._advance(choice)
+            self._advance(choice, bool(finite[row]), int(best[row]))
         self._note(produced)
         self._compact()
         if not self._active:
@@ -339,18 +350,20 @@ class Engine:
         ids = np.array([[c.token] for c in self._active], np.int64)
         positions = np.array([[c.position] for c in self._active], np.int64)
         logits = self.decoder.step_rows(len(self._active), ids, positions)
+        self._step_logits = logits
         for row, choice in enumerate(self._active):
             choice.logits = logits[row]
             choice.position += 1
 
-    def _advance(self, choice: Choice) -> None:
-        """Sample the choice's next token, send its text, decide whether it finished."""
+    def _advance(self, choice: Choice, finite: bool, best: int) -> None:
+        """Sample the choice's next token (``best``: its logits' argmax, the greedy pick), send its
+        text, decide whether it finished; ``finite``: no NaN or inf in its logits."""
         request = choice.request
-        if not np.isfinite(choice.logits).all():
+        if not finite:
             choice.reason = "error"
             self._outbox.append((request, ("error", 500, "the model produced NaN or inf logits", choice.index)))
             return
-        token = sample_row(choice.logits, request.sampling, choice.rng)
+        token = best if request.sampling.greedy else sample_row(choice.logits, request.sampling, choice.rng)
         stream = choice.stream
         if token in self.eos:
             choice.reason, delta = "eos", stream.finish()
