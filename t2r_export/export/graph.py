@@ -64,9 +64,10 @@ def rotate_half_blocks(rotate_half: np.ndarray) -> tuple[list[int], list[int], n
 
     rotate_half's R moves whole blocks of dims (Llama: the two halves; GPT-NeoX's partial rotary:
     the two rotary halves and the pass-through dims), so a Split and a Concat do it with block
-    copies, where a Gather of the head dims runs element by element (6.5 ms against 0.3 ms per layer
-    on 1k tokens of a 135M model). R has at most one non-zero (+-1) per column; a zero column (a
-    pass-through dim) keeps its own dim with sign 0, where the sine is 0 anyway."""
+    copies, where a Gather of the head dims runs element by element (at 1k tokens on the 135M
+    shape, 6.7 ms against 0.5 ms per layer: docs/design.md#prefill). R has one non-zero (+-1) per
+    column at most; a zero column (a pass-through dim) keeps its own dim with sign 0, where the sine
+    is 0 anyway."""
     rotate_half = np.asarray(rotate_half, dtype=np.float32)
     index = np.abs(rotate_half).argmax(axis=0).astype(np.int64)
     sign = rotate_half[index, np.arange(rotate_half.shape[1])]
