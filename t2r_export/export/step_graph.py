@@ -32,7 +32,7 @@ class StepEmitter(DecoderEmitter):
 
         M [B, 1, d, d] = diag(cos) + R diag(sin) (R: rotate_half as a matrix; pass-through dims have
         cos 1, sin 0). Each layer then rotates its queries and keys with one small MatMul instead of
-        a Gather, two Muls and an Add, which ONNX Runtime dispatches as four kernels.
+        a Split and a Concat (rotate_half's block swap), two Muls and an Add: five kernels.
         """
         g, dec = self.g, self.dec
         # angles reach 1e4+ at long positions: the matrix is made in fp32 (docs/design.md#precision-plan)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import contract
-from .prefill_graph import CHUNK, first_rows, pad_to_chunks
+from .chunking import CHUNK, first_rows, pad_to_chunks
 
 INT64_MAX = np.iinfo(np.int64).max
 # tokens per block of the decayed prefill sums (the plain prefill's chunk); gamma >= DECAY_MIN keeps
