@@ -229,6 +229,30 @@ def test_a_peer_that_cannot_run_or_fails_is_reported_unavailable(tiny_models, tm
     assert data["paths"]["softmax-ort"]["tokens_per_s"] == {}
 
 
+def test_a_weight_only_export_that_fails_its_check_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
+    """A real model's quantized bundle is checked against fp32 (a public shape's random weights are
+    only timed); a plan that fails the check leaves its row unavailable with the reason."""
+    from t2r_export.tolerances import ToleranceError
+
+    asked = []
+
+    def failing(t2r_model, cache_root=None, precision="fp32", check_quality=True):
+        asked.append((precision, check_quality))
+        raise ToleranceError(f"{precision} bundle against the fp32 model: top-1 agreement 0.39 < 0.75")
+
+    monkeypatch.setattr(bench_run, "default_bundle", failing)
+    cfg = bench_run.BenchConfig.quick(bundle=tiny_models / "bundle", softmax_model=tiny_models / "softmax",
+                                      t2r_model=tiny_models / "t2r", positions=(8,), prefill_lengths=(16,), steps=2,
+                                      repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "t2r-int4"),
+                                      cache_dir=tmp_path)
+    data = bench_run.run_bench(cfg)
+    assert asked == [("int4", True)]
+    assert data["paths"]["t2r-int4"]["status"] == ("unavailable: the int4 bundle failed its check against fp32: int4 "
+                                                   "bundle against the fp32 model: top-1 agreement 0.39 < 0.75")
+    assert data["summary"]["positions"]["8"]["t2r-int4/t2r-ort"] is None
+    assert not any(g["goal"].startswith("int4 step") for g in data["summary"]["goals"])
+
+
 def _fails_with_one_line(result, *needles: str) -> None:
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
