@@ -149,7 +149,7 @@ class Engine:
         per stream is that stream's state and logits row (docs/design.md#serving-memory). The step
         runs once over ``max_batch`` rows of a throwaway state (the streams' own rows stay unwritten
         until used); the staging rows, which every prefill round writes anyway, take one prefill of
-        ``prefill_tokens`` tokens, and then as many as each prefill call ever takes.
+        ``prefill_tokens`` tokens, the most any later prefill call takes.
         """
         side = self.decoder.side_decoder(self.max_batch)
         try:
