@@ -229,6 +229,22 @@ def test_a_peer_that_cannot_run_or_fails_is_reported_unavailable(tiny_models, tm
     assert data["paths"]["softmax-ort"]["tokens_per_s"] == {}
 
 
+def test_a_peer_whose_builder_raises_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
+    """onnxruntime-genai's model builder failing on a model (any exception) leaves its row unavailable
+    with the reason; the run goes on."""
+    def failing_builder(*args, **kwargs):
+        raise RuntimeError("narrowing_error\nmore")
+
+    monkeypatch.setattr("t2r_export.bench.peers.build_genai_model", failing_builder)
+    cfg = bench_run.BenchConfig.quick(bundle=tiny_models / "bundle", softmax_model=tiny_models / "softmax",
+                                      t2r_model=tiny_models / "t2r", positions=(8,), prefill_lengths=(16,), steps=2,
+                                      repeats=1, warmup=0, rss_tokens=10, threads=1, paths=("t2r-ort", "genai"),
+                                      cache_dir=tmp_path)
+    data = bench_run.run_bench(cfg)
+    assert data["paths"]["genai"]["status"] == "unavailable: RuntimeError: narrowing_error"
+    assert data["paths"]["t2r-ort"]["status"] == "ok"
+
+
 def test_a_weight_only_export_that_fails_its_check_is_reported_unavailable(tiny_models, tmp_path, monkeypatch):
     """A real model's quantized bundle is checked against fp32 (a public shape's random weights are
     only timed); a plan that fails the check leaves its row unavailable with the reason."""

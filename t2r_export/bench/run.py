@@ -513,6 +513,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         except PathUnavailable as err:
             failed[name] = str(err)
             progress(f"{name}: unavailable: {err}")
+        except Exception as err:  # a peer that cannot be built (its builder raising) is reported, never faked
+            if name == "t2r-ort":
+                raise
+            logger.exception("%s could not be opened", name)
+            failed[name] = failure_line(err)
+            progress(f"{name}: unavailable: {failed[name]}")
     measured = time_decode(opened, stream, cfg, progress, failed)
     for name in cfg.paths:
         entry = {"label": PATHS[name], "status": "ok"}
