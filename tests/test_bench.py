@@ -112,6 +112,30 @@ def test_the_floor_runs_its_matmuls_as_the_runtime_runs_a_bundles():
     assert logits.shape[-1] == runner.session.get_outputs()[0].shape[-1] and np.isfinite(logits).all()
 
 
+def test_the_bench_graphs_load_from_external_data_not_inline_bytes(monkeypatch):
+    """The floor and softmax-ort graphs reach ONNX Runtime as a file whose weights sit in a file
+    beside it: a model handed over as bytes past 2 GiB does not load (a 0.5B model's floor is
+    2.5 GB), so no bench graph may be opened from its serialized bytes."""
+    import onnxruntime as ort
+
+    from t2r_export.bench.softmax_graph import FloorRunner
+
+    dec = extract_softmax_decoder(make_tiny_model("llama"))
+    expected = FloorRunner(dec, threads=1).step(3).copy()
+    real, given = ort.InferenceSession, []
+
+    def recording(source, *args, **kwargs):
+        given.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    runner = FloorRunner(dec, threads=1)
+    np.testing.assert_array_equal(runner.step(3), expected)
+    decoder = KVCacheDecoder(dec, threads=1)
+    assert set(decoder.sessions) == {"step", "prefill"} and len(given) == 3
+    assert all(isinstance(source, str) and source.endswith(".onnx") for source in given), given
+
+
 # -- the command -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

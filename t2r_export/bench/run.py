@@ -254,6 +254,7 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200, prepack: bo
     import onnxruntime as ort
 
     from ..runtime.ort_backend import session_options
+    from .softmax_graph import open_session
 
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads)
@@ -262,8 +263,10 @@ def profile_graph(model, feeds: dict, threads: int, runs: int = 200, prepack: bo
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        if isinstance(model, (str, Path)):
+            session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        else:
+            session = open_session(model, options)
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -18,6 +18,8 @@ ONNX Runtime allocates are bound as the next step's past, so no cache goes throu
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -184,6 +186,24 @@ def build_floor_graph(dec: DecoderWeights) -> onnx.ModelProto:
     return FloorEmitter(dec).build()
 
 
+def open_session(model: onnx.ModelProto, options):
+    """An ONNX Runtime CPU session over an in-memory ``model`` of any size.
+
+    These graphs hold their weights inline; serialized, a model past 2 GiB does not load
+    (ONNX Runtime takes the bytes' length as an int: ``narrowing_error``; the Qwen2.5-0.5B shape's
+    floor is 2.5 GB). So the model is written with its weights in one external-data file, as the
+    bundles keep theirs in weights.bin, and opened from there. It consumes ``model``: its tensors
+    point at the file afterwards.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="t2r-bench-graph-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="weights.bin", size_threshold=1024)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def dense_weight_bytes(dec: DecoderWeights) -> int:
     """fp32 bytes the floor graph reads per token (its weights; the embedding contributes one row)."""
     per_layer = sum(layer.qkv_weight.size + layer.o_weight.size + layer.mlp_in.size + layer.mlp_out.size
@@ -207,9 +227,7 @@ class KVCacheDecoder:
         from ..runtime.ort_backend import session_options
 
         options = session_options(threads, optimization)
-        self.sessions = {kind: ort.InferenceSession(build_softmax_graph(dec, kind).SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
-                         for kind in contract.GRAPH_KINDS}
+        self.sessions = {kind: open_session(build_softmax_graph(dec, kind), options) for kind in contract.GRAPH_KINDS}
         self.pairs = kv_pairs(len(dec.layers))
         self.cache_shape = (1, dec.num_kv_heads, 0, dec.head_dim)
         self.vocab = dec.vocab_size
@@ -287,8 +305,7 @@ class FloorRunner:
         # the runtime opens fp32 bundles without weight prepacking (ort_backend.open_sessions); one
         # token's matmuls are then ONNX Runtime's matrix-vector kernel, faster than the packed one
         options.add_session_config_entry("session.disable_prepacking", "1")
-        self.session = ort.InferenceSession(build_floor_graph(dec).SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(build_floor_graph(dec), options)
         self._ids = np.zeros((1, 1), np.int64)
         self._logits = np.zeros((1, 1, dec.vocab_size), np.float32)
         self.binding = self.session.io_binding()
