@@ -42,6 +42,25 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model
 
 
+def prefill_in_pieces(session, model, ids, cuts, layers: int):
+    """The prefill graph over ``ids[:, cuts[i]:cuts[i + 1]]`` in turn, each piece from the state the
+    one before left, beside torch over all of ``ids`` → (graph logits, graph state feeds, torch's
+    last logits, torch's state)."""
+    import numpy as np
+
+    from t2r_export.export.verify import _run, _state_feeds
+    from t2r_export.models import new_state
+
+    batch = ids.shape[0]
+    feeds = _state_feeds(new_state(model, batch), layers)
+    for start, end in zip(cuts, cuts[1:]):
+        pos = np.tile(np.arange(start, end, dtype=np.int64), (batch, 1))
+        got, feeds = _run(session, ids[:, start:end].numpy(), pos, feeds, layers)
+    state = new_state(model, batch)
+    with torch.no_grad():
+        expected = model(ids, t2r_state=state).logits[:, -1].numpy()
+    return got["logits"], feeds, expected, state
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from t2r_export.data.tokenizer import train_bpe_tokenizer

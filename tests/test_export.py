@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, prefill_in_pieces
 from t2r_export import contract
 from t2r_export.cli import app
 from t2r_export.export.bundle import export_bundle
@@ -136,9 +136,7 @@ def test_window_prefill_graph_continues_from_a_partly_filled_state(window, tmp_p
 def test_decayed_prefill_of_many_blocks_matches_torch_from_a_partly_filled_state(tmp_path):
     """Prompts of several 64-token blocks (the scan between blocks), in pieces that start mid-block,
     from the state the previous piece left: the logits and the state torch computes."""
-    from t2r_export.export.verify import _run, _state_feeds
     from t2r_export.export.window import DECAY_BLOCK
-    from t2r_export.models import new_state
 
     model = _swapped("llama", "hedgehog", 5, decay=True)
     with torch.no_grad():
@@ -150,16 +148,10 @@ def test_decayed_prefill_of_many_blocks_matches_torch_from_a_partly_filled_state
     onnx.save(build_graph(dec, contract.PREFILL), tmp_path / "prefill.onnx")
     session = ort_session(str(tmp_path / "prefill.onnx"))
     ids = torch.randint(0, 300, (2, 800), generator=torch.Generator().manual_seed(5))
-    feeds = _state_feeds(new_state(model, 2), len(dec.layers))
     cuts = (0, 3, 3 + DECAY_BLOCK, 3 + 3 * DECAY_BLOCK + 7, 800)
     assert 800 - cuts[-2] > 9 * DECAY_BLOCK
-    for start, end in zip(cuts, cuts[1:]):
-        pos = np.tile(np.arange(start, end, dtype=np.int64), (2, 1))
-        got, feeds = _run(session, ids[:, start:end].numpy(), pos, feeds, len(dec.layers))
-    state = new_state(model, 2)
-    with torch.no_grad():
-        expected = model(ids, t2r_state=state).logits[:, -1].numpy()
-    check_close("prefill in pieces: logits", got["logits"], expected, ("ort", "fp32"))
+    got, feeds, expected, state = prefill_in_pieces(session, model, ids, cuts, len(dec.layers))
+    check_close("prefill in pieces: logits", got, expected, ("ort", "fp32"))
     check_close("prefill in pieces: s", feeds["past_state.1.s"], state.s[1].numpy(), ("ort-state", "fp32"),
                 relative=True)
     check_close("prefill in pieces: z", feeds["past_state.1.z"], state.z[1].numpy(), ("ort-state", "fp32"),

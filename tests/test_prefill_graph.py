@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, prefill_in_pieces
 from t2r_export import contract
 from t2r_export.export.graph import DecoderEmitter, build_graph, rotate_half_blocks
 from t2r_export.export.prefill_graph import CHUNK
@@ -44,14 +44,8 @@ def test_prefill_in_pieces_matches_torch(arch, feature_map, tmp_path):
     cuts = (0, 5, 48, 127) if arch == "gpt2" else (0, 5, CHUNK + 11, 3 * CHUNK + 9)
     assert all(length % CHUNK for length in np.diff(cuts)) and cuts[-1] - cuts[-2] > CHUNK
     ids = torch.randint(0, 300, (2, cuts[-1]), generator=torch.Generator().manual_seed(3))
-    feeds = _state_feeds(new_state(model, 2), len(dec.layers))
-    for start, end in zip(cuts, cuts[1:]):
-        pos = np.tile(np.arange(start, end, dtype=np.int64), (2, 1))
-        got, feeds = _run(session, ids[:, start:end].numpy(), pos, feeds, len(dec.layers))
-    state = new_state(model, 2)
-    with torch.no_grad():
-        expected = model(ids, t2r_state=state).logits[:, -1].numpy()
-    check_close(f"{arch}/{feature_map} prefill in pieces: logits", got["logits"], expected, ("ort", "fp32"))
+    got, feeds, expected, state = prefill_in_pieces(session, model, ids, cuts, len(dec.layers))
+    check_close(f"{arch}/{feature_map} prefill in pieces: logits", got, expected, ("ort", "fp32"))
     for i in range(len(dec.layers)):
         for part, value in (("s", state.s[i]), ("z", state.z[i])):
             check_close(f"{arch}/{feature_map} prefill in pieces: {part}.{i}", feeds[contract.past_name(i, part)],
