@@ -61,6 +61,7 @@ def prefill_in_pieces(session, model, ids, cuts, layers: int):
         expected = model(ids, t2r_state=state).logits[:, -1].numpy()
     return got["logits"], feeds, expected, state
 
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from t2r_export.data.tokenizer import train_bpe_tokenizer
