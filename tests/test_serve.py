@@ -370,3 +370,42 @@ def test_a_round_is_prefilled_while_the_batch_is_full_and_joins_when_a_row_frees
     assert busy == [0, 1]
     for prompt, sink, tokens in zip(PROMPTS[:2], sinks, (40, 6)):
         assert "".join(e[1] for e in sink.events if e[0] == "text") == _alone(bundle_dir, prompt, tokens).text
+
+
+def test_events_leave_before_the_step_runs_and_finished_requests_leave_no_cycles(bundle_dir):
+    """Each step's tokens are handed to the event loop before the graph runs (the loop works while
+    the step holds no GIL), and a finished request is freed by reference counting: nothing of it
+    waits for the cycle collector, whose rare full passes would let served requests pile up."""
+    import gc
+
+    from t2r_export.serve.engine import Choice, Engine, Request
+
+    bundle = load_bundle(bundle_dir)
+    tokenizer = bundle.load_tokenizer()
+    engine = Engine(bundle, max_batch=2, threads=1, prefix_cache_bytes=0, prefill_batch=2)
+    waiting, step = [], engine.decoder.step_rows
+
+    def stepping(*args):
+        waiting.append(len(engine._outbox))
+        return step(*args)
+
+    engine.decoder.step_rows = stepping
+    sinks = [_Sink() for _ in PROMPTS[:3]]
+    gc.collect()
+    gc.disable()
+    try:
+        engine.start()
+        for prompt, sink in zip(PROMPTS[:3], sinks):
+            engine.submit(Request(tokenizer.encode(prompt).ids, 8, SamplingParams(temperature=0.7, seed=1), [],
+                                  sink, sink))
+        assert all(sink.done.wait(60) for sink in sinks)
+        engine.stop()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, (Request, Choice))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert waiting and max(waiting) == 0
+    assert left == []

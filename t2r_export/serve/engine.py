@@ -59,7 +59,6 @@ class Request:
     # the choices of one request share its prompt, queue and cancellation; choice i samples with seed + i
     n: int = 1
     cancelled: bool = False
-    choices: list = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -86,6 +85,12 @@ class Choice:
     position: int
     token: int = -1
     reason: str | None = None
+    # its logits' greedy pick and whether they are all finite, taken when the logits arrive
+    best: int = -1
+    finite: bool = True
+
+    def see(self, logits: np.ndarray, best: int, finite: bool) -> None:
+        self.logits, self.best, self.finite = logits, best, finite
 
     @property
     def done(self) -> bool:
@@ -137,8 +142,6 @@ class Engine:
         self.tokens_total = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._outbox: list[tuple[Request, tuple]] = []
-        # the last step's logits, [active rows, V], while no row has joined since
-        self._step_logits: np.ndarray | None = None
         self.started = time.time()
 
     def reserve(self) -> None:
@@ -290,7 +293,6 @@ class Engine:
                         choice.request.deliver(("error", 500, f"the decoder failed: {_first_line(err)}",
                                                 choice.index))
                 self._active = []
-                self._step_logits = None
 
     def _take(self, joining: list[tuple[Request, int, np.ndarray]]) -> int:
         """Prefilled requests join the batch in order, as far as its free rows go: their staging row
@@ -308,9 +310,8 @@ class Engine:
                 stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
                 choice = Choice(request, index, np.random.default_rng(seed), stream, logits[0],
                                 len(request.prompt_ids))
-                request.choices.append(choice)
+                choice.see(logits[0], int(logits[0].argmax()), bool(np.isfinite(logits[0]).all()))
                 self._active.append(choice)
-                self._step_logits = None
             taken += 1
         return taken
 
@@ -330,36 +331,36 @@ class Engine:
     def _iteration(self) -> None:
         if not self._active:
             return
-        # the checks and greedy picks of every row in two array calls, not two per row; the last
-        # step's logits are already that block unless rows joined since
-        block = self._step_logits
-        if block is None or len(block) != len(self._active):
-            block = np.stack([c.logits for c in self._active])
-        finite = np.isfinite(block).all(axis=1)
-        best = block.argmax(axis=1)
         produced = 0
-        for row, choice in enumerate(self._active):
+        for choice in self._active:
             if choice.request.cancelled:
                 continue
             produced += 1
-            self._advance(choice, bool(finite[row]), int(best[row]))
+            self._advance(choice)
         self._note(produced)
         self._compact()
+        # the event loop turns this step's tokens into responses while the graph runs (the step
+        # releases the GIL), not when the decode thread next needs the GIL for its own rows
+        self._flush()
         if not self._active:
             return
         ids = np.array([[c.token] for c in self._active], np.int64)
         positions = np.array([[c.position] for c in self._active], np.int64)
         logits = self.decoder.step_rows(len(self._active), ids, positions)
-        self._step_logits = logits
+        # the checks and greedy picks of every row in two array calls on the step's own logits block
+        # (two per row, or a stacked copy of the rows, cost the decode thread time and memory)
+        finite = (np.isfinite(logits.max(axis=1)) & np.isfinite(logits.min(axis=1))).tolist()
+        best = logits.argmax(axis=1).tolist()
         for row, choice in enumerate(self._active):
-            choice.logits = logits[row]
+            choice.see(logits[row], best[row], finite[row])
             choice.position += 1
 
-    def _advance(self, choice: Choice, finite: bool, best: int) -> None:
-        """Sample the choice's next token (``best``: its logits' argmax, the greedy pick), send its
-        text, decide whether it finished; ``finite``: no NaN or inf in its logits."""
+    def _advance(self, choice: Choice) -> None:
+        """Sample the choice's next token (greedy: its logits' argmax), send its text, decide
+        whether it finished; logits with NaN or inf end it with an error."""
         request = choice.request
-        if not finite:
+        best = choice.best
+        if not choice.finite:
             choice.reason = "error"
             self._outbox.append((request, ("error", 500, "the model produced NaN or inf logits", choice.index)))
             return
