@@ -102,6 +102,30 @@ def test_floor_graph_holds_only_the_dense_matmuls(arch):
     assert logits.shape == (1, 1, dec.vocab_size) and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_floors_prefill_form_runs_the_same_matmuls_over_a_prompt(arch):
+    """The prefill floor: each layer's matmuls over all T tokens, lm_head on the last only; the
+    floor graph is a chain of matmuls without attention, so its last token's logits equal the step
+    floor's on that token alone."""
+    import onnxruntime as ort
+
+    from t2r_export.bench.softmax_graph import FloorPrefill
+
+    dec = extract_softmax_decoder(make_tiny_model(arch))
+    graph = build_floor_graph(dec, "prefill")
+    onnx.checker.check_model(graph, full_check=True)
+    ops = [node.op_type for node in graph.graph.node]
+    assert set(ops) <= FLOOR_OPS and ops.count("MatMul") == 4 * len(dec.layers) + 1
+    ids = np.array([5, 9, 2, 7, 3], np.int64)
+    logits = FloorPrefill(dec, threads=1).run(ids)
+    assert logits.shape == (1, 1, dec.vocab_size)
+    step = ort.InferenceSession(build_floor_graph(dec).SerializeToString(), providers=["CPUExecutionProvider"])
+    (alone,) = step.run(None, {"input_ids": ids[-1:][None]})
+    np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown graph kind"):
+        build_floor_graph(dec, "decode")
+
+
 def test_the_floor_runs_its_matmuls_as_the_runtime_runs_a_bundles():
     from t2r_export.bench.softmax_graph import FloorRunner
 
@@ -195,6 +219,11 @@ def test_quick_bench_writes_every_row_and_the_plots(tiny_models, tmp_path, monke
     assert mem["rss"]["state_bytes"] == mem["rss"]["state_bytes_after"]
     assert set(data["prefill"]) == {"16", "48"}
     assert {"t2r-ort prefill graph", "t2r-ort step feeding", "prefill_graph/step_feeding"} <= set(data["prefill"]["16"])
+    # the floor's prefill form: the ceiling of the prefill over step feeding, and the graph's share of it
+    for row in data["prefill"].values():
+        assert row["prefill_floor/step_feeding"] == pytest.approx(row["floor"] / row["t2r-ort step feeding"])
+        assert row["prefill_graph/floor"] == pytest.approx(row["t2r-ort prefill graph"] / row["floor"])
+    assert "floor / step feeding (ceiling)" in (out / "summary.md").read_text()
     assert data["machine"]["threads"] == 1
     for png in PNGS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -22,6 +22,10 @@ QUANTIZED_PATHS = {"t2r-int4": "int4", "t2r-int8-wo": "int8-wo", "t2r-int4-qdq":
 INT4_SPEEDUP_GOAL = 2.0
 
 
+# the prefill table's rows, in order: T2R's two ways to take a prompt, the softmax peers, and the
+# floor's prefill form (the prompt's dense matmuls alone)
+PREFILL_NAMES = ("t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers", "floor")
+
 def summarize(result: dict) -> dict:
     """Per position: T2R speedup over each softmax path and the fastest one, latency vs the floor; goals."""
     paths = result["paths"]
@@ -56,6 +60,10 @@ def summarize(result: dict) -> dict:
         if "t2r-ort prefill graph" in row:
             graph = row["t2r-ort prefill graph"]
             row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]
+            if isinstance(row.get("floor"), float):
+                # the most any prefill of these weights could reach over step feeding on this machine
+                row["prefill_floor/step_feeding"] = row["floor"] / row["t2r-ort step feeding"]
+                row["prefill_graph/floor"] = graph / row["floor"]
             peers = {n: row[n] for n in SOFTMAX_PATHS if isinstance(row.get(n), float)}
             if peers:
                 fastest = max(peers, key=peers.get)
@@ -64,8 +72,12 @@ def summarize(result: dict) -> dict:
     prefill = result.get("prefill", {})
     if "1024" in prefill:
         row = prefill["1024"]
-        goals.append(_goal("prefill graph ≥ 10× step feeding at 1k tokens", row["prefill_graph/step_feeding"], 10,
-                           "×", higher=True))
+        entry = _goal("prefill graph ≥ 10× step feeding at 1k tokens", row["prefill_graph/step_feeding"], 10, "×",
+                      higher=True)
+        if row.get("prefill_floor/step_feeding"):
+            entry["value"] += (f" (ceiling: the floor's prefill is {row['prefill_floor/step_feeding']:.2f}×; the graph "
+                               f"runs at {row['prefill_graph/floor']:.2f} of the floor)")
+        goals.append(entry)
         if "prefill_graph/fastest_softmax" in row:
             goals.append(_goal("prefill ≥ the fastest softmax peer at 1k tokens",
                                row["prefill_graph/fastest_softmax"], 1.0, "×", higher=True))

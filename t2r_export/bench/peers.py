@@ -131,6 +131,27 @@ class T2ROrtPath:
         self.decoder.close()
 
 
+class FloorPrefillPath:
+    """The floor's prefill form, for the prefill table only: one run over the whole prompt."""
+
+    def __init__(self, dec, threads: int):
+        from .softmax_graph import FloorPrefill
+
+        self.runner = FloorPrefill(dec, threads)
+
+    def reset(self) -> None:
+        pass
+
+    def prefill(self, ids) -> None:
+        self.runner.run(ids)
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.runner = None
+
+
 class FloorPath:
     """The floor graph: it has no cache, so prefill/mark/rewind only move the position."""
 

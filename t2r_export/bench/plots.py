@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .goals import QUANTIZED_PATHS  # noqa: E402
+from .goals import PREFILL_NAMES, QUANTIZED_PATHS  # noqa: E402
 from .streams import gib  # noqa: E402
 
 STYLE = {
@@ -33,7 +33,7 @@ STYLE = {
     "t2r-int4-qdq": dict(color="maroon", marker="X", linestyle="-."),
 }
 PREFILL_COLORS = {"t2r-ort prefill graph": "tab:red", "t2r-ort step feeding": "salmon",
-                  "softmax-ort": "tab:blue", "genai": "tab:purple", "transformers": "tab:green"}
+                  "softmax-ort": "tab:blue", "genai": "tab:purple", "transformers": "tab:green", "floor": "black"}
 MIB = 2 ** 20
 
 
@@ -105,8 +105,7 @@ def plot_rss(result: dict, path: Path) -> None:
 
 def plot_prefill(result: dict, path: Path) -> None:
     rows = result.get("prefill", {})
-    names = ["t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers"]
-    names = [n for n in names if any(n in row for row in rows.values())]
+    names = [n for n in PREFILL_NAMES if any(n in row for row in rows.values())]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     width = 0.8 / max(1, len(names))
     lengths = list(rows)
@@ -184,13 +183,12 @@ def markdown_summary(result: dict) -> str:
                   f"after warm-up ({rss['growth_from_start_bytes'] / MIB:+.1f} MiB from the first sample); state "
                   f"{rss['state_bytes']:,} bytes before and {rss['state_bytes_after']:,} after.", "",
               "Prefill, prompt tokens/s:", "",
-              "| prompt | T2R prefill graph | T2R step feeding | softmax-ort | genai | transformers | "
-              "graph / step feeding | graph / fastest softmax |", "| ---: |" + " ---: |" * 7]
+              "| prompt | " + " | ".join(PREFILL_NAMES) + " | graph / step feeding | floor / step feeding (ceiling) | "
+              "graph / fastest softmax |", "| ---: |" + " ---: |" * (len(PREFILL_NAMES) + 3)]
     for t, row in result["prefill"].items():
-        cells = [f"{row[n]:,.0f}" if isinstance(row.get(n), float) else row.get(n, "—") for n in
-                 ("t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers")]
+        cells = [f"{row[n]:,.0f}" if isinstance(row.get(n), float) else row.get(n, "—") for n in PREFILL_NAMES]
         lines.append(f"| {int(t):,} | " + " | ".join(cells) + f" | {_x(row.get('prefill_graph/step_feeding'), 1)} | "
-                     f"{_x(row.get('prefill_graph/fastest_softmax'))} |")
+                     f"{_x(row.get('prefill_floor/step_feeding'), 1)} | {_x(row.get('prefill_graph/fastest_softmax'))} |")
     lines += ["", "| goal (T2R vs the fastest softmax peer) | measured | met |", "| --- | ---: | :---: |"]
     lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["summary"]["goals"]]
     return "\n".join(lines) + "\n"

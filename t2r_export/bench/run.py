@@ -208,7 +208,8 @@ def _time_prefill(path, prompt: np.ndarray) -> float:
 
 def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress) -> dict:
     """Prompt tokens/s (median of up to 3, paths taking turns): the T2R prefill graph, each softmax
-    peer's prefill, and T2R step feeding (one step per prompt token, timed once)."""
+    peer's prefill, the floor's prefill form (the prompt's dense matmuls alone, in one run: what no
+    prefill of these weights here can beat) and T2R step feeding (one step per prompt token, timed once)."""
     result = {}
     repeats = min(cfg.repeats, 3)
     for t in cfg.prefill_lengths:
@@ -451,7 +452,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
 
     from ..data.corpus import cache_dir_default
     from ..runtime import load_bundle
-    from .peers import FloorPath, GenaiPath, SoftmaxOrtPath, T2RTorchPath, TransformersPath, build_genai_model
+    from .peers import FloorPath, FloorPrefillPath, GenaiPath, SoftmaxOrtPath, T2RTorchPath, TransformersPath, build_genai_model
     from .softmax_graph import dense_weight_bytes, extract_softmax_decoder, kv_cache_nbytes
 
     progress = progress or (lambda message: logger.info(message))
@@ -541,6 +542,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         if name not in prefill_paths:
             path.close()
     gc.collect()
+    if "floor" in opened:
+        # the prefill's ceiling: the same dense matmuls over the whole prompt in one run
+        prefill_paths["floor"] = FloorPrefillPath(dec, cfg.threads)
 
     result["prefill"] = measure_prefill(prefill_paths, stream, cfg, progress)
     result["memory"] = {

@@ -9,7 +9,9 @@ matmul, RoPE, norms, MLP and lm_head), so the benchmark compares attention cores
   The query scale d**-0.5 is in the query columns of the fused q/k/v weight.
 - ``FloorEmitter``: one token through the model's own dense matmuls only (embedding gather,
   q|k|v, o, MLP in/out of every layer, lm_head; Slice where a width must be routed): a lower
-  bound on the latency of any decoder of this model with these weights on this machine.
+  bound on the latency of any decoder of this model with these weights on this machine. Its
+  prefill form takes T tokens through the same matmuls (lm_head on the last token only, as a
+  prefill graph returns the last logits): a lower bound on the time of any prefill of T tokens.
 
 ``KVCacheDecoder`` runs the softmax graphs in ONNX Runtime with IO binding: the present tensors
 ONNX Runtime allocates are bound as the next step's past, so no cache goes through numpy.
@@ -140,10 +142,14 @@ class SoftmaxKVEmitter(DecoderEmitter):
 
 
 class FloorEmitter(DecoderEmitter):
-    """One token through the dense matmuls only: the latency floor for these weights."""
+    """The dense matmuls only: the latency floor for these weights, of one token (``kind`` step)
+    or of a prompt of T tokens (``kind`` prefill: lm_head on the last one)."""
 
-    def __init__(self, dec: DecoderWeights):
+    def __init__(self, dec: DecoderWeights, kind: str = contract.STEP):
+        if kind not in contract.GRAPH_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
         super().__init__(dec, contract.STEP, "fp32")
+        self.floor_kind = kind
 
     def _matmul(self, x: str, w: np.ndarray, name: str) -> str:
         with self.g.scope(name):
@@ -162,10 +168,17 @@ class FloorEmitter(DecoderEmitter):
             attn = self._matmul(self._first(qkv, layer.o_weight.shape[0]), layer.o_weight, f"layers.{i}.attn.o")
             h = self._matmul(attn, layer.mlp_in, f"layers.{i}.mlp.in")
             x = self._matmul(self._first(h, layer.mlp_out.shape[0]), layer.mlp_out, f"layers.{i}.mlp.out")
+        length = 1
+        if self.floor_kind == contract.PREFILL:
+            length = contract.SEQUENCE
+            # the last token only, as a prefill graph's logits
+            x = g.op("Slice", x, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64),
+                     g.const([1], np.int64))
         with g.scope("lm_head"):
             g.op("MatMul", x, g.weight("lm_head.weight", dec.lm_head), outputs=["logits"])
         graph = helper.make_graph(g.nodes, "dense_floor",
-                                  [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [contract.BATCH, 1])],
+                                  [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                 [contract.BATCH, length])],
                                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                                  [contract.BATCH, 1, dec.vocab_size])],
                                   initializer=g.initializers)
@@ -182,8 +195,8 @@ def build_softmax_graph(dec: DecoderWeights, kind: str) -> onnx.ModelProto:
     return SoftmaxKVEmitter(dec, kind).build()
 
 
-def build_floor_graph(dec: DecoderWeights) -> onnx.ModelProto:
-    return FloorEmitter(dec).build()
+def build_floor_graph(dec: DecoderWeights, kind: str = contract.STEP) -> onnx.ModelProto:
+    return FloorEmitter(dec, kind).build()
 
 
 def open_session(model: onnx.ModelProto, options):
@@ -316,3 +329,17 @@ class FloorRunner:
         self._ids[0, 0] = token
         self.session.run_with_iobinding(self.binding)
         return self._logits
+
+
+class FloorPrefill:
+    """The prefill form of the floor graph: a prompt's dense matmuls in one run, with ONNX Runtime's
+    weight prepacking (its fastest matrix-matrix kernels), so no prefill of these weights on this
+    machine can be faster than this run."""
+
+    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
+        from ..runtime.ort_backend import session_options
+
+        self.session = open_session(build_floor_graph(dec, contract.PREFILL), session_options(threads, optimization))
+
+    def run(self, ids: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input_ids": np.asarray(ids, np.int64).reshape(1, -1)})[0]

@@ -160,7 +160,7 @@ def _fmt(value, digits: int = 1) -> str:
 def print_result(result: dict) -> None:
     from rich.table import Table
 
-    from ..bench.goals import QUANTIZED_PATHS
+    from ..bench.goals import PREFILL_NAMES, QUANTIZED_PATHS
 
     m = result["machine"]
     shape = result["config"].get("shape")
@@ -218,13 +218,14 @@ def print_result(result: dict) -> None:
                   f"({rss['growth_from_start_bytes'] / 2**20:+.1f} MiB from the first sample)", highlight=False)
 
     prefill = Table(title="prefill: prompt tokens/s")
-    names = ["t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers"]
+    names = list(PREFILL_NAMES)
     prefill.add_column("prompt", justify="right")
-    for name in names + ["graph/step", "graph/fastest softmax"]:
+    for name in names + ["graph/step", "floor/step (ceiling)", "graph/fastest softmax"]:
         prefill.add_column(name, justify="right")
     for t, row in result["prefill"].items():
         prefill.add_row(f"{int(t):,}", *[_fmt(row.get(n), 0) for n in names],
                         _fmt(row.get("prefill_graph/step_feeding"), 1) + "×",
+                        _fmt(row.get("prefill_floor/step_feeding"), 1) + "×",
                         _fmt(row.get("prefill_graph/fastest_softmax"), 2) + "×")
     console.print(prefill)
 
