@@ -249,6 +249,9 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
     assert_one_line_failure(invoke(["serve", bundle_dir, "--stream-interval-ms", "-1"]), 2, "--stream-interval-ms")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-arena", "big"]), 2, "--prefill-arena")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--pin-decode"]), 2, "--pin-decode needs --threads 1")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--pin-decode", "--threads", "2"]), 2,
+                            "--pin-decode needs --threads 1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -256,16 +259,17 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
         assert_one_line_failure(invoke(["serve", bundle_dir, "--port", port]), 2, f"cannot listen on 127.0.0.1:{port}")
 
 
-@pytest.mark.parametrize("client, stream", [("openai", "--stream"), ("aiohttp", "--stream"),
-                                            ("aiohttp", "--no-stream")])
-def test_bounded_load_test(bundle_dir, tmp_path, client, stream):
+@pytest.mark.parametrize("client, stream, pin", [("openai", "--stream", ()), ("aiohttp", "--stream", ("--pin-decode",)),
+                                                 ("aiohttp", "--no-stream", ())])
+def test_bounded_load_test(bundle_dir, tmp_path, client, stream, pin):
     out = tmp_path / "load.json"
     result = invoke(["serve-load", bundle_dir, "--streams", "4", "--requests", "12", "--max-tokens", "8",
-                     "--threads", "1", "--json", out, "--client", client, stream])
+                     "--threads", "1", "--json", out, "--client", client, stream, *pin])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     # every answer was read whole and equals its prompt decoded alone
     assert report["client"] == client and report["stream"] == (stream == "--stream")
+    assert report["pin_decode"] == bool(pin)
     assert report["lost"] == 0 and report["mixed"] == 0
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
@@ -409,3 +413,33 @@ def test_events_leave_before_the_step_runs_and_finished_requests_leave_no_cycles
         gc.enable()
     assert waiting and max(waiting) == 0
     assert left == []
+
+
+def test_a_pinned_decode_thread_keeps_a_core_to_itself(bundle_dir, monkeypatch):
+    """--pin-decode: the decode thread runs on the last allowed core alone and answers as unpinned;
+    the plan refuses what it cannot do in one line."""
+    import os
+
+    from t2r_export.serve.engine import Engine, Request, decode_core_plan
+
+    cpus = sorted(os.sched_getaffinity(0))
+    core, others = decode_core_plan(1)
+    assert core == cpus[-1] and others == set(cpus[:-1]) and core not in others
+    bundle = load_bundle(bundle_dir)
+    engine = Engine(bundle, max_batch=2, threads=1, prefix_cache_bytes=0, decode_cpu=core)
+    sink = _Sink()
+    try:
+        engine.start()
+        engine.submit(Request(bundle.load_tokenizer().encode(PROMPTS[0]).ids, 8, SamplingParams(temperature=0.0),
+                              [], sink, sink))
+        assert sink.done.wait(60)
+        decode = next(t for t in engine._threads if t.name == "t2r-decode")
+        assert os.sched_getaffinity(decode.native_id) == {core}
+    finally:
+        engine.stop()
+    assert "".join(e[1] for e in sink.events if e[0] == "text") == _alone(bundle_dir, PROMPTS[0], 8).text
+    with pytest.raises(ValueError, match="--pin-decode needs --threads 1"):
+        decode_core_plan(0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(ValueError, match="needs at least 2 cores"):
+        decode_core_plan(1)

@@ -3,6 +3,7 @@ and `t2r-export serve-load BUNDLE`: its load test. Torch-free; needs the `serve`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def serve(
                                                        "tokens in between in one chunk (0 = every step)."),
     prefill_tokens: int = typer.Option(512, help="Tokens one prefill graph call takes at most (longer prompts go "
                                                  "on in pieces); its working memory is taken at start-up."),
+    pin_decode: bool = typer.Option(False, "--pin-decode", help="With --threads 1: the decode thread gets the "
+                                    "last allowed core to itself, the server's other threads the rest."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
                              max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),
@@ -59,15 +62,24 @@ def serve(
         import uvicorn
 
         from ..serve.app import create_app
-        from ..serve.engine import GIL_SWITCH_S, Engine
+        from ..serve.engine import GIL_SWITCH_S, Engine, decode_core_plan
     except ImportError as err:
         fail(f"`serve` needs {err.name}: {SERVE_EXTRA}")
+    decode_cpu = None
+    if pin_decode:
+        try:
+            decode_cpu, others = decode_core_plan(threads)
+        except ValueError as err:
+            fail(str(err))
     loaded, name = _bundle_and_name(bundle, model_name)
     _check_listen(host, port)
+    if decode_cpu is not None:
+        # every thread started from here on (the engine's, the event loop's helpers) keeps off the decode core
+        os.sched_setaffinity(0, others)
     try:
         engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
                         prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)), prefill_batch=prefill_batch,
-                        prefill_arena=prefill_arena, prefill_tokens=prefill_tokens)
+                        prefill_arena=prefill_arena, prefill_tokens=prefill_tokens, decode_cpu=decode_cpu)
     except ValueError as err:
         fail(str(err))
     sys.setswitchinterval(GIL_SWITCH_S)
@@ -114,6 +126,8 @@ def serve_load(
                                               "the events itself, a lighter client on a machine it shares)."),
     engine_only: bool = typer.Option(False, "--engine-only", help="Run the serve engine alone in this process (no "
                                      "HTTP, no baseline) and print its RSS stage by stage."),
+    pin_decode: bool = typer.Option(False, "--pin-decode", help="The server's --pin-decode (needs --threads 1); "
+                                    "the client then keeps off the decode core too."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
     for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
@@ -134,6 +148,13 @@ def serve_load(
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     if client not in ("openai", "aiohttp"):
         fail(f"--client must be openai or aiohttp, got {client!r}")
+    if pin_decode and not engine_only:
+        from ..serve.engine import decode_core_plan
+
+        try:
+            decode_core_plan(threads)
+        except ValueError as err:
+            fail(str(err))
     if engine_only:
         for line in engine_report(bundle, streams, max_tokens, prefill_batch, prefill_arena, prefill_tokens):
             err_console.print(line, highlight=False, soft_wrap=True)
@@ -142,7 +163,7 @@ def serve_load(
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
                                threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
                                stream_interval_ms=stream_interval_ms, prefill_tokens=prefill_tokens,
-                               client=client)
+                               client=client, pin_decode=pin_decode)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

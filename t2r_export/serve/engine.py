@@ -44,6 +44,22 @@ from ..runtime.state import bundle_identity
 GIL_SWITCH_S = 0.0005
 
 
+def decode_core_plan(threads: int) -> tuple[int, set[int]]:
+    """(the core the decode thread keeps to itself, the cores left to the server's other threads):
+    the last core this process may run on, and the rest. With one ONNX Runtime thread the step runs
+    on the decode thread alone, so on that core nothing else (the event loop, the prefill thread, a
+    client on the same machine) takes turns with it. ValueError (one line) where that cannot be done."""
+    if threads != 1:
+        raise ValueError(f"--pin-decode needs --threads 1 (the step then runs on the decode thread alone), got "
+                         f"--threads {threads}")
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--pin-decode needs per-thread CPU affinity (Linux), which this platform does not have")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"--pin-decode needs at least 2 cores to split; this process may run on {len(cpus)}")
+    return cpus[-1], set(cpus[:-1])
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -106,7 +122,7 @@ class Engine:
 
     def __init__(self, bundle, max_batch: int = 64, threads: int = 0, provider: str = "cpu",
                  prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 8,
-                 prefill_arena: str = "keep", prefill_tokens: int = 512):
+                 prefill_arena: str = "keep", prefill_tokens: int = 512, decode_cpu: int | None = None):
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_batch < 1:
@@ -115,6 +131,8 @@ class Engine:
             raise ValueError(f"--prefill-tokens must be >= 1, got {prefill_tokens}")
         self.bundle = bundle
         self.config = bundle.config
+        # the core the decode thread pins itself to (decode_core_plan), or None: wherever the OS puts it
+        self.decode_cpu = decode_cpu
         self.tokenizer = bundle.load_tokenizer()
         self.identity = bundle_identity(bundle)
         self.max_batch = max_batch
@@ -264,6 +282,8 @@ class Engine:
     # ---- the decode thread ------------------------------------------------------------------------
 
     def _decode_loop(self) -> None:
+        if self.decode_cpu is not None:
+            os.sched_setaffinity(0, {self.decode_cpu})
         while True:
             with self._wake:
                 while not self._stop and not self._ready and not self._active:

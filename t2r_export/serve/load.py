@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -69,6 +70,7 @@ class LoadReport:
     prefill_batch: int = 8
     stream_interval_ms: float = 0.0
     client: str = "openai"
+    pin_decode: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -77,7 +79,7 @@ class LoadReport:
         rows = [
             ("requests", f"{self.requests} at {self.streams} concurrent ({'streamed' if self.stream else 'whole'}), "
                          f"max_tokens {self.max_tokens}, --prefill-batch {self.prefill_batch}, "
-                         f"{self.client} client"
+                         f"{self.client} client" + (", --pin-decode" if self.pin_decode else "")
                          + (f", --stream-interval-ms {self.stream_interval_ms:g}" if self.stream else "")),
             ("wall time", f"{self.wall_s:.2f} s"),
             ("requests/s", f"{self.requests_per_s:.2f}"),
@@ -107,8 +109,6 @@ class LoadReport:
 
 
 def psutil_cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -121,13 +121,16 @@ def load_prompts(count: int) -> list[str]:
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
                   stream: bool = True, threads: int = 0, prefill_batch: int = 8,
                   prefill_arena: str = "keep", stream_interval_ms: float = 0.0,
-                  prefill_tokens: int = 512, client: str = "openai") -> LoadReport:
+                  prefill_tokens: int = 512, client: str = "openai", pin_decode: bool = False) -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
+    from .engine import decode_core_plan
 
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; expected one of {', '.join(CLIENTS)}")
+    # the client stands in for remote callers: with --pin-decode it keeps off the server's decode core
+    client_cpus = decode_core_plan(threads)[1] if pin_decode else None
 
     loaded = load_bundle(bundle)
     tokenizer = loaded.load_tokenizer()
@@ -147,7 +150,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
                "--port", str(port), "--max-batch", str(streams), "--prefix-cache-mb", "0",
                "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens),
                "--prefill-batch", str(prefill_batch), "--prefill-arena", prefill_arena,
-               "--stream-interval-ms", str(stream_interval_ms), "--prefill-tokens", str(prefill_tokens)]
+               "--stream-interval-ms", str(stream_interval_ms), "--prefill-tokens", str(prefill_tokens),
+               *(["--pin-decode"] if pin_decode else [])]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -156,7 +160,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_idle = proc.memory_info().rss
         # the client runs in a process of its own (its CPU time is its own, it shares no GIL with the
         # RSS sampler); the one-request run also warms its imports
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_keep_to,
+                                 initargs=(client_cpus,)) as pool:
             one, _, _ = pool.submit(_client, client, base, prompts[:1], 1, max_tokens, stream).result()
             rss_one = proc.memory_info().rss
             peak = _PeakRss(proc)
@@ -195,7 +200,14 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
         baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
-        mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client)
+        mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client,
+        pin_decode=pin_decode)
+
+
+def _keep_to(cpus) -> None:
+    """In the client process: run on ``cpus`` only (None: anywhere)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _step_costs(decoder, capacity: int, active: int, repeats: int = 20) -> tuple[float, float]:
