@@ -270,6 +270,7 @@ def test_bounded_load_test(bundle_dir, tmp_path, client, stream, pin):
     # every answer was read whole and equals its prompt decoded alone
     assert report["client"] == client and report["stream"] == (stream == "--stream")
     assert report["pin_decode"] == bool(pin)
+    assert report["full_concurrency_tokens_per_s"] > 0 and report["full_concurrency_ratio"] > 0
     assert report["lost"] == 0 and report["mixed"] == 0
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
@@ -443,3 +444,16 @@ def test_a_pinned_decode_thread_keeps_a_core_to_itself(bundle_dir, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     with pytest.raises(ValueError, match="needs at least 2 cores"):
         decode_core_plan(1)
+
+
+def test_the_full_concurrency_rate_counts_the_answers_until_the_last_request_went_out():
+    from t2r_export.serve.load import _full_concurrency_rate
+
+    # 6 requests at 2 concurrent: the last goes out when the 4th answer ends (t = 4 s); answers of
+    # 10, 20, 30, 40 tokens end by then, the drain's two (t = 9, 10 s) do not count
+    done = [("a", 1.0, 10, 1.0), ("b", 2.0, 40, 4.0), ("c", 1.0, 20, 2.0), ("d", 1.0, 30, 3.0),
+            ("e", 5.0, 50, 9.0), ("f", 6.0, 60, 10.0)]
+    assert _full_concurrency_rate(done, requests=6, streams=2) == pytest.approx(100 / 4.0)
+    assert _full_concurrency_rate(done, requests=2, streams=2) is None
+    # a lost answer before that point leaves too few to say
+    assert _full_concurrency_rate(done[:3], requests=6, streams=2) is None

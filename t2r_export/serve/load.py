@@ -50,6 +50,9 @@ class LoadReport:
     tokens_per_s: float
     baseline_tokens_per_s: float
     ratio: float
+    # the same while all ``streams`` requests were outstanding (until the last one went out; None: no such stretch)
+    full_concurrency_tokens_per_s: float | None
+    full_concurrency_ratio: float | None
     baseline_with_prefill_tokens_per_s: float
     ratio_with_prefill: float
     packed_step_ms: float
@@ -87,6 +90,10 @@ class LoadReport:
             (f"runtime batched decode, batch {self.streams}", f"{self.baseline_tokens_per_s:.1f} tokens/s (decode "
                                                               "only)"),
             ("ratio", f"{self.ratio:.2f} (goal >= 0.80)"),
+            (f"while all {self.streams} were in flight",
+             "— (every request went out at once)" if self.full_concurrency_ratio is None else
+             f"{self.full_concurrency_tokens_per_s:.1f} tokens/s, ratio {self.full_concurrency_ratio:.2f} (the answers "
+             f"until the last request went out; the whole run also drains with fewer)"),
             ("the same with its prompts' prefill", f"{self.baseline_with_prefill_tokens_per_s:.1f} tokens/s, ratio "
                                                    f"{self.ratio_with_prefill:.2f}"),
             (f"step of {max(1, self.streams // 8)} active rows of {self.streams}",
@@ -186,12 +193,15 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     tokens = sum(r[2] for r in done)
     mixed = sum(1 for r, want in zip(results, solo) if r is not None and r[0] != want)
     rate = tokens / wall if wall > 0 else 0.0
+    full_rate = _full_concurrency_rate(done, requests, streams)
     with_prefill = baseline.decode_tokens / (baseline.prefill_s + baseline.decode_s)
     mb = 1 << 20
     return LoadReport(
         streams=streams, requests=requests, max_tokens=max_tokens, stream=stream, wall_s=wall,
         completion_tokens=tokens, requests_per_s=len(done) / wall, tokens_per_s=rate,
         baseline_tokens_per_s=baseline.tokens_per_s, ratio=rate / baseline.tokens_per_s,
+        full_concurrency_tokens_per_s=full_rate,
+        full_concurrency_ratio=None if full_rate is None else full_rate / baseline.tokens_per_s,
         baseline_with_prefill_tokens_per_s=with_prefill, ratio_with_prefill=rate / with_prefill,
         packed_step_ms=packed_ms, full_step_ms=full_ms,
         p50_latency_s=_quantile(latencies, 0.50), p99_latency_s=_quantile(latencies, 0.99),
@@ -202,6 +212,18 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
         mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client,
         pin_decode=pin_decode)
+
+
+def _full_concurrency_rate(done: list, requests: int, streams: int) -> float | None:
+    """Completion tokens per second from the start until the last request went out, the stretch in
+    which ``streams`` requests were outstanding (the client sends the next request as one ends, so the
+    last goes out at the ``requests - streams``-th answer); after it the run drains with fewer. Each
+    answer's tokens count at its end. None where every request went out at once."""
+    ends = sorted((r[3], r[2]) for r in done)
+    last_sent = requests - streams
+    if last_sent < 1 or len(ends) < last_sent or ends[last_sent - 1][0] <= 0:
+        return None
+    return sum(tokens for _, tokens in ends[:last_sent]) / ends[last_sent - 1][0]
 
 
 def _keep_to(cpus) -> None:
@@ -252,7 +274,10 @@ def _client(kind: str, base: str, prompts: list[str], concurrency: int, max_toke
     fire = _fire if kind == "openai" else _fire_aiohttp
     cpu, start = time.process_time(), time.perf_counter()
     results = asyncio.run(fire(base, prompts, concurrency, max_tokens, stream))
-    return results, time.perf_counter() - start, time.process_time() - cpu
+    wall = time.perf_counter() - start
+    # each answer's end, from the start of the run (the fire functions note perf_counter at the end)
+    results = [None if r is None else (*r[:3], r[3] - start) for r in results]
+    return results, wall, time.process_time() - cpu
 
 
 async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
@@ -270,8 +295,8 @@ async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tok
                     response.raise_for_status()
                     if not stream:
                         answer = await response.json()
-                        return answer["choices"][0]["text"], time.perf_counter() - start, \
-                            answer["usage"]["completion_tokens"]
+                        end = time.perf_counter()
+                        return answer["choices"][0]["text"], end - start, answer["usage"]["completion_tokens"], end
                     parts, tokens = [], 0
                     async for line in response.content:
                         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -281,7 +306,8 @@ async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tok
                             parts.append(chunk["choices"][0]["text"])
                         if chunk.get("usage"):
                             tokens = chunk["usage"]["completion_tokens"]
-                    return "".join(parts), time.perf_counter() - start, tokens
+                    end = time.perf_counter()
+                    return "".join(parts), end - start, tokens, end
             except (aiohttp.ClientError, KeyError, ValueError):
                 return None
 
@@ -291,7 +317,7 @@ async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tok
 
 
 async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
-    """(text, latency s, completion tokens) per prompt, or None where the request failed."""
+    """(text, latency s, completion tokens, perf_counter at its end) per prompt, or None where it failed."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -310,10 +336,12 @@ async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int
                             parts.append(chunk.choices[0].text)
                         if chunk.usage is not None:
                             tokens = chunk.usage.completion_tokens
-                    return "".join(parts), time.perf_counter() - start, tokens
+                    end = time.perf_counter()
+                    return "".join(parts), end - start, tokens, end
                 answer = await client.completions.create(model="t2r", prompt=prompt, max_tokens=max_tokens,
                                                          temperature=0)
-                return answer.choices[0].text, time.perf_counter() - start, answer.usage.completion_tokens
+                end = time.perf_counter()
+                return answer.choices[0].text, end - start, answer.usage.completion_tokens, end
             except openai.OpenAIError:
                 return None
 
