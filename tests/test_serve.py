@@ -457,3 +457,30 @@ def test_the_full_concurrency_rate_counts_the_answers_until_the_last_request_wen
     assert _full_concurrency_rate(done, requests=2, streams=2) is None
     # a lost answer before that point leaves too few to say
     assert _full_concurrency_rate(done[:3], requests=6, streams=2) is None
+
+
+def test_greedy_rows_hold_no_generator(bundle_dir):
+    """A choice's generator (about 2 KB) is made at its first sampled token: greedy rows never hold one."""
+    from t2r_export.serve.engine import Engine, Request
+
+    bundle = load_bundle(bundle_dir)
+    tokenizer = bundle.load_tokenizer()
+    engine = Engine(bundle, max_batch=2, threads=1, prefix_cache_bytes=0)
+    seen, step = {}, engine.decoder.step_rows
+
+    def stepping(*args):
+        for choice in engine._active:
+            seen.setdefault(choice.request.sampling.greedy, set()).add(choice._rng is None)
+        return step(*args)
+
+    engine.decoder.step_rows = stepping
+    sinks = [_Sink(), _Sink()]
+    try:
+        engine.start()
+        for sink, temperature in zip(sinks, (0.0, 0.9)):
+            engine.submit(Request(tokenizer.encode(PROMPTS[0]).ids, 6, SamplingParams(temperature=temperature, seed=2),
+                                  [], sink, sink))
+        assert all(sink.done.wait(60) for sink in sinks)
+    finally:
+        engine.stop()
+    assert seen == {True: {True}, False: {False}}

@@ -95,7 +95,9 @@ class Choice:
 
     request: Request
     index: int
-    rng: np.random.Generator
+    # its generator's seed; the generator itself (about 2 KB) is made at the first sampled token,
+    # so greedy rows never hold one
+    seed: int
     stream: RowStream
     logits: np.ndarray
     position: int
@@ -104,6 +106,13 @@ class Choice:
     # its logits' greedy pick and whether they are all finite, taken when the logits arrive
     best: int = -1
     finite: bool = True
+    _rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def see(self, logits: np.ndarray, best: int, finite: bool) -> None:
         self.logits, self.best, self.finite = logits, best, finite
@@ -328,7 +337,7 @@ class Engine:
                 self.decoder.take_row(self.staging, row, len(self._active))
                 seed = (request.sampling.seed + index) % (1 << 63)
                 stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
-                choice = Choice(request, index, np.random.default_rng(seed), stream, logits[0],
+                choice = Choice(request, index, seed, stream, logits[0],
                                 len(request.prompt_ids))
                 choice.see(logits[0], int(logits[0].argmax()), bool(np.isfinite(logits[0]).all()))
                 self._active.append(choice)
