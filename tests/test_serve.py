@@ -446,17 +446,18 @@ def test_a_pinned_decode_thread_keeps_a_core_to_itself(bundle_dir, monkeypatch):
         decode_core_plan(1)
 
 
-def test_the_full_concurrency_rate_counts_the_answers_until_the_last_request_went_out():
+def test_the_full_concurrency_rate_counts_the_answers_between_the_first_wave_and_the_drain():
     from t2r_export.serve.load import _full_concurrency_rate
 
-    # 6 requests at 2 concurrent: the last goes out when the 4th answer ends (t = 4 s); answers of
-    # 10, 20, 30, 40 tokens end by then, the drain's two (t = 9, 10 s) do not count
-    done = [("a", 1.0, 10, 1.0), ("b", 2.0, 40, 4.0), ("c", 1.0, 20, 2.0), ("d", 1.0, 30, 3.0),
-            ("e", 5.0, 50, 9.0), ("f", 6.0, 60, 10.0)]
-    assert _full_concurrency_rate(done, requests=6, streams=2) == pytest.approx(100 / 4.0)
-    assert _full_concurrency_rate(done, requests=2, streams=2) is None
-    # a lost answer before that point leaves too few to say
-    assert _full_concurrency_rate(done[:3], requests=6, streams=2) is None
+    # 7 requests at 2 concurrent: the first wave ends with the 2nd answer (t = 2 s), the last request
+    # goes out at the 5th (t = 6 s); the 3rd to 5th answers (30 + 40 + 50 tokens) end in between
+    done = [("a", 1.0, 10, 1.0), ("b", 2.0, 40, 5.0), ("c", 1.0, 20, 2.0), ("d", 1.0, 30, 3.0),
+            ("e", 5.0, 50, 6.0), ("f", 6.0, 60, 10.0), ("g", 6.0, 70, 11.0)]
+    assert _full_concurrency_rate(done, requests=7, streams=2) == pytest.approx((30 + 40 + 50) / (6.0 - 2.0))
+    # no stretch between the first wave and the drain
+    assert _full_concurrency_rate(done[:4], requests=4, streams=2) is None
+    # lost answers leave too few to say
+    assert _full_concurrency_rate(done[:3], requests=7, streams=2) is None
 
 
 def test_greedy_rows_hold_no_generator(bundle_dir):

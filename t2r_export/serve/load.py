@@ -50,7 +50,8 @@ class LoadReport:
     tokens_per_s: float
     baseline_tokens_per_s: float
     ratio: float
-    # the same while all ``streams`` requests were outstanding (until the last one went out; None: no such stretch)
+    # the same while ``streams`` requests stayed outstanding (after the first wave, before the drain; None: no
+    # such stretch)
     full_concurrency_tokens_per_s: float | None
     full_concurrency_ratio: float | None
     baseline_with_prefill_tokens_per_s: float
@@ -91,9 +92,10 @@ class LoadReport:
                                                               "only)"),
             ("ratio", f"{self.ratio:.2f} (goal >= 0.80)"),
             (f"while all {self.streams} were in flight",
-             "— (every request went out at once)" if self.full_concurrency_ratio is None else
+             "— (too few requests for a stretch between the first wave and the drain)"
+             if self.full_concurrency_ratio is None else
              f"{self.full_concurrency_tokens_per_s:.1f} tokens/s, ratio {self.full_concurrency_ratio:.2f} (the answers "
-             f"until the last request went out; the whole run also drains with fewer)"),
+             f"after the first wave's and until the last request went out)"),
             ("the same with its prompts' prefill", f"{self.baseline_with_prefill_tokens_per_s:.1f} tokens/s, ratio "
                                                    f"{self.ratio_with_prefill:.2f}"),
             (f"step of {max(1, self.streams // 8)} active rows of {self.streams}",
@@ -215,15 +217,19 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
 
 
 def _full_concurrency_rate(done: list, requests: int, streams: int) -> float | None:
-    """Completion tokens per second from the start until the last request went out, the stretch in
-    which ``streams`` requests were outstanding (the client sends the next request as one ends, so the
-    last goes out at the ``requests - streams``-th answer); after it the run drains with fewer. Each
-    answer's tokens count at its end. None where every request went out at once."""
+    """Completion tokens per second in the stretch where ``streams`` requests stay outstanding:
+    from the end of the first wave (the ``streams``-th answer; before it the server was taking in
+    its first burst of prompts) to the last request going out (the ``requests - streams``-th
+    answer; the client sends the next request as one ends, and after the last the run drains with
+    fewer). The answers that end inside the stretch count, each with its tokens: the requests in
+    flight at its two ends, ``streams`` each time, stand for each other. None where the run has no
+    such stretch (fewer than ``2 * streams + 1`` requests)."""
     ends = sorted((r[3], r[2]) for r in done)
-    last_sent = requests - streams
-    if last_sent < 1 or len(ends) < last_sent or ends[last_sent - 1][0] <= 0:
+    first, last = streams, requests - streams
+    if last <= first or len(ends) < last:
         return None
-    return sum(tokens for _, tokens in ends[:last_sent]) / ends[last_sent - 1][0]
+    span = ends[last - 1][0] - ends[first - 1][0]
+    return sum(tokens for _, tokens in ends[first:last]) / span if span > 0 else None
 
 
 def _keep_to(cpus) -> None:
