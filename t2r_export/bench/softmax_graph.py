@@ -51,17 +51,20 @@ def kv_cache_nbytes(dec: DecoderWeights, positions: int, batch: int = 1) -> int:
 
 # -- weights -------------------------------------------------------------------------------------
 
-def extract_softmax_decoder(model) -> DecoderWeights:
+def extract_softmax_decoder(model, in_place: bool = False) -> DecoderWeights:
     """``DecoderWeights`` of a softmax causal LM, through the T2R extractors.
 
     The extractors read feature maps, which a softmax model lacks, so a copy is swapped with the
     parameter-free "elu" map first: the swap keeps every weight bit-identical. The extractor folds
     the query scale into the q columns of the fused q/k/v weight, as softmax attention needs.
+    ``in_place``: swap ``model`` itself instead of a copy (one copy of the weights fewer; the
+    caller gives the model up, its attention is T2R afterwards).
     """
     from ..models import T2RConfig, swap_attention
     from ..export.weights import extract_decoder
 
-    dec = extract_decoder(swap_attention(copy.deepcopy(model).eval(), T2RConfig(feature_map="elu")))
+    source = model if in_place else copy.deepcopy(model)
+    dec = extract_decoder(swap_attention(source.eval(), T2RConfig(feature_map="elu")))
     for layer in dec.layers:
         layer.feature_map = FeatureMapWeights("softmax")
     dec.feature_dim = dec.head_dim
