@@ -46,7 +46,8 @@ def release_memory() -> None:
 
 def peak_rss() -> dict:
     """Peak resident set size of this process and of its largest waited-for child (the exporters),
-    in bytes: ``getrusage``'s ru_maxrss (KiB on Linux, bytes on macOS)."""
+    in bytes: ``getrusage``'s ru_maxrss (KiB on Linux, bytes on macOS). Linux carries a process's
+    peak across exec, so a child's figure is at least this process's RSS when it was started."""
     unit = 1 if sys.platform == "darwin" else 1024
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
             "children_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}

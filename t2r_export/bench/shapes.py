@@ -51,13 +51,13 @@ def prepare_config(name: str, cache_root: Path, seed: int = 0, progress=lambda m
     if not (root / "t2r" / "config.json").is_file():
         progress(f"{name}: building the random-init checkpoint and its T2R swap in a child process")
         # a child's peak: the random model and its swap are not held by the bench that follows
-        run_in_child(_build, name, root, seed, what=f"{name} checkpoint build")
+        run_in_child(_build, name, CONFIGS[name], root, seed, what=f"{name} checkpoint build")
     progress(f"{name}: exporting the T2R bundle in a child process (cached after the first run)")
     bundle = default_bundle(root / "t2r", cache_root)
     return {"softmax": root / "softmax", "t2r": root / "t2r", "bundle": bundle}
 
 
-def _build(name: str, root: Path, seed: int) -> None:
+def _build(name: str, spec: tuple, root: Path, seed: int) -> None:
     """Checkpoint and swap into a temporary sibling, renamed into place when both are written (run in
     a child process: module level, no callbacks)."""
     import os
@@ -70,7 +70,7 @@ def _build(name: str, root: Path, seed: int) -> None:
     work = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        build_checkpoint(name, work / "softmax", seed)
+        build_checkpoint(name, work / "softmax", seed, spec=spec)
         # the feature maps' random init is seeded too: one name and seed, one model
         torch.manual_seed(seed + 1)
         model = swap_attention(load_causal_lm(work / "softmax").eval(),
