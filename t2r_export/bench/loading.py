@@ -15,7 +15,6 @@ At 0.5-1B parameters every copy of the weights is 2-5 GB, so the run holds as fe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import resource
@@ -35,13 +34,15 @@ WEIGHT_PATHS = ("floor", "softmax-ort")
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            # not glibc (musl has no malloc_trim): freed pages stay with the allocator
-            pass
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        # the symbols already loaded, libc's among them: ctypes.util.find_library would start a
+        # subprocess, and a child started now would inherit this process's peak RSS as its own
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        # not glibc (musl has no malloc_trim): freed pages stay with the allocator
+        pass
 
 
 def peak_rss() -> dict:
