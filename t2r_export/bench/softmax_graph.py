@@ -32,6 +32,8 @@ from ..export.weights import DecoderWeights, FeatureMapWeights
 PAST_AXIS = "past_sequence"
 TOTAL_AXIS = "total_sequence"
 FLOOR_OPS = frozenset({"Gather", "MatMul", "Slice"})
+# ONNX Runtime's weight prepacking for the softmax KV graphs (a packed copy of every matmul weight per session)
+PREPACK_KV = True
 
 
 def kv_name(direction: str, layer: int, part: str) -> str:
@@ -76,8 +78,8 @@ def extract_softmax_decoder(model, in_place: bool = False) -> DecoderWeights:
 class SoftmaxKVEmitter(DecoderEmitter):
     """The T2R emitter with a softmax KV-cache attention core instead of the recurrent state."""
 
-    def __init__(self, dec: DecoderWeights, kind: str):
-        super().__init__(dec, kind, "fp32")
+    def __init__(self, dec: DecoderWeights, kind: str, store=None):
+        super().__init__(dec, kind, "fp32", store)
         self._mask = None
 
     def feature_map(self, x, fm, prefix):
@@ -145,8 +147,8 @@ class SoftmaxKVEmitter(DecoderEmitter):
 class FloorEmitter(DecoderEmitter):
     """One token through the dense matmuls only: the latency floor for these weights."""
 
-    def __init__(self, dec: DecoderWeights):
-        super().__init__(dec, contract.STEP, "fp32")
+    def __init__(self, dec: DecoderWeights, store=None):
+        super().__init__(dec, contract.STEP, "fp32", store)
 
     def _matmul(self, x: str, w: np.ndarray, name: str) -> str:
         with self.g.scope(name):
@@ -178,15 +180,41 @@ class FloorEmitter(DecoderEmitter):
         return model
 
 
-def build_softmax_graph(dec: DecoderWeights, kind: str) -> onnx.ModelProto:
-    """The softmax KV-cache decoder graph: kind "step" (one token) or "prefill" (T tokens)."""
+def build_softmax_graph(dec: DecoderWeights, kind: str, store=None) -> onnx.ModelProto:
+    """The softmax KV-cache decoder graph: kind "step" (one token) or "prefill" (T tokens).
+    ``store``: a WeightFile the weights stream into (else they are inline)."""
     if kind not in contract.GRAPH_KINDS:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
-    return SoftmaxKVEmitter(dec, kind).build()
+    return SoftmaxKVEmitter(dec, kind, store).build()
 
 
-def build_floor_graph(dec: DecoderWeights) -> onnx.ModelProto:
-    return FloorEmitter(dec).build()
+def build_floor_graph(dec: DecoderWeights, store=None) -> onnx.ModelProto:
+    return FloorEmitter(dec, store).build()
+
+
+def open_shared_sessions(builders: dict, threads: int, optimization: str = "all", prepack: bool = False) -> dict:
+    """ONNX Runtime sessions over graphs whose weights are written once, as a bundle's are.
+
+    ``builders``: kind -> ``build(store)`` returning the graph with its weights streamed into
+    ``store``. The weights go to one weights.bin, one tensor at a time (no graph proto ever holds
+    them), and the sessions read the one memory-mapped copy (``runtime.open_sessions``): a bench
+    graph costs one copy of its weights, not a proto, a copy per session and their transients.
+    Returns kind -> session plus ``"weights"`` (the buffers the sessions read; keep it with them).
+    ``prepack``: ONNX Runtime's weight prepacking (a re-laid-out copy per session).
+    """
+    from ..export.weight_file import WEIGHTS_FILE, WeightFile
+    from ..runtime.ort_session import open_sessions
+
+    # the mapped weights outlive the folder: its files are unlinked, their pages stay mapped
+    with tempfile.TemporaryDirectory(prefix="t2r-bench-graph-") as tmp:
+        files = {}
+        with WeightFile(Path(tmp) / WEIGHTS_FILE) as store:
+            for kind, build in builders.items():
+                files[kind] = f"{kind}.onnx"
+                store.begin_graph(files[kind])
+                onnx.save_model(build(store), str(Path(tmp) / files[kind]))
+            store.write_index()
+        return open_sessions(tmp, files, threads, optimization, prepack=prepack)
 
 
 def open_session(model: onnx.ModelProto, options):
@@ -224,13 +252,13 @@ class KVCacheDecoder:
     stays valid).
     """
 
-    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
+    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all", prepack: bool = PREPACK_KV):
         import onnxruntime as ort
 
-        from ..runtime.ort_backend import session_options
-
-        options = session_options(threads, optimization)
-        self.sessions = {kind: open_session(build_softmax_graph(dec, kind), options) for kind in contract.GRAPH_KINDS}
+        builders = {kind: (lambda store, kind=kind: build_softmax_graph(dec, kind, store)) for kind in contract.GRAPH_KINDS}
+        self.sessions = open_shared_sessions(builders, threads, optimization, prepack=prepack)
+        # the weights both sessions read: they live as long as this decoder
+        self.weights = self.sessions.pop("weights")
         self.pairs = kv_pairs(len(dec.layers))
         self.cache_shape = (1, dec.num_kv_heads, 0, dec.head_dim)
         self.vocab = dec.vocab_size
@@ -302,13 +330,12 @@ class FloorRunner:
     def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
         import onnxruntime as ort
 
-        from ..runtime.ort_backend import session_options
-
-        options = session_options(threads, optimization)
         # the runtime opens fp32 bundles without weight prepacking (ort_backend.open_sessions); one
         # token's matmuls are then ONNX Runtime's matrix-vector kernel, faster than the packed one
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        self.session = open_session(build_floor_graph(dec), options)
+        sessions = open_shared_sessions({contract.STEP: lambda store: build_floor_graph(dec, store)}, threads,
+                                        optimization, prepack=False)
+        self.weights = sessions.pop("weights")
+        self.session = sessions[contract.STEP]
         self._ids = np.zeros((1, 1), np.int64)
         self._logits = np.zeros((1, 1, dec.vocab_size), np.float32)
         self.binding = self.session.io_binding()
