@@ -50,7 +50,7 @@ def test_the_weight_only_export_runs_in_another_process(tiny_models, tmp_path, m
     (runtime,) = (tmp_path / "cache" / "bench-bundle").glob(f"*/{contract.RUNTIME_JSON}")
     assert load_bundle(runtime.parent).config.precision == "int4"
     # the child's peak is recorded apart from the run's own
-    assert data["memory"]["process"]["children_peak_rss_bytes"] > 0
+    assert data["memory"]["process"]["child_peak_rss_bytes"]["int4 export"] > 0
 
 
 def test_a_child_failing_its_check_or_dying_leaves_the_row_unavailable(tiny_models, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ An export holds the torch model, the graphs being written and the verification's
 once: at 0.5B parameters ~5.4 GB, and glibc keeps much of it mapped after the export returns. Run
 in the bench's own process, that peak became the bench's and stayed. ``run_in_child`` starts a
 "spawn" child (a new interpreter: nothing of the parent's heap is shared or inherited), runs
-``job(*args)`` there and hands back its return value, or re-raises its exception here:
+``job(*args)`` there and hands back its return value, or re-raises its exception here (and
+records the child's peak RSS in ``CHILD_PEAKS``):
 
     run_in_child(export_job, model_dir, out, what="int4 export")
 
@@ -17,7 +18,12 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import resource
 import signal
+import sys
+
+# what -> the largest peak RSS (bytes) a child doing it reported, over this process's life
+CHILD_PEAKS: dict[str, int] = {}
 
 
 class ChildProcessFailed(RuntimeError):
@@ -34,12 +40,18 @@ def _portable(err: BaseException) -> BaseException:
         return ChildProcessFailed(f"{type(err).__name__}: {first}")
 
 
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes (ru_maxrss: KiB on Linux, bytes on macOS). Linux carries
+    the peak across exec, so a child's is at least its parent's when the child was started."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _child_main(conn, job, args, kwargs) -> None:
     try:
         answer = ("ok", job(*args, **kwargs))
     except BaseException as err:  # everything goes back to the parent, which decides what it means
         answer = ("error", _portable(err))
-    conn.send(answer)
+    conn.send((*answer, own_peak_rss()))
     conn.close()
 
 
@@ -77,7 +89,8 @@ def run_in_child(job, *args, what: str = "child", **kwargs):
         receiver.close()
     if answer is None:
         raise ChildProcessFailed(f"the {what} process ended without an answer ({exit_reason(process.exitcode)})")
-    status, value = answer
+    status, value, peak = answer
+    CHILD_PEAKS[what] = max(peak, CHILD_PEAKS.get(what, 0))
     if status == "error":
         raise value
     return value

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import resource
 import sys
 from pathlib import Path
 from typing import Callable
@@ -46,12 +45,11 @@ def release_memory() -> None:
 
 
 def peak_rss() -> dict:
-    """Peak resident set size of this process and of its largest waited-for child (the exporters),
-    in bytes: ``getrusage``'s ru_maxrss (KiB on Linux, bytes on macOS). Linux carries a process's
-    peak across exec, so a child's figure is at least this process's RSS when it was started."""
-    unit = 1 if sys.platform == "darwin" else 1024
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
-            "children_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}
+    """Peak RSS in bytes of this process (``getrusage``'s ru_maxrss) and of each job it ran in a child
+    process so far (``bench.child.CHILD_PEAKS``: the exporters, the checkpoint builds)."""
+    from .child import CHILD_PEAKS, own_peak_rss
+
+    return {"peak_rss_bytes": own_peak_rss(), "child_peak_rss_bytes": dict(CHILD_PEAKS)}
 
 
 def quantized_bundle(name: str, cfg, cache_root: Path, progress: Callable[[str], None]) -> Path:
@@ -135,8 +133,9 @@ def peak_rss_line(result: dict) -> str | None:
     if not process:
         return None
     gib = 2**30
-    child = process["children_peak_rss_bytes"]
-    children = (f"the largest child process (the exporters) peaked at {child / gib:,.2f} GiB" if child else
-                "no child process ran (every bundle was cached)")
+    children = process["child_peak_rss_bytes"]
+    ran = ("child processes ran " + ", ".join(f"the {what} (peak {peak / gib:,.2f} GiB)"
+                                               for what, peak in children.items()) if children else
+           "no exporter ran (every bundle was cached)")
     return (f"Peak RSS of the bench process: {process['peak_rss_bytes'] / gib:,.2f} GiB (ru_maxrss; "
-            f"{process['rss_at_start_bytes'] / gib:,.2f} GiB at the start of the run); {children}.")
+            f"{process['rss_at_start_bytes'] / gib:,.2f} GiB at the start of the run); {ran}.")
