@@ -144,3 +144,26 @@ def test_bench_json_and_the_report_carry_the_runs_peak_rss(tiny_models, tmp_path
     line = f"Peak RSS of the bench process: {process['peak_rss_bytes'] / 2**30:,.2f} GiB"
     assert line in (out / "summary.md").read_text()
     assert line in " ".join(result.output.split())
+
+
+def test_the_softmax_kv_graphs_read_one_mapped_copy_of_their_weights():
+    """Both softmax-ort sessions read the same weights.bin buffers; with or without prepacking the
+    decoder gives the same logits."""
+    import numpy as np
+
+    from conftest import make_tiny_model
+    from t2r_export.bench.softmax_graph import KVCacheDecoder, extract_softmax_decoder
+    from t2r_export.tolerances import check_close
+
+    dec = extract_softmax_decoder(make_tiny_model("llama"))
+    ids = np.arange(1, 12)
+    logits = {}
+    for prepack in (True, False):
+        decoder = KVCacheDecoder(dec, threads=1, prepack=prepack)
+        qkv = [name for name in decoder.weights if name.endswith("qkv.weight")]
+        assert len(qkv) == len(dec.layers), sorted(decoder.weights)
+        decoder.prefill(ids[:8])
+        logits[prepack] = np.array([decoder.step(int(t))[0].copy() for t in ids[8:]])
+    unpacked = decoder.sessions["step"].get_session_options()
+    assert unpacked.get_session_config_entry("session.disable_prepacking") == "1"
+    check_close("softmax-ort logits, prepacked vs not", logits[True], logits[False], ("ort", "fp32"))

@@ -32,7 +32,8 @@ from ..export.weights import DecoderWeights, FeatureMapWeights
 PAST_AXIS = "past_sequence"
 TOTAL_AXIS = "total_sequence"
 FLOOR_OPS = frozenset({"Gather", "MatMul", "Slice"})
-# ONNX Runtime's weight prepacking for the softmax KV graphs (a packed copy of every matmul weight per session)
+# ONNX Runtime's weight prepacking for the softmax KV graphs: kept as the peer has always run, though it
+# holds a packed copy of every matmul weight per session (two sessions: ~3x the weights in memory)
 PREPACK_KV = True
 
 
@@ -252,9 +253,10 @@ class KVCacheDecoder:
     stays valid).
     """
 
-    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all", prepack: bool = PREPACK_KV):
+    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all", prepack: bool | None = None):
         import onnxruntime as ort
 
+        prepack = PREPACK_KV if prepack is None else prepack
         builders = {kind: (lambda store, kind=kind: build_softmax_graph(dec, kind, store)) for kind in contract.GRAPH_KINDS}
         self.sessions = open_shared_sessions(builders, threads, optimization, prepack=prepack)
         # the weights both sessions read: they live as long as this decoder
