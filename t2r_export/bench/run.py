@@ -16,6 +16,9 @@ times ``steps`` single-token steps starting at P; tokens/s is the median over re
 take turns repeat by repeat, so load from other processes falls on all of them alike. KV paths
 rewind to P before each repeat. The T2R paths carry no sequence axis, so a step costs the same at
 every position; t2r-ort (whose runtime has no state-restore call) runs its repeats back to back.
+
+What the run loads, and in which order (exporters in child processes, each torch model only for its
+path): ``bench/loading.py``; ``bench.json`` records the run's peak RSS under ``memory.process``.
 """
 
 from __future__ import annotations
