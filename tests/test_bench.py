@@ -109,7 +109,7 @@ def test_the_floors_prefill_form_runs_the_same_matmuls_over_a_prompt(arch):
     floor's on that token alone."""
     import onnxruntime as ort
 
-    from t2r_export.bench.softmax_graph import FloorPrefill
+    from t2r_export.bench.softmax_graph import FloorRunner
 
     dec = extract_softmax_decoder(make_tiny_model(arch))
     graph = build_floor_graph(dec, "prefill")
@@ -117,7 +117,7 @@ def test_the_floors_prefill_form_runs_the_same_matmuls_over_a_prompt(arch):
     ops = [node.op_type for node in graph.graph.node]
     assert set(ops) <= FLOOR_OPS and ops.count("MatMul") == 4 * len(dec.layers) + 1
     ids = np.array([5, 9, 2, 7, 3], np.int64)
-    logits = FloorPrefill(dec, threads=1).run(ids)
+    logits = FloorRunner(dec, threads=1).prefill(ids)
     assert logits.shape == (1, 1, dec.vocab_size)
     step = ort.InferenceSession(build_floor_graph(dec).SerializeToString(), providers=["CPUExecutionProvider"])
     (alone,) = step.run(None, {"input_ids": ids[-1:][None]})
@@ -156,7 +156,8 @@ def test_the_bench_graphs_load_from_external_data_not_inline_bytes(monkeypatch):
     runner = FloorRunner(dec, threads=1)
     np.testing.assert_array_equal(runner.step(3), expected)
     decoder = KVCacheDecoder(dec, threads=1)
-    assert set(decoder.sessions) == {"step", "prefill"} and len(given) == 3
+    # the floor's step and prefill forms, softmax-ort's step and prefill graphs
+    assert set(decoder.sessions) == {"step", "prefill"} and len(given) == 4
     assert all(isinstance(source, str) and source.endswith(".onnx") for source in given), given
 
 

@@ -132,18 +132,17 @@ class T2ROrtPath:
 
 
 class FloorPrefillPath:
-    """The floor's prefill form, for the prefill table only: one run over the whole prompt."""
+    """The floor's prefill form, for the prefill table: one run over the whole prompt. It holds the
+    floor's runner (its weights and sessions), so the floor's decode path can close."""
 
-    def __init__(self, dec, threads: int):
-        from .softmax_graph import FloorPrefill
-
-        self.runner = FloorPrefill(dec, threads)
+    def __init__(self, runner):
+        self.runner = runner
 
     def reset(self) -> None:
         pass
 
     def prefill(self, ids) -> None:
-        self.runner.run(ids)
+        self.runner.prefill(ids)
 
     def sync(self) -> None:
         pass

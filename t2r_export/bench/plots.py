@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .goals import PREFILL_NAMES, QUANTIZED_PATHS  # noqa: E402
+from .loading import peak_rss_line  # noqa: E402
 from .streams import gib  # noqa: E402
 
 STYLE = {
@@ -181,8 +182,11 @@ def markdown_summary(result: dict) -> str:
         lines.append(f"| {int(p):,} | {kv / MIB:,.2f} MiB | {mem['state_bytes'] / MIB:,.3f} MiB |")
     lines += ["", f"RSS over a {rss['decode_tokens']:,}-token greedy T2R decode: {rss['growth_bytes'] / MIB:+.1f} MiB "
                   f"after warm-up ({rss['growth_from_start_bytes'] / MIB:+.1f} MiB from the first sample); state "
-                  f"{rss['state_bytes']:,} bytes before and {rss['state_bytes_after']:,} after.", "",
-              "Prefill, prompt tokens/s:", "",
+                  f"{rss['state_bytes']:,} bytes before and {rss['state_bytes_after']:,} after.", ""]
+    peak = peak_rss_line(result)
+    if peak:
+        lines += [peak, ""]
+    lines += ["Prefill, prompt tokens/s:", "",
               "| prompt | " + " | ".join(PREFILL_NAMES) + " | graph / step feeding | floor / step feeding (ceiling) | "
               "graph / fastest softmax |", "| ---: |" + " ---: |" * (len(PREFILL_NAMES) + 3)]
     for t, row in result["prefill"].items():

@@ -16,11 +16,13 @@ times ``steps`` single-token steps starting at P; tokens/s is the median over re
 take turns repeat by repeat, so load from other processes falls on all of them alike. KV paths
 rewind to P before each repeat. The T2R paths carry no sequence axis, so a step costs the same at
 every position; t2r-ort (whose runtime has no state-restore call) runs its repeats back to back.
+
+What the run loads, and in which order (exporters in child processes, each torch model only for its
+path): ``bench/loading.py``; ``bench.json`` records the run's peak RSS under ``memory.process``.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
@@ -35,6 +37,7 @@ import numpy as np
 
 from .. import contract
 from ..machine import cpu_model
+from .child import run_in_child
 from .goals import QUANTIZED_PATHS, summarize
 from .peers import DecodePath, PathUnavailable, T2ROrtPath
 
@@ -208,8 +211,9 @@ def _time_prefill(path, prompt: np.ndarray) -> float:
 
 def measure_prefill(paths: dict, stream: np.ndarray, cfg: BenchConfig, progress) -> dict:
     """Prompt tokens/s (median of up to 3, paths taking turns): the T2R prefill graph, each softmax
-    peer's prefill, the floor's prefill form (the prompt's dense matmuls alone, in one run: what no
-    prefill of these weights here can beat) and T2R step feeding (one step per prompt token, timed once)."""
+    peer's prefill, the floor's prefill form (the prompt's dense matmuls alone in one run, with the
+    kernels the runtime's prefill uses: what the prefill graph cannot beat) and T2R step feeding
+    (one step per prompt token, timed once)."""
     result = {}
     repeats = min(cfg.repeats, 3)
     for t in cfg.prefill_lengths:
@@ -371,13 +375,9 @@ def load_softmax(path: Path):
     return softmax
 
 
-def _load_models(cfg: BenchConfig):
-    from ..models import load_t2r_model
-
-    return load_softmax(cfg.softmax_model), load_t2r_model(cfg.t2r_model).eval()
-
-
-def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
+def check_models_match(bundle_config, softmax_dec, t2r_config=None) -> None:
+    """ValueError (one line) when the softmax weights, or the T2R model's config, do not have the
+    bundle's dimensions. ``t2r_config``: the T2R model's HF config (its weights are not needed)."""
     from ..models import attention_dims
 
     want = (bundle_config.num_layers, bundle_config.num_heads, bundle_config.num_kv_heads,
@@ -387,10 +387,10 @@ def check_models_match(bundle_config, softmax_dec, t2r_model) -> None:
     if want != have:
         raise ValueError(f"the softmax model (layers, heads, kv heads, head dim, vocab) {have} does not match "
                          f"the bundle's {want}; pass --softmax with the model the bundle came from")
-    if t2r_model is None:
+    if t2r_config is None:
         return
-    heads, kv, head_dim = attention_dims(t2r_model.config)
-    t2r_have = (t2r_model.config.num_hidden_layers, heads, kv, head_dim, t2r_model.config.vocab_size)
+    heads, kv, head_dim = attention_dims(t2r_config)
+    t2r_have = (t2r_config.num_hidden_layers, heads, kv, head_dim, t2r_config.vocab_size)
     if t2r_have != want:
         raise ValueError(f"the T2R model {t2r_have} does not match the bundle's {want}; pass --t2r-model with "
                          "the model the bundle was exported from")
@@ -417,14 +417,24 @@ def default_bundle(t2r_model: Path, cache_root: Path | None = None, precision: s
     logits any rounding reorders, are timed, not scored."""
     from ..data.corpus import cache_dir_default
     from ..export.bundle import checkpoint_sha256
-    from ..export.plans import export_plan
 
     sha = checkpoint_sha256(Path(t2r_model), None)
     key = f"{sha[:16]}-{exporter_fingerprint()[:12]}" + ("" if precision == "fp32" else f"-{precision}")
     out = Path(cache_root or cache_dir_default()) / "bench-bundle" / key
     if not (out / contract.RUNTIME_JSON).is_file():
-        export_plan(Path(t2r_model), out, precision=precision, verify=check_quality or precision == "fp32")
+        # in a child process: the exporter's peak (model, graphs, verification sessions) is not this one's
+        run_in_child(_export_job, Path(t2r_model), out, precision, check_quality or precision == "fp32",
+                     what=f"{precision} export")
     return out
+
+
+def _export_job(t2r_model: Path, out: Path, precision: str, verify: bool) -> None:
+    """``default_bundle``'s export, run in the child process (module level: the child imports it by name)."""
+    from ..export.plans import export_plan
+
+    # the exporter's step-by-step log would bury the bench's own progress lines
+    logging.getLogger("t2r_export.export").setLevel(logging.WARNING)
+    export_plan(t2r_model, out, precision=precision, verify=verify)
 
 
 def parse_int_list(text: str, what: str) -> tuple[int, ...]:
@@ -448,34 +458,51 @@ def _cuda_reason() -> str | None:
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Measure everything; returns the dict written to bench.json."""
+    import psutil
     import torch
 
     from ..data.corpus import cache_dir_default
     from ..runtime import load_bundle
+    from .loading import load_models, open_paths, peak_rss, quantized_bundle, release_memory
     from .peers import FloorPath, FloorPrefillPath, GenaiPath, SoftmaxOrtPath, T2RTorchPath, TransformersPath, build_genai_model
-    from .softmax_graph import dense_weight_bytes, extract_softmax_decoder, kv_cache_nbytes
+    from .softmax_graph import dense_weight_bytes, kv_cache_nbytes
 
     progress = progress or (lambda message: logger.info(message))
+    rss_at_start = psutil.Process().memory_info().rss
     bundle = load_bundle(cfg.bundle)
     cfg.validate(bundle.config.max_position)
     torch.set_num_threads(cfg.threads)
-    softmax_model, t2r_model = _load_models(cfg)
-    dec = extract_softmax_decoder(softmax_model)
-    check_models_match(bundle.config, dec, t2r_model)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir_default()
+    device_reason = _cuda_reason() if cfg.device == "cuda" else None
+    failed, quantized = {}, {}
+    # weight-only bundles first: each exporter runs in a child before this process loads a model
+    for name in cfg.paths:
+        if name in QUANTIZED_PATHS:
+            try:
+                quantized[name] = quantized_bundle(name, cfg, cache_root, progress)
+            except PathUnavailable as err:
+                failed[name] = str(err)
+                progress(f"{name}: unavailable: {err}")
+            except Exception as err:  # the exporter raising anything else: reported, never faked
+                failed[name] = failure_line(err)
+                progress(f"{name}: unavailable: {failed[name]}")
+    torch_paths = set() if device_reason else set(cfg.paths) & set(TORCH_PATHS)
+    softmax_model, dec, t2r_model = load_models(cfg, bundle.config, torch_paths)
     stream = np.random.default_rng(cfg.seed).integers(0, bundle.config.vocab_size, cfg.stream_length() + 1)
     result = {"machine": machine_info(cfg.threads),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "paths": {}}
-    device_reason = _cuda_reason() if cfg.device == "cuda" else None
     # the genai generator preallocates its cache to max_length: the run's longest context
     max_length = int(max(max(cfg.positions) + max(cfg.warmup, cfg.steps) + 8, max(cfg.prefill_lengths) + 8))
+    memory = {"kv_cache_bytes": {str(p): kv_cache_nbytes(dec, p) for p in sorted(cfg.positions)},
+              "genai_preallocated_kv_bytes": kv_cache_nbytes(dec, max_length),
+              "dense_weight_bytes": dense_weight_bytes(dec)}
 
     def open_path(name: str) -> DecodePath:
         if name == "t2r-ort":
             return T2ROrtPath(bundle, cfg.threads)
         if name in QUANTIZED_PATHS:
-            return T2ROrtPath(load_bundle(quantized_bundle(name)), cfg.threads)
+            return T2ROrtPath(load_bundle(quantized[name]), cfg.threads)
         if name == "floor":
             return FloorPath(dec, cfg.threads)
         if name == "softmax-ort":
@@ -491,38 +518,16 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             return TransformersPath(softmax_model, cfg.device)
         return T2RTorchPath(t2r_model, cfg.device)
 
-    def quantized_bundle(name: str) -> Path:
-        from ..tolerances import ToleranceError
+    def drop_weights() -> None:
+        # the floor and softmax-ort graphs hold their own copies now; the profile rebuilds the floor
+        nonlocal dec
+        if not cfg.profile:
+            dec = None
+            release_memory()
 
-        precision = QUANTIZED_PATHS[name]
-        # a public shape's random weights are timed only (see default_bundle); a real model is checked
-        scored = cfg.shape is None
-        progress(f"{name}: exporting the T2R model as {precision} (cached"
-                 + ("" if scored else "; random weights: not checked against fp32") + ")")
-        # the exporter's step-by-step log would bury the bench's own progress lines
-        exporter = logging.getLogger("t2r_export.export")
-        level = exporter.level
-        exporter.setLevel(logging.WARNING)
-        try:
-            return default_bundle(cfg.t2r_model, cache_root, precision, check_quality=scored)
-        except ToleranceError as err:
-            raise PathUnavailable(f"the {precision} bundle failed its check against fp32: {err}") from None
-        finally:
-            exporter.setLevel(level)
-
-    opened, failed = {}, {}
-    for name in cfg.paths:
-        try:
-            opened[name] = open_path(name)
-        except PathUnavailable as err:
-            failed[name] = str(err)
-            progress(f"{name}: unavailable: {err}")
-        except Exception as err:  # a peer that cannot be built (its builder raising) is reported, never faked
-            if name == "t2r-ort":
-                raise
-            logger.exception("%s could not be opened", name)
-            failed[name] = failure_line(err)
-            progress(f"{name}: unavailable: {failed[name]}")
+    opened = open_paths(cfg, open_path, drop_weights, failed, progress)
+    # the open paths hold what they run (the transformers and t2r-torch paths their models)
+    softmax_model = t2r_model = None
     measured = time_decode(opened, stream, cfg, progress, failed)
     for name in cfg.paths:
         entry = {"label": PATHS[name], "status": "ok"}
@@ -538,25 +543,26 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         result["paths"][name] = entry
     prefill_paths = {name: path for name, path in opened.items()
                      if name in ("t2r-ort", "softmax-ort", "genai", "transformers")}
+    if "floor" in opened:
+        # the prefill's ceiling: the same dense matmuls over the whole prompt in one run
+        prefill_paths["floor"] = FloorPrefillPath(opened["floor"].runner)
     for name, path in opened.items():
         if name not in prefill_paths:
             path.close()
-    gc.collect()
-    if "floor" in opened:
-        # the prefill's ceiling: the same dense matmuls over the whole prompt in one run
-        prefill_paths["floor"] = FloorPrefillPath(dec, cfg.threads)
+    opened = None
+    release_memory()
 
     result["prefill"] = measure_prefill(prefill_paths, stream, cfg, progress)
     result["memory"] = {
         "state_bytes": prefill_paths["t2r-ort"].state_nbytes(),
-        "kv_cache_bytes": {str(p): kv_cache_nbytes(dec, p) for p in sorted(cfg.positions)},
-        "genai_preallocated_kv_bytes": kv_cache_nbytes(dec, max_length) if "genai" in prefill_paths else None,
-        "dense_weight_bytes": dense_weight_bytes(dec),
+        "kv_cache_bytes": memory["kv_cache_bytes"],
+        "genai_preallocated_kv_bytes": memory["genai_preallocated_kv_bytes"] if "genai" in prefill_paths else None,
+        "dense_weight_bytes": memory["dense_weight_bytes"],
     }
     for name, path in prefill_paths.items():
         if name != "t2r-ort":
             path.close()
-    gc.collect()
+    release_memory()
     progress(f"rss: greedy T2R decode of {cfg.rss_tokens:,} tokens")
     result["memory"]["rss"] = measure_rss(prefill_paths["t2r-ort"], cfg.rss_tokens, progress)
     prefill_paths["t2r-ort"].close()
@@ -565,5 +571,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         result["profile"] = profile_step_and_floor(bundle, dec, cfg.threads)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["machine"]["cpu_share"] = _cpu_share(result["paths"], cfg.threads)
+    # the run's own high-water mark (the exporters' is their child's): what a machine must hold for it
+    result["memory"]["process"] = {"rss_at_start_bytes": rss_at_start, **peak_rss()}
     result["summary"] = summarize(result)
     return result

@@ -43,19 +43,23 @@ def _key(name: str, seed: int) -> str:
 
 def prepare_config(name: str, cache_root: Path, seed: int = 0, progress=lambda message: None) -> dict:
     """{"softmax": dir, "t2r": dir, "bundle": dir} for shape ``name``, built once into the cache."""
+    from .child import run_in_child
     from .run import default_bundle
 
     check_config(name)
     root = Path(cache_root) / "bench-config" / f"{name}-{_key(name, seed)}"
     if not (root / "t2r" / "config.json").is_file():
-        _build(name, root, seed, progress)
-    progress(f"{name}: exporting the T2R bundle (cached after the first run)")
+        progress(f"{name}: building the random-init checkpoint and its T2R swap in a child process")
+        # a child's peak: the random model and its swap are not held by the bench that follows
+        run_in_child(_build, name, CONFIGS[name], root, seed, what=f"{name} checkpoint build")
+    progress(f"{name}: exporting the T2R bundle in a child process (cached after the first run)")
     bundle = default_bundle(root / "t2r", cache_root)
     return {"softmax": root / "softmax", "t2r": root / "t2r", "bundle": bundle}
 
 
-def _build(name: str, root: Path, seed: int, progress) -> None:
-    """Checkpoint and swap into a temporary sibling, renamed into place when both are written."""
+def _build(name: str, spec: tuple, root: Path, seed: int) -> None:
+    """Checkpoint and swap into a temporary sibling, renamed into place when both are written (run in
+    a child process: module level, no callbacks)."""
     import os
 
     import torch
@@ -66,9 +70,7 @@ def _build(name: str, root: Path, seed: int, progress) -> None:
     work = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        progress(f"{name}: building the random-init checkpoint")
-        build_checkpoint(name, work / "softmax", seed)
-        progress(f"{name}: swapping in T2R attention ({FEATURE_MAP}, k = {FEATURE_DIM})")
+        build_checkpoint(name, work / "softmax", seed, spec=spec)
         # the feature maps' random init is seeded too: one name and seed, one model
         torch.manual_seed(seed + 1)
         model = swap_attention(load_causal_lm(work / "softmax").eval(),

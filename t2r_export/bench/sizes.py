@@ -64,17 +64,17 @@ CONFIGS = _configs()
 MODELS = tuple(CONFIGS)
 
 
-def build_checkpoint(name: str, out: Path, seed: int = 0) -> int:
+def build_checkpoint(name: str, out: Path, seed: int = 0, spec: tuple | None = None) -> int:
     """A random-init softmax checkpoint of ``name`` in ``out`` (safetensors, fp32) with a tokenizer; returns
-    its parameter count."""
+    its parameter count. ``spec``: ``CONFIGS[name]`` as read by a parent process (a child reads its own)."""
     import torch
     import transformers
 
     from ..teacher import bundled_model_dir
 
-    if name not in CONFIGS:
+    if spec is None and name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    config_class, kwargs = CONFIGS[name]
+    config_class, kwargs = spec or CONFIGS[name]
     config = getattr(transformers, config_class)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)

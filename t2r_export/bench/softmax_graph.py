@@ -11,7 +11,8 @@ matmul, RoPE, norms, MLP and lm_head), so the benchmark compares attention cores
   q|k|v, o, MLP in/out of every layer, lm_head; Slice where a width must be routed): a lower
   bound on the latency of any decoder of this model with these weights on this machine. Its
   prefill form takes T tokens through the same matmuls (lm_head on the last token only, as a
-  prefill graph returns the last logits): a lower bound on the time of any prefill of T tokens.
+  prefill graph returns the last logits), run without weight prepacking as the runtime runs a
+  bundle's prefill: a lower bound on the time of the T2R prefill graph over T tokens.
 
 ``KVCacheDecoder`` runs the softmax graphs in ONNX Runtime with IO binding: the present tensors
 ONNX Runtime allocates are bound as the next step's past, so no cache goes through numpy.
@@ -34,6 +35,11 @@ from ..export.weights import DecoderWeights, FeatureMapWeights
 PAST_AXIS = "past_sequence"
 TOTAL_AXIS = "total_sequence"
 FLOOR_OPS = frozenset({"Gather", "MatMul", "Slice"})
+# ONNX Runtime's weight prepacking for the softmax KV graphs: off, as the runtime opens fp32 bundles.
+# On the Qwen2.5-0.5B shape (one thread) prepacking held a packed copy of every matmul weight per
+# session (peak RSS 12.8 vs 9.2 GiB) and its single-token steps were slower (9.0 vs 11.2 tokens/s
+# at 128), prefill about even (94.5 vs 93.3 tokens/s at 1k)
+PREPACK_KV = False
 
 
 def kv_name(direction: str, layer: int, part: str) -> str:
@@ -53,17 +59,20 @@ def kv_cache_nbytes(dec: DecoderWeights, positions: int, batch: int = 1) -> int:
 
 # -- weights -------------------------------------------------------------------------------------
 
-def extract_softmax_decoder(model) -> DecoderWeights:
+def extract_softmax_decoder(model, in_place: bool = False) -> DecoderWeights:
     """``DecoderWeights`` of a softmax causal LM, through the T2R extractors.
 
     The extractors read feature maps, which a softmax model lacks, so a copy is swapped with the
     parameter-free "elu" map first: the swap keeps every weight bit-identical. The extractor folds
     the query scale into the q columns of the fused q/k/v weight, as softmax attention needs.
+    ``in_place``: swap ``model`` itself instead of a copy (one copy of the weights fewer; the
+    caller gives the model up, its attention is T2R afterwards).
     """
     from ..models import T2RConfig, swap_attention
     from ..export.weights import extract_decoder
 
-    dec = extract_decoder(swap_attention(copy.deepcopy(model).eval(), T2RConfig(feature_map="elu")))
+    source = model if in_place else copy.deepcopy(model)
+    dec = extract_decoder(swap_attention(source.eval(), T2RConfig(feature_map="elu")))
     for layer in dec.layers:
         layer.feature_map = FeatureMapWeights("softmax")
     dec.feature_dim = dec.head_dim
@@ -75,8 +84,8 @@ def extract_softmax_decoder(model) -> DecoderWeights:
 class SoftmaxKVEmitter(DecoderEmitter):
     """The T2R emitter with a softmax KV-cache attention core instead of the recurrent state."""
 
-    def __init__(self, dec: DecoderWeights, kind: str):
-        super().__init__(dec, kind, "fp32")
+    def __init__(self, dec: DecoderWeights, kind: str, store=None):
+        super().__init__(dec, kind, "fp32", store)
         self._mask = None
 
     def feature_map(self, x, fm, prefix):
@@ -145,10 +154,10 @@ class FloorEmitter(DecoderEmitter):
     """The dense matmuls only: the latency floor for these weights, of one token (``kind`` step)
     or of a prompt of T tokens (``kind`` prefill: lm_head on the last one)."""
 
-    def __init__(self, dec: DecoderWeights, kind: str = contract.STEP):
+    def __init__(self, dec: DecoderWeights, kind: str = contract.STEP, store=None):
         if kind not in contract.GRAPH_KINDS:
             raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
-        super().__init__(dec, contract.STEP, "fp32")
+        super().__init__(dec, contract.STEP, "fp32", store)
         self.floor_kind = kind
 
     def _matmul(self, x: str, w: np.ndarray, name: str) -> str:
@@ -188,15 +197,41 @@ class FloorEmitter(DecoderEmitter):
         return model
 
 
-def build_softmax_graph(dec: DecoderWeights, kind: str) -> onnx.ModelProto:
-    """The softmax KV-cache decoder graph: kind "step" (one token) or "prefill" (T tokens)."""
+def build_softmax_graph(dec: DecoderWeights, kind: str, store=None) -> onnx.ModelProto:
+    """The softmax KV-cache decoder graph: kind "step" (one token) or "prefill" (T tokens).
+    ``store``: a WeightFile the weights stream into (else they are inline)."""
     if kind not in contract.GRAPH_KINDS:
         raise ValueError(f"unknown graph kind {kind!r}; expected one of {contract.GRAPH_KINDS}")
-    return SoftmaxKVEmitter(dec, kind).build()
+    return SoftmaxKVEmitter(dec, kind, store).build()
 
 
-def build_floor_graph(dec: DecoderWeights, kind: str = contract.STEP) -> onnx.ModelProto:
-    return FloorEmitter(dec, kind).build()
+def build_floor_graph(dec: DecoderWeights, kind: str = contract.STEP, store=None) -> onnx.ModelProto:
+    return FloorEmitter(dec, kind, store).build()
+
+
+def open_shared_sessions(builders: dict, threads: int, optimization: str = "all", prepack: bool = False) -> dict:
+    """ONNX Runtime sessions over graphs whose weights are written once, as a bundle's are.
+
+    ``builders``: kind -> ``build(store)`` returning the graph with its weights streamed into
+    ``store``. The weights go to one weights.bin, one tensor at a time (no graph proto ever holds
+    them), and the sessions read the one memory-mapped copy (``runtime.open_sessions``): a bench
+    graph costs one copy of its weights, not a proto, a copy per session and their transients.
+    Returns kind -> session plus ``"weights"`` (the buffers the sessions read; keep it with them).
+    ``prepack``: ONNX Runtime's weight prepacking (a re-laid-out copy per session).
+    """
+    from ..export.weight_file import WEIGHTS_FILE, WeightFile
+    from ..runtime.ort_session import open_sessions
+
+    # the mapped weights outlive the folder: its files are unlinked, their pages stay mapped
+    with tempfile.TemporaryDirectory(prefix="t2r-bench-graph-") as tmp:
+        files = {}
+        with WeightFile(Path(tmp) / WEIGHTS_FILE) as store:
+            for kind, build in builders.items():
+                files[kind] = f"{kind}.onnx"
+                store.begin_graph(files[kind])
+                onnx.save_model(build(store), str(Path(tmp) / files[kind]))
+            store.write_index()
+        return open_sessions(tmp, files, threads, optimization, prepack=prepack)
 
 
 def open_session(model: onnx.ModelProto, options):
@@ -234,13 +269,14 @@ class KVCacheDecoder:
     stays valid).
     """
 
-    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
+    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all", prepack: bool | None = None):
         import onnxruntime as ort
 
-        from ..runtime.ort_backend import session_options
-
-        options = session_options(threads, optimization)
-        self.sessions = {kind: open_session(build_softmax_graph(dec, kind), options) for kind in contract.GRAPH_KINDS}
+        prepack = PREPACK_KV if prepack is None else prepack
+        builders = {kind: (lambda store, kind=kind: build_softmax_graph(dec, kind, store)) for kind in contract.GRAPH_KINDS}
+        self.sessions = open_shared_sessions(builders, threads, optimization, prepack=prepack)
+        # the weights both sessions read: they live as long as this decoder
+        self.weights = self.sessions.pop("weights")
         self.pairs = kv_pairs(len(dec.layers))
         self.cache_shape = (1, dec.num_kv_heads, 0, dec.head_dim)
         self.vocab = dec.vocab_size
@@ -307,18 +343,20 @@ class KVCacheDecoder:
 
 
 class FloorRunner:
-    """The floor graph in ONNX Runtime with IO binding, bound once."""
+    """The floor graph in ONNX Runtime with IO binding, bound once, and its prefill form (a prompt's
+    dense matmuls in one run, lm_head on the last token) over the same one copy of the weights."""
 
     def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
         import onnxruntime as ort
 
-        from ..runtime.ort_backend import session_options
-
-        options = session_options(threads, optimization)
         # the runtime opens fp32 bundles without weight prepacking (ort_backend.open_sessions); one
-        # token's matmuls are then ONNX Runtime's matrix-vector kernel, faster than the packed one
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        self.session = open_session(build_floor_graph(dec), options)
+        # token's matmuls are then ONNX Runtime's matrix-vector kernel, faster than the packed one.
+        # The prefill form runs as the runtime runs a bundle's prefill graph, so it bounds that graph
+        sessions = open_shared_sessions({kind: lambda store, kind=kind: build_floor_graph(dec, kind, store)
+                                         for kind in contract.GRAPH_KINDS}, threads, optimization, prepack=False)
+        self.weights = sessions.pop("weights")
+        self.session = sessions[contract.STEP]
+        self.prefill_session = sessions[contract.PREFILL]
         self._ids = np.zeros((1, 1), np.int64)
         self._logits = np.zeros((1, 1, dec.vocab_size), np.float32)
         self.binding = self.session.io_binding()
@@ -330,16 +368,6 @@ class FloorRunner:
         self.session.run_with_iobinding(self.binding)
         return self._logits
 
-
-class FloorPrefill:
-    """The prefill form of the floor graph: a prompt's dense matmuls in one run, with ONNX Runtime's
-    weight prepacking (its fastest matrix-matrix kernels), so no prefill of these weights on this
-    machine can be faster than this run."""
-
-    def __init__(self, dec: DecoderWeights, threads: int, optimization: str = "all"):
-        from ..runtime.ort_backend import session_options
-
-        self.session = open_session(build_floor_graph(dec, contract.PREFILL), session_options(threads, optimization))
-
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input_ids": np.asarray(ids, np.int64).reshape(1, -1)})[0]
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """The prompt's dense matmuls → the last token's logits ``[1, 1, V]``."""
+        return self.prefill_session.run(None, {"input_ids": np.asarray(ids, np.int64).reshape(1, -1)})[0]

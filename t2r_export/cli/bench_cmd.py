@@ -50,6 +50,7 @@ def bench(
 ) -> None:
     import os
 
+    from ..bench.child import ChildProcessFailed
     from ..bench.run import DEFAULT_PATHS, BenchConfig, default_bundle, parse_int_list
     from ..teacher import bundled_model_dir
 
@@ -84,6 +85,8 @@ def bench(
             _check_early(cfg, cfg.bundle)
     except ValueError as err:
         fail(str(err))
+    except ChildProcessFailed as err:
+        fail(str(err), code=1)
     result = run_with_progress(cfg)
     if out is None:
         print_result(result)
@@ -161,6 +164,7 @@ def print_result(result: dict) -> None:
     from rich.table import Table
 
     from ..bench.goals import PREFILL_NAMES, QUANTIZED_PATHS
+    from ..bench.loading import peak_rss_line
 
     m = result["machine"]
     shape = result["config"].get("shape")
@@ -216,6 +220,9 @@ def print_result(result: dict) -> None:
     console.print(f"RSS over a {rss['decode_tokens']:,}-token greedy T2R decode ({rss['tokens_per_s']:,.0f} tokens/s): "
                   f"{rss['growth_bytes'] / 2**20:+.1f} MiB after warm-up "
                   f"({rss['growth_from_start_bytes'] / 2**20:+.1f} MiB from the first sample)", highlight=False)
+    peak = peak_rss_line(result)
+    if peak:
+        console.print(peak, highlight=False)
 
     prefill = Table(title="prefill: prompt tokens/s")
     names = list(PREFILL_NAMES)

@@ -4,13 +4,13 @@ from ..architectures import ADAPTERS, ArchitectureAdapter, attention_dims, get_a
 from .attention import RecurrentState
 from .config import T2RConfig
 from .recurrent import decode_step, new_state, prefill
-from .swap import (is_t2r_model, load_causal_lm, load_t2r_model, register_auto_classes, swap_attention,
-                   swap_summary)
+from .swap import (is_t2r_model, load_causal_lm, load_model_config, load_t2r_model, register_auto_classes,
+                   swap_attention, swap_summary)
 
 register_auto_classes()
 
 __all__ = [
     "ADAPTERS", "ArchitectureAdapter", "RecurrentState", "T2RConfig", "attention_dims", "decode_step",
-    "get_adapter", "is_t2r_model", "load_causal_lm", "load_t2r_model", "new_state", "prefill",
+    "get_adapter", "is_t2r_model", "load_causal_lm", "load_model_config", "load_t2r_model", "new_state", "prefill",
     "register_auto_classes", "swap_attention", "swap_summary",
 ]

@@ -152,14 +152,13 @@ def swap_summary(model) -> dict:
     }
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32) -> PreTrainedModel:
-    """Load any supported causal LM (softmax or T2R) from a local directory, safetensors only.
+def load_model_config(path: str | Path, trust_remote_code: bool = False):
+    """The config of a supported causal LM (softmax or T2R) in a local directory, without its weights.
 
-    Custom code named by the folder (``auto_map``) is refused unless ``trust_remote_code``; damaged
-    weights and config dimensions that do not match them are one ValueError line naming the file.
+    Custom code named by the folder (``auto_map``) is refused unless ``trust_remote_code``; an
+    unreadable config, an unknown architecture or a model that is no causal LM is one ValueError line.
     """
     from ..trust import check_remote_code
-    from .checkpoint_files import check_weight_files, shape_mismatches
 
     register_auto_classes()
     path = Path(path)
@@ -179,6 +178,19 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torc
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ValueError(f"{path} holds a {', '.join(archs)}, not a causal LM (expected a *ForCausalLM "
                          "or *LMHeadModel checkpoint)")
+    return config
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32) -> PreTrainedModel:
+    """Load any supported causal LM (softmax or T2R) from a local directory, safetensors only.
+
+    Custom code named by the folder (``auto_map``) is refused unless ``trust_remote_code``; damaged
+    weights and config dimensions that do not match them are one ValueError line naming the file.
+    """
+    from .checkpoint_files import check_weight_files, shape_mismatches
+
+    path = Path(path)
+    config = load_model_config(path, trust_remote_code)
     files = check_weight_files(path)
     # compared on the meta device before loading, so transformers' own mismatch report never prints
     mismatches = shape_mismatches(config, files)
