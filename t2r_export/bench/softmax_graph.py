@@ -37,8 +37,8 @@ TOTAL_AXIS = "total_sequence"
 FLOOR_OPS = frozenset({"Gather", "MatMul", "Slice"})
 # ONNX Runtime's weight prepacking for the softmax KV graphs: off, as the runtime opens fp32 bundles.
 # On the Qwen2.5-0.5B shape (one thread) prepacking held a packed copy of every matmul weight per
-# session (peak RSS 12.8 vs 9.2 GiB) and its single-token steps were slower (9.0 vs 11.2 tokens/s
-# at 128), prefill about even (94.5 vs 93.3 tokens/s at 1k)
+# session (the bench's peak RSS 12.8 vs 9.2 GiB) and its single-token steps were no faster (9.0
+# tokens/s at 128 vs 11.2 and 10.0 in two runs without), prefill about even (docs/bench.md)
 PREPACK_KV = False
 
 
