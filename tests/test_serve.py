@@ -252,6 +252,8 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
     assert_one_line_failure(invoke(["serve", bundle_dir, "--pin-decode"]), 2, "--pin-decode needs --threads 1")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--pin-decode", "--threads", "2"]), 2,
                             "--pin-decode needs --threads 1")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--pin-decode", "--engine-only", "--threads", "1"]), 2,
+                            "--engine-only runs no server")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

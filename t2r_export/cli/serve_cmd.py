@@ -148,7 +148,9 @@ def serve_load(
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     if client not in ("openai", "aiohttp"):
         fail(f"--client must be openai or aiohttp, got {client!r}")
-    if pin_decode and not engine_only:
+    if pin_decode and engine_only:
+        fail("--pin-decode pins the server's decode thread; --engine-only runs no server (drop one of them)")
+    if pin_decode:
         from ..serve.engine import decode_core_plan
 
         try:

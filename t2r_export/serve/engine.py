@@ -333,14 +333,14 @@ class Engine:
                 continue
             if len(self._active) + request.n > self.max_batch:
                 break
+            # the prompt's last logits, shared by every choice of the request
+            first, best, finite = logits[0], int(logits[0].argmax()), bool(np.isfinite(logits[0]).all())
             for index in range(request.n):
                 self.decoder.take_row(self.staging, row, len(self._active))
                 seed = (request.sampling.seed + index) % (1 << 63)
                 stream = RowStream(self.tokenizer, request.stops, request.incremental or bool(request.stops))
-                choice = Choice(request, index, seed, stream, logits[0],
-                                len(request.prompt_ids))
-                choice.see(logits[0], int(logits[0].argmax()), bool(np.isfinite(logits[0]).all()))
-                self._active.append(choice)
+                self._active.append(Choice(request, index, seed, stream, first, len(request.prompt_ids),
+                                           best=best, finite=finite))
             taken += 1
         return taken
 
@@ -376,8 +376,8 @@ class Engine:
         ids = np.array([[c.token] for c in self._active], np.int64)
         positions = np.array([[c.position] for c in self._active], np.int64)
         logits = self.decoder.step_rows(len(self._active), ids, positions)
-        # the checks and greedy picks of every row in two array calls on the step's own logits block
-        # (two per row, or a stacked copy of the rows, cost the decode thread time and memory)
+        # NaN/inf checks and greedy picks of every row as reductions over the step's own logits block
+        # (calls per row, or a stacked copy of the rows, cost the decode thread time and memory)
         finite = (np.isfinite(logits.max(axis=1)) & np.isfinite(logits.min(axis=1))).tolist()
         best = logits.argmax(axis=1).tolist()
         for row, choice in enumerate(self._active):
