@@ -94,36 +94,45 @@ def load_models(cfg, bundle_config, torch_paths: set) -> tuple:
     return (softmax if keep else None), dec, t2r
 
 
+def attempt(name: str, make: Callable[[], object], failed: dict, progress: Callable[[str], None]):
+    """``make()``, or None with ``failed[name]`` set to why (one line) when it raises: a path that
+    cannot be built (its exporter or builder raising) is reported, never faked. t2r-ort's failure is
+    the run's own and is raised."""
+    try:
+        return make()
+    except PathUnavailable as err:
+        failed[name] = str(err)
+    except Exception as err:
+        if name == "t2r-ort":
+            raise
+        from .run import failure_line
+
+        logger.exception("%s could not be opened", name)
+        failed[name] = failure_line(err)
+    progress(f"{name}: unavailable: {failed[name]}")
+    return None
+
+
 def open_paths(cfg, open_path: Callable[[str], DecodePath], drop_weights: Callable[[], None],
                failed: dict, progress: Callable[[str], None]) -> dict:
     """{name: open path} in ``cfg.paths`` order; a path that cannot open goes to ``failed`` with its
-    reason (t2r-ort's failure is raised). The graphs built from the softmax weights open first, then
+    reason (see :func:`attempt`). The graphs built from the softmax weights open first, then
     ``drop_weights()`` lets those weights go, then the rest open."""
     opened = {}
 
-    def try_open(name: str) -> None:
-        try:
-            opened[name] = open_path(name)
-        except PathUnavailable as err:
-            failed[name] = str(err)
-            progress(f"{name}: unavailable: {err}")
-        except Exception as err:  # a peer that cannot be built (its builder raising) is reported, never faked
-            if name == "t2r-ort":
-                raise
-            from .run import failure_line
-
-            logger.exception("%s could not be opened", name)
-            failed[name] = failure_line(err)
-            progress(f"{name}: unavailable: {failed[name]}")
+    def open_one(name: str) -> None:
+        path = attempt(name, lambda: open_path(name), failed, progress)
+        if path is not None:
+            opened[name] = path
 
     names = [name for name in cfg.paths if name not in failed]
     for name in names:
         if name in WEIGHT_PATHS:
-            try_open(name)
+            open_one(name)
     drop_weights()
     for name in names:
         if name not in WEIGHT_PATHS:
-            try_open(name)
+            open_one(name)
     return {name: opened[name] for name in cfg.paths if name in opened}
 
 

@@ -463,7 +463,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
 
     from ..data.corpus import cache_dir_default
     from ..runtime import load_bundle
-    from .loading import load_models, open_paths, peak_rss, quantized_bundle, release_memory
+    from .loading import attempt, load_models, open_paths, peak_rss, quantized_bundle, release_memory
     from .peers import FloorPath, FloorPrefillPath, GenaiPath, SoftmaxOrtPath, T2RTorchPath, TransformersPath, build_genai_model
     from .softmax_graph import dense_weight_bytes, kv_cache_nbytes
 
@@ -478,14 +478,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     # weight-only bundles first: each exporter runs in a child before this process loads a model
     for name in cfg.paths:
         if name in QUANTIZED_PATHS:
-            try:
-                quantized[name] = quantized_bundle(name, cfg, cache_root, progress)
-            except PathUnavailable as err:
-                failed[name] = str(err)
-                progress(f"{name}: unavailable: {err}")
-            except Exception as err:  # the exporter raising anything else: reported, never faked
-                failed[name] = failure_line(err)
-                progress(f"{name}: unavailable: {failed[name]}")
+            path = attempt(name, lambda name=name: quantized_bundle(name, cfg, cache_root, progress), failed,
+                           progress)
+            if path is not None:
+                quantized[name] = path
     torch_paths = set() if device_reason else set(cfg.paths) & set(TORCH_PATHS)
     softmax_model, dec, t2r_model = load_models(cfg, bundle.config, torch_paths)
     stream = np.random.default_rng(cfg.seed).integers(0, bundle.config.vocab_size, cfg.stream_length() + 1)
@@ -553,12 +549,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     release_memory()
 
     result["prefill"] = measure_prefill(prefill_paths, stream, cfg, progress)
-    result["memory"] = {
-        "state_bytes": prefill_paths["t2r-ort"].state_nbytes(),
-        "kv_cache_bytes": memory["kv_cache_bytes"],
-        "genai_preallocated_kv_bytes": memory["genai_preallocated_kv_bytes"] if "genai" in prefill_paths else None,
-        "dense_weight_bytes": memory["dense_weight_bytes"],
-    }
+    result["memory"] = {"state_bytes": prefill_paths["t2r-ort"].state_nbytes(), **memory}
+    if "genai" not in prefill_paths:
+        result["memory"]["genai_preallocated_kv_bytes"] = None
     for name, path in prefill_paths.items():
         if name != "t2r-ort":
             path.close()
