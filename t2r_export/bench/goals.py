@@ -61,7 +61,7 @@ def summarize(result: dict) -> dict:
             graph = row["t2r-ort prefill graph"]
             row["prefill_graph/step_feeding"] = graph / row["t2r-ort step feeding"]
             if isinstance(row.get("floor"), float):
-                # the most any prefill of these weights could reach over step feeding on this machine
+                # the most the prefill graph could reach over step feeding here, with the runtime's kernels
                 row["prefill_floor/step_feeding"] = row["floor"] / row["t2r-ort step feeding"]
                 row["prefill_graph/floor"] = graph / row["floor"]
             peers = {n: row[n] for n in SOFTMAX_PATHS if isinstance(row.get(n), float)}
