@@ -177,3 +177,19 @@ def test_one_set_without_the_onnx_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_step_bindings_for_every_row_count_are_made_at_once(tmp_path):
+    """A server makes the step binding of each row count up front; with one state set both parities
+    share it (the same buffers), with two each parity has its own, and stepping adds none."""
+    bundle = load_bundle(build_toy_bundle(tmp_path / "toy"))
+    for in_place, made in ((True, 4), (False, 8)):
+        with OrtDecoder(bundle, threads=1, in_place=in_place) as dec:
+            dec.reset(4)
+            assert dec.in_place is in_place
+            assert dec.prepare_steps() == made
+            before = dict(dec._io._steps)
+            ids = np.full((4, 1), 5)
+            for rows in (1, 3, 4, 2):
+                dec.step_rows(rows, ids[:rows], ids[:rows])
+            assert dec._io._steps == before

@@ -320,6 +320,10 @@ def test_the_engine_takes_its_working_memory_at_start_and_bounds_each_prefill(bu
         for session in engine.decoder._sessions.values():
             assert session.get_session_options().enable_mem_pattern is False
         assert all(not value.any() for value in engine.decoder.read_state().values())
+        # the step's IO binding of every count of active rows exists before the first request (one per
+        # count: the toy bundle's graphs update in place, so both parities bind the same buffers)
+        made = dict(engine.decoder._io._steps)
+        assert sorted(made) == [(rows, 0) for rows in range(1, 4)]
         tokens = []
         for name in ("prefill_rows", "extend_row"):
             original = getattr(engine.staging, name)
@@ -332,6 +336,8 @@ def test_the_engine_takes_its_working_memory_at_start_and_bounds_each_prefill(bu
         sink = _Sink()
         engine.submit(Request(ids, 12, SamplingParams(temperature=0.0, seed=0), [], sink, sink))
         assert sink.done.wait(60)
+        # serving made no binding of its own: the ones from the start are the ones it used
+        assert engine.decoder._io._steps == made
     finally:
         engine.stop()
     assert tokens and max(tokens) <= 8 and sum(tokens) == len(ids)

@@ -196,6 +196,12 @@ class OrtDecoder(DecoderBase):
             return results["logits"]
         return self._step_io(rows, input_ids, position_ids)
 
+    def prepare_steps(self) -> int:
+        """Make the IO bindings ``step_rows`` uses for every row count now (a server's start-up),
+        not as the active rows first reach each count → how many exist (0 without IO binding)."""
+        self._require_open()
+        return self._io.make_step_bindings() if self.io_binding else 0
+
     def side_decoder(self, batch: int) -> OrtDecoder:
         """A decoder over these same sessions with state buffers of its own, ``batch`` rows.
 

@@ -60,7 +60,10 @@ class Bindings:
 
     ``sets[parity]`` is the current state; a step or a whole-batch prefill writes ``sets[parity ^ 1]``
     and the caller flips the parity. With ``in_place`` (graphs that may write their new state over
-    the old one, runtime/in_place.py) both entries are the same set, so a row costs one state. Step bindings are made once per (active rows, parity) and kept.
+    the old one, runtime/in_place.py) both entries are the same set, so a row costs one state. Step
+    bindings are made once per (active rows, parity) and kept; in place the two parities bind the
+    same buffers and share one binding. A binding holds an OrtValue per input and output (about
+    12 KB on the bundled model), so a server makes them all at start-up (:meth:`make_step_bindings`).
     ``logits`` is a host buffer the graphs write into; ``logits_view`` is its read-only view.
     """
 
@@ -88,6 +91,8 @@ class Bindings:
 
     def step(self, rows: int, parity: int):
         """The step binding over the first ``rows`` rows, reading ``sets[parity]``."""
+        if self.sets[0] is self.sets[1]:
+            parity = 0
         binding = self._steps.get((rows, parity))
         if binding is not None:
             return binding
@@ -109,6 +114,15 @@ class Bindings:
                 other.bind(binding, past, present, as_input=False, rows=rows)
         self._steps[(rows, parity)] = binding
         return binding
+
+    def make_step_bindings(self) -> int:
+        """Make the step binding of every row count and parity now → how many bindings exist. A server
+        steps every count from 1 to the batch as streams join and leave; made on first use, their
+        memory would arrive with the first busy minutes and look like memory per stream."""
+        for rows in range(1, self.batch + 1):
+            for parity in (0, 1):
+                self.step(rows, parity)
+        return len(self._steps)
 
     def prefill_fresh(self, parity: int, first: int, input_ids: np.ndarray, position_ids: np.ndarray):
         """Rows ``[first, first + B)`` of ``sets[parity]`` start afresh from ``[B, T]`` tokens (in place)."""

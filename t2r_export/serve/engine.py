@@ -179,8 +179,10 @@ class Engine:
         per stream is that stream's state and logits row (docs/design.md#serving-memory). The step
         runs once over ``max_batch`` rows of a throwaway state (the streams' own rows stay unwritten
         until used); the staging rows, which every prefill round writes anyway, take one prefill of
-        ``prefill_tokens`` tokens, the most any later prefill call takes.
+        ``prefill_tokens`` tokens, the most any later prefill call takes. The step's IO bindings for
+        every count of active rows are made here too.
         """
+        self.decoder.prepare_steps()
         side = self.decoder.side_decoder(self.max_batch)
         try:
             zeros = np.zeros((self.max_batch, 1), np.int64)
