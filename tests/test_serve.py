@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +17,7 @@ import pytest
 
 from t2r_export import contract
 from t2r_export.runtime import OrtDecoder, SamplingParams, generate, load_bundle
+from t2r_export.serve.engine import PREFILL_NICE, thread_nice_supported
 from t2r_export.serve.local import local_server
 
 from hostile_helpers import assert_one_line_failure, invoke
@@ -162,6 +164,7 @@ def test_models_health_metrics(server, client, bundle_dir):
     metrics = json.loads(urllib.request.urlopen(f"{root}/metrics").read())
     assert metrics["max_batch"] == 3 and metrics["tokens_total"] > 0 and metrics["requests_total"] > 0
     assert metrics["state_bytes_per_stream"] == contract.state_nbytes(load_bundle(bundle_dir).config.state_shape)
+    assert metrics["prefill_nice"] in (0, PREFILL_NICE)
 
 
 def _post(server, path, body: bytes):
@@ -254,6 +257,11 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
                             "--pin-decode needs --threads 1")
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--pin-decode", "--engine-only", "--threads", "1"]), 2,
                             "--engine-only runs no server")
+    assert_one_line_failure(invoke(["serve", bundle_dir, "--prefill-nice", "20"]), 2, "--prefill-nice must be in [0, 19]")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-nice", "-1"]), 2,
+                            "--prefill-nice must be in [0, 19]")
+    assert_one_line_failure(invoke(["serve-load", bundle_dir, "--prefill-nice", "5", "--engine-only"]), 2,
+                            "--engine-only runs no server")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -262,7 +270,7 @@ def test_serve_cli_bad_input_fails_in_one_line(tmp_path, bundle_dir):
 
 
 @pytest.mark.parametrize("client, stream, pin", [("openai", "--stream", ()), ("aiohttp", "--stream", ("--pin-decode",)),
-                                                 ("aiohttp", "--no-stream", ())])
+                                                 ("aiohttp", "--no-stream", ("--prefill-nice", "0"))])
 def test_bounded_load_test(bundle_dir, tmp_path, client, stream, pin):
     out = tmp_path / "load.json"
     result = invoke(["serve-load", bundle_dir, "--streams", "4", "--requests", "12", "--max-tokens", "8",
@@ -271,7 +279,10 @@ def test_bounded_load_test(bundle_dir, tmp_path, client, stream, pin):
     report = json.loads(out.read_text())
     # every answer was read whole and equals its prompt decoded alone
     assert report["client"] == client and report["stream"] == (stream == "--stream")
-    assert report["pin_decode"] == bool(pin)
+    assert report["pin_decode"] == ("--pin-decode" in pin)
+    # the server reports the priority its prefill thread ran at: the default, or the one asked for
+    default = PREFILL_NICE if thread_nice_supported() else 0
+    assert report["prefill_nice"] == (0 if "--prefill-nice" in pin else default)
     assert report["full_concurrency_tokens_per_s"] > 0 and report["full_concurrency_ratio"] > 0
     assert report["lost"] == 0 and report["mixed"] == 0
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
@@ -452,6 +463,38 @@ def test_a_pinned_decode_thread_keeps_a_core_to_itself(bundle_dir, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     with pytest.raises(ValueError, match="needs at least 2 cores"):
         decode_core_plan(1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
+def test_the_prefill_thread_runs_below_the_decode_thread(bundle_dir):
+    """By default the prefill thread is PREFILL_NICE nice steps below the server and the decode thread keeps
+    the server's priority; answers are the same; --prefill-nice 0 leaves both alone; bad values are refused."""
+    import os
+
+    from t2r_export.serve.engine import PREFILL_NICE, Engine, Request
+
+    bundle = load_bundle(bundle_dir)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    ids = bundle.load_tokenizer().encode(PROMPTS[0]).ids
+    for nice, want in ((None, min(19, base + PREFILL_NICE)), (0, base), (3, min(19, base + 3))):
+        engine = Engine(bundle, max_batch=2, threads=1, prefix_cache_bytes=0, prefill_nice=nice)
+        sink = _Sink()
+        try:
+            engine.start()
+            engine.submit(Request(ids, 8, SamplingParams(temperature=0.0), [], sink, sink))
+            assert sink.done.wait(60)
+            threads = {t.name: t.native_id for t in engine._threads}
+            assert os.getpriority(os.PRIO_PROCESS, threads["t2r-prefill"]) == want
+            assert os.getpriority(os.PRIO_PROCESS, threads["t2r-decode"]) == base
+            assert engine.metrics()["prefill_nice"] == (PREFILL_NICE if nice is None else nice)
+        finally:
+            engine.stop()
+        assert "".join(e[1] for e in sink.events if e[0] == "text") == _alone(bundle_dir, PROMPTS[0], 8).text
+    # the server's own priority is untouched
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match=r"--prefill-nice must be in \[0, 19\]"):
+            Engine(bundle, max_batch=2, prefill_nice=bad)
 
 
 def test_the_full_concurrency_rate_counts_the_answers_between_the_first_wave_and_the_drain():

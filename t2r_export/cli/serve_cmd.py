@@ -46,6 +46,9 @@ def serve(
                                                  "on in pieces); its working memory is taken at start-up."),
     pin_decode: bool = typer.Option(False, "--pin-decode", help="With --threads 1: the decode thread gets the "
                                     "last allowed core to itself, the server's other threads the rest."),
+    prefill_nice: int = typer.Option(None, help="Nice steps the prefill thread runs below the server, so busy "
+                                     "cores go to the running streams first (Linux; default 10; 0 = same "
+                                     "priority)."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
                              max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),
@@ -79,7 +82,8 @@ def serve(
     try:
         engine = Engine(loaded, max_batch=max_batch, threads=threads, provider=provider,
                         prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)), prefill_batch=prefill_batch,
-                        prefill_arena=prefill_arena, prefill_tokens=prefill_tokens, decode_cpu=decode_cpu)
+                        prefill_arena=prefill_arena, prefill_tokens=prefill_tokens, decode_cpu=decode_cpu,
+                        prefill_nice=prefill_nice)
     except ValueError as err:
         fail(str(err))
     sys.setswitchinterval(GIL_SWITCH_S)
@@ -128,6 +132,7 @@ def serve_load(
                                      "HTTP, no baseline) and print its RSS stage by stage."),
     pin_decode: bool = typer.Option(False, "--pin-decode", help="The server's --pin-decode (needs --threads 1); "
                                     "the client then keeps off the decode core too."),
+    prefill_nice: int = typer.Option(None, help="The server's --prefill-nice (default: the server's default)."),
 ) -> None:
     """Start `serve` on a free 127.0.0.1 port, fire requests with the openai client, print the figures."""
     for name, value in (("--streams", streams), ("--requests", requests), ("--max-tokens", max_tokens),
@@ -148,6 +153,10 @@ def serve_load(
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     if client not in ("openai", "aiohttp"):
         fail(f"--client must be openai or aiohttp, got {client!r}")
+    if prefill_nice is not None and not 0 <= prefill_nice <= 19:
+        fail(f"--prefill-nice must be in [0, 19], got {prefill_nice}")
+    if prefill_nice is not None and engine_only:
+        fail("--prefill-nice sets the server's prefill priority; --engine-only runs no server (drop one of them)")
     if pin_decode and engine_only:
         fail("--pin-decode pins the server's decode thread; --engine-only runs no server (drop one of them)")
     if pin_decode:
@@ -165,7 +174,7 @@ def serve_load(
         report = run_load_test(bundle, streams=streams, requests=requests, max_tokens=max_tokens, stream=stream,
                                threads=threads, prefill_batch=prefill_batch, prefill_arena=prefill_arena,
                                stream_interval_ms=stream_interval_ms, prefill_tokens=prefill_tokens,
-                               client=client, pin_decode=pin_decode)
+                               client=client, pin_decode=pin_decode, prefill_nice=prefill_nice)
     except LoadError as err:
         fail(str(err), code=1)
     report.print(err_console)

@@ -6,7 +6,8 @@ cache) into a side decoder's rows; the decode thread moves those rows into its b
 step, as far as its free rows go, and steps all active rows. So new prompts are prefilled on the
 second core while the running streams keep decoding, instead of every stream stalling while the
 newcomers' prompts go through the graph; and a round is prefilled while the batch is still full,
-so its requests join at the very step rows free up.
+so its requests join at the very step rows free up. The prefill thread runs a few nice steps below
+the rest (``PREFILL_NICE``), so where the two contend for a core the running streams' step wins.
 
 Active rows are kept packed at the front of the state buffers, so each step runs the step graph
 over exactly the active rows (``OrtDecoder.step_rows``); a request leaves when it finishes or its
@@ -25,6 +26,7 @@ event loop 64 times a step).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -42,6 +44,29 @@ from ..runtime.state import bundle_identity
 # GIL only between steps, to sample and hand out its rows' tokens; with the default it can wait up
 # to 5 ms for the event loop's thread to let go, a third of a 64-row step on the bundled model
 GIL_SWITCH_S = 0.0005
+
+
+# how much lower the prefill thread's scheduling priority is than the server's (nice steps, Linux). On
+# a machine whose cores are all busy (the streams' steps, the prefill, the event loop, clients on the
+# same box) the scheduler then hands a contested core to the decode thread first, so the running
+# streams keep their pace and new prompts are prefilled in the time the decode thread leaves; with
+# idle cores the prefill runs as fast as before. Unprivileged processes may always lower a thread's
+# priority, never raise it back.
+PREFILL_NICE = 10
+
+
+def thread_nice_supported() -> bool:
+    """Whether this platform can set one thread's scheduling priority (Linux: a thread is a task with its
+    own nice value, addressed by its native id)."""
+    return sys.platform.startswith("linux") and hasattr(os, "setpriority")
+
+
+def lower_this_thread(steps: int) -> int:
+    """Lower the calling thread's priority by ``steps`` nice steps (capped at 19) → its nice value now."""
+    tid = threading.get_native_id()
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+    os.setpriority(os.PRIO_PROCESS, tid, nice)
+    return nice
 
 
 def decode_core_plan(threads: int) -> tuple[int, set[int]]:
@@ -131,13 +156,22 @@ class Engine:
 
     def __init__(self, bundle, max_batch: int = 64, threads: int = 0, provider: str = "cpu",
                  prefix_cache_bytes: int = 64 << 20, max_waiting: int = 1024, prefill_batch: int = 8,
-                 prefill_arena: str = "keep", prefill_tokens: int = 512, decode_cpu: int | None = None):
+                 prefill_arena: str = "keep", prefill_tokens: int = 512, decode_cpu: int | None = None,
+                 prefill_nice: int | None = None):
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
         if prefill_batch < 1:
             raise ValueError(f"--prefill-batch must be >= 1, got {prefill_batch}")
         if prefill_tokens < 1:
             raise ValueError(f"--prefill-tokens must be >= 1, got {prefill_tokens}")
+        if prefill_nice is None:
+            prefill_nice = PREFILL_NICE if thread_nice_supported() else 0
+        if not 0 <= prefill_nice <= 19:
+            raise ValueError(f"--prefill-nice must be in [0, 19], got {prefill_nice}")
+        if prefill_nice and not thread_nice_supported():
+            raise ValueError("--prefill-nice needs per-thread priorities (Linux); pass --prefill-nice 0 here")
+        # nice steps the prefill thread runs below the rest of the server (PREFILL_NICE)
+        self.prefill_nice = prefill_nice
         self.bundle = bundle
         self.config = bundle.config
         # the core the decode thread pins itself to (decode_core_plan), or None: wherever the OS puts it
@@ -238,6 +272,7 @@ class Engine:
                 "requests_total": self.requests_total, "tokens_total": self.tokens_total,
                 "tokens_per_s": round(rate, 1), "uptime_s": round(time.time() - self.started, 1),
                 "state_bytes_per_stream": self.decoder.state_nbytes() // self.max_batch,
+                "prefill_nice": self.prefill_nice,
                 "prefix_cache": None if cache is None else {
                     "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
                     "hits": cache.hits, "misses": cache.misses}}
@@ -245,6 +280,8 @@ class Engine:
     # ---- the prefill thread -----------------------------------------------------------------------
 
     def _prefill_loop(self) -> None:
+        if self.prefill_nice:
+            lower_this_thread(self.prefill_nice)
         while True:
             with self._wake:
                 # one round of staging rows at a time: wait until the decode thread took the last one.

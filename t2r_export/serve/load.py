@@ -75,6 +75,8 @@ class LoadReport:
     stream_interval_ms: float = 0.0
     client: str = "openai"
     pin_decode: bool = False
+    # the nice steps the server's prefill thread ran below the rest (its /metrics)
+    prefill_nice: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -84,6 +86,7 @@ class LoadReport:
             ("requests", f"{self.requests} at {self.streams} concurrent ({'streamed' if self.stream else 'whole'}), "
                          f"max_tokens {self.max_tokens}, --prefill-batch {self.prefill_batch}, "
                          f"{self.client} client" + (", --pin-decode" if self.pin_decode else "")
+                         + f", --prefill-nice {self.prefill_nice}"
                          + (f", --stream-interval-ms {self.stream_interval_ms:g}" if self.stream else "")),
             ("wall time", f"{self.wall_s:.2f} s"),
             ("requests/s", f"{self.requests_per_s:.2f}"),
@@ -130,7 +133,8 @@ def load_prompts(count: int) -> list[str]:
 def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, max_tokens: int = 64,
                   stream: bool = True, threads: int = 0, prefill_batch: int = 8,
                   prefill_arena: str = "keep", stream_interval_ms: float = 0.0,
-                  prefill_tokens: int = 512, client: str = "openai", pin_decode: bool = False) -> LoadReport:
+                  prefill_tokens: int = 512, client: str = "openai", pin_decode: bool = False,
+                  prefill_nice: int | None = None) -> LoadReport:
     import psutil
 
     from ..runtime import OrtDecoder, SamplingParams, generate_ids, load_bundle
@@ -160,7 +164,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
                "--threads", str(threads), "--model-name", "t2r", "--max-tokens", str(max_tokens),
                "--prefill-batch", str(prefill_batch), "--prefill-arena", prefill_arena,
                "--stream-interval-ms", str(stream_interval_ms), "--prefill-tokens", str(prefill_tokens),
-               *(["--pin-decode"] if pin_decode else [])]
+               *(["--pin-decode"] if pin_decode else []),
+               *(["--prefill-nice", str(prefill_nice)] if prefill_nice is not None else [])]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -181,7 +186,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
             server_cpu = sum(proc.cpu_times()[:2]) - server_cpu
             peak.stop()
         rss_after = proc.memory_info().rss
-        state_bytes = json.loads(urllib.request.urlopen(f"{base}/metrics", timeout=10).read())["state_bytes_per_stream"]
+        metrics = json.loads(urllib.request.urlopen(f"{base}/metrics", timeout=10).read())
+        state_bytes, nice = metrics["state_bytes_per_stream"], metrics["prefill_nice"]
     finally:
         server.terminate()
         try:
@@ -213,7 +219,7 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
         baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
         mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client,
-        pin_decode=pin_decode)
+        pin_decode=pin_decode, prefill_nice=nice)
 
 
 def _full_concurrency_rate(done: list, requests: int, streams: int) -> float | None:
