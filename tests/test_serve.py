@@ -288,6 +288,12 @@ def test_bounded_load_test(bundle_dir, tmp_path, client, stream, pin):
     assert report["completion_tokens"] > 12 and report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
     assert report["rss_peak_mb"] >= report["rss_idle_mb"] > 0
     assert report["p99_latency_s"] >= report["p50_latency_s"] > 0
+    if stream == "--stream":
+        # the first text arrives after the request is sent and before its answer ends
+        assert 0 < report["first_text_p50_s"] <= report["first_text_p99_s"] <= report["p99_latency_s"]
+        assert report["first_text_p50_s"] <= report["p50_latency_s"]
+    else:
+        assert report["first_text_p50_s"] is None and report["first_text_p99_s"] is None
 
 
 def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):

@@ -60,6 +60,9 @@ class LoadReport:
     full_step_ms: float
     p50_latency_s: float
     p99_latency_s: float
+    # streamed runs: time from sending a request to its first text (None for whole responses)
+    first_text_p50_s: float | None
+    first_text_p99_s: float | None
     rss_idle_mb: float
     rss_one_stream_mb: float
     rss_peak_mb: float
@@ -104,6 +107,8 @@ class LoadReport:
             (f"step of {max(1, self.streams // 8)} active rows of {self.streams}",
              f"{self.packed_step_ms:.2f} ms packed (step_rows) vs {self.full_step_ms:.2f} ms full batch"),
             ("latency p50 / p99", f"{self.p50_latency_s:.3f} s / {self.p99_latency_s:.3f} s"),
+            ("time to first text p50 / p99", "— (whole responses)" if self.first_text_p50_s is None else
+             f"{self.first_text_p50_s:.3f} s / {self.first_text_p99_s:.3f} s"),
             ("server RSS idle / 1 stream / peak / after",
              f"{self.rss_idle_mb:.1f} / {self.rss_one_stream_mb:.1f} / {self.rss_peak_mb:.1f} / "
              f"{self.rss_after_mb:.1f} MB"),
@@ -198,6 +203,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         raise LoadError("the server answered no request")
     done = [r for r in results if r is not None]
     latencies = sorted(r[1] for r in done)
+    # streamed: from sending a request to its first text (its prefill, its wait for a row, the first step)
+    firsts = sorted(r[4] for r in done if r[4] is not None)
     tokens = sum(r[2] for r in done)
     mixed = sum(1 for r, want in zip(results, solo) if r is not None and r[0] != want)
     rate = tokens / wall if wall > 0 else 0.0
@@ -213,6 +220,8 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         baseline_with_prefill_tokens_per_s=with_prefill, ratio_with_prefill=rate / with_prefill,
         packed_step_ms=packed_ms, full_step_ms=full_ms,
         p50_latency_s=_quantile(latencies, 0.50), p99_latency_s=_quantile(latencies, 0.99),
+        first_text_p50_s=_quantile(firsts, 0.50) if firsts else None,
+        first_text_p99_s=_quantile(firsts, 0.99) if firsts else None,
         rss_idle_mb=rss_idle / mb, rss_one_stream_mb=rss_one / mb, rss_peak_mb=peak.peak / mb,
         rss_after_mb=rss_after / mb,
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
@@ -288,7 +297,7 @@ def _client(kind: str, base: str, prompts: list[str], concurrency: int, max_toke
     results = asyncio.run(fire(base, prompts, concurrency, max_tokens, stream))
     wall = time.perf_counter() - start
     # each answer's end, from the start of the run (the fire functions note perf_counter at the end)
-    results = [None if r is None else (*r[:3], r[3] - start) for r in results]
+    results = [None if r is None else (*r[:3], r[3] - start, r[4]) for r in results]
     return results, wall, time.process_time() - cpu
 
 
@@ -308,18 +317,21 @@ async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tok
                     if not stream:
                         answer = await response.json()
                         end = time.perf_counter()
-                        return answer["choices"][0]["text"], end - start, answer["usage"]["completion_tokens"], end
-                    parts, tokens = [], 0
+                        return (answer["choices"][0]["text"], end - start, answer["usage"]["completion_tokens"], end,
+                                None)
+                    parts, tokens, first = [], 0, None
                     async for line in response.content:
                         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                             continue
                         chunk = json.loads(line[6:])
                         if chunk.get("choices"):
                             parts.append(chunk["choices"][0]["text"])
+                            if first is None and parts[-1]:
+                                first = time.perf_counter() - start
                         if chunk.get("usage"):
                             tokens = chunk["usage"]["completion_tokens"]
                     end = time.perf_counter()
-                    return "".join(parts), end - start, tokens, end
+                    return "".join(parts), end - start, tokens, end, first
             except (aiohttp.ClientError, KeyError, ValueError):
                 return None
 
@@ -329,7 +341,8 @@ async def _fire_aiohttp(base: str, prompts: list[str], concurrency: int, max_tok
 
 
 async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
-    """(text, latency s, completion tokens, perf_counter at its end) per prompt, or None where it failed."""
+    """(text, latency s, completion tokens, perf_counter at its end, seconds to its first text or None when
+    not streamed) per prompt, or None where it failed."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -340,20 +353,22 @@ async def _fire(base: str, prompts: list[str], concurrency: int, max_tokens: int
             start = time.perf_counter()
             try:
                 if stream:
-                    parts, tokens = [], 0
+                    parts, tokens, first = [], 0, None
                     chunks = await client.completions.create(model="t2r", prompt=prompt, max_tokens=max_tokens,
                                                              temperature=0, stream=True)
                     async for chunk in chunks:
                         if chunk.choices:
                             parts.append(chunk.choices[0].text)
+                            if first is None and parts[-1]:
+                                first = time.perf_counter() - start
                         if chunk.usage is not None:
                             tokens = chunk.usage.completion_tokens
                     end = time.perf_counter()
-                    return "".join(parts), end - start, tokens, end
+                    return "".join(parts), end - start, tokens, end, first
                 answer = await client.completions.create(model="t2r", prompt=prompt, max_tokens=max_tokens,
                                                          temperature=0)
                 end = time.perf_counter()
-                return answer.choices[0].text, end - start, answer.usage.completion_tokens, end
+                return answer.choices[0].text, end - start, answer.usage.completion_tokens, end, None
             except openai.OpenAIError:
                 return None
 
