@@ -306,6 +306,9 @@ def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):
     config = load_bundle(bundle_dir).config
     row = contract.state_nbytes(config.state_shape, 1, config.state_dtype) + 4 * config.vocab_size
     assert "growth per extra stream" in result.output
+    # the decoder's own share, measured in a fresh process beside the engine's figure
+    assert re.search(r"the decoder alone, stepping 1\.\.3 rows, per extra row: +-?\d+\.\d KB", result.output), \
+        result.output
     assert re.search(rf"by design: 1 state set \+ a logits row: +{row / 1e3:.1f} KB", result.output), result.output
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "1"]), 2, "--streams >= 2")
 

@@ -284,3 +284,41 @@ def test_row_shapes_follow_the_contract(bundle):
     assert len(shapes) == 2 * bundle.config.num_layers
     assert shapes["past_state.0.s"] == (1, bundle.config.num_kv_heads, bundle.config.feature_dim,
                                         bundle.config.head_dim)
+
+
+@pytest.mark.parametrize("io_binding, in_place", [(True, True), (True, False), (False, True)])
+def test_take_row_moves_exactly_one_row_from_a_side_decoder(bundle, io_binding, in_place):
+    """take_row (how a server moves a prefilled row into its batch): the row arrives bit for bit,
+    its neighbours keep theirs, and later writes to either side do not reach the other."""
+    rng = np.random.default_rng(7)
+    with OrtDecoder(bundle, threads=1, io_binding=io_binding, in_place=in_place) as main:
+        main.reset(4)
+        main.prefill_rows(0, rng.integers(3, bundle.config.vocab_size, (4, 6)), np.tile(np.arange(6), (4, 1)))
+        # a step flips the parity of a two-set decoder: the row must land in the set the next step reads
+        main.step(np.full((4, 1), 5), np.full((4, 1), 6))
+        side = main.side_decoder(3)
+        try:
+            side.prefill_rows(0, rng.integers(3, bundle.config.vocab_size, (3, 9)), np.tile(np.arange(9), (3, 1)))
+            before = {row: main.read_row(row) for row in range(4)}
+            moved = side.read_row(2)
+            main.take_row(side, 2, 1)
+            for name, value in moved.items():
+                np.testing.assert_array_equal(main.read_row(1)[name], value)
+            for row in (0, 2, 3):
+                for name, value in before[row].items():
+                    np.testing.assert_array_equal(main.read_row(row)[name], value)
+            # the rows are copies: the side decoder's next prefill leaves the taken row as it was
+            side.prefill_rows(0, rng.integers(3, bundle.config.vocab_size, (3, 4)), np.tile(np.arange(4), (3, 1)))
+            for name, value in moved.items():
+                np.testing.assert_array_equal(main.read_row(1)[name], value)
+            # and the batch steps on from it as from the same state written with write_row
+            with OrtDecoder(bundle, threads=1) as check:
+                check.reset(4)
+                for row in range(4):
+                    check.write_row(row, main.read_row(row))
+                ids, pos = np.full((4, 1), 7), np.full((4, 1), 9)
+                np.testing.assert_allclose(main.step(ids, pos), check.step(ids, pos), rtol=0, atol=BATCHED_TOL)
+            with pytest.raises(ValueError, match="outside the batch"):
+                main.take_row(side, 3, 0)
+        finally:
+            side.close()

@@ -6,8 +6,13 @@ Runs :class:`Engine` in this process with a stand-in for the event loop, first o
 ``streams`` concurrent greedy requests (each replaced as it finishes, until ``4 * streams`` are
 done), and prints the RSS after each stage and the growth per extra stream, next to the sizes
 the engine holds by design: its state once per state set the decoder keeps (one where the graphs
-update it in place, two otherwise) and a logits row per stream. What ``serve-load`` measures beyond these figures is the HTTP side (uvicorn, asyncio,
-the per-request objects). Torch-free.
+update it in place, two otherwise) and a logits row per stream. Then the decoder alone, as the
+engine opens it, steps 1, 2, ... ``streams`` rows in a fresh process: what that adds per row
+is the decoder's own share, and the rest of the engine's figure is the requests, their prefill
+rounds and the heap they leave. ONNX Runtime's arena and the C heap grow in steps of up to a
+megabyte or so, so these per-row figures are sharp over many streams (64: within 1% of the design
+on the bundled model) and swing by tens of KB over a few. What ``serve-load`` measures beyond these figures is the HTTP side
+(uvicorn, asyncio, the per-request objects). Torch-free.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import psutil
 
 from .. import contract
+from ..bench.child import run_in_child
 from ..runtime import SamplingParams, load_bundle
 from ..runtime.in_place import resident_row_nbytes
 from .engine import Engine, Request
@@ -83,6 +89,36 @@ def measure(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int 
     return marks
 
 
+def decoder_rows(bundle, streams: int) -> float:
+    """RSS bytes per row that stepping 1, 2, ... ``streams`` rows adds to a decoder opened as the engine
+    opens it (its step bindings and the largest step's working memory taken up front), after one
+    step of one row."""
+    import gc
+
+    import numpy as np
+
+    from ..runtime import OrtDecoder
+
+    proc = psutil.Process()
+    with OrtDecoder(load_bundle(bundle), threads=1, memory_pattern=False) as decoder:
+        decoder.reset(streams)
+        decoder.prepare_steps()
+        ids = np.zeros((streams, 1), np.int64)
+        # the working memory of the largest step, taken on throwaway rows (as Engine.reserve does)
+        side = decoder.side_decoder(streams)
+        try:
+            side.step(ids, ids)
+        finally:
+            side.close()
+        decoder.step_rows(1, ids[:1], ids[:1])
+        gc.collect()
+        before = proc.memory_info().rss
+        for rows in range(2, streams + 1):
+            decoder.step_rows(rows, ids[:rows], ids[:rows])
+        gc.collect()
+        return (proc.memory_info().rss - before) / (streams - 1)
+
+
 def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int = 8,
            prefill_arena: str = "keep", prefill_tokens: int = 512) -> list[str]:
     """The lines ``serve-load --engine-only`` prints."""
@@ -98,4 +134,7 @@ def report(bundle, streams: int = 64, max_tokens: int = 64, prefill_batch: int =
     lines.append(f"{label:>64}: "
                  f"{resident_row_nbytes(config, sets == 1) / 1e3:7.1f} "
                  f"KB (one state {state / 1e3:.1f} KB)")
+    # in a fresh process: in this one the engine's freed memory would serve the decoder's rows
+    rows = run_in_child(decoder_rows, str(bundle), streams, what="decoder rows")
+    lines.append(f"{f'the decoder alone, stepping 1..{streams} rows, per extra row':>64}: {rows / 1e3:7.1f} KB")
     return lines
