@@ -17,7 +17,7 @@ import pytest
 
 from t2r_export import contract
 from t2r_export.runtime import OrtDecoder, SamplingParams, generate, load_bundle
-from t2r_export.serve.engine import PREFILL_NICE, thread_nice_supported
+from t2r_export.serve.priority import PREFILL_NICE, thread_nice_supported
 from t2r_export.serve.local import local_server
 
 from hostile_helpers import assert_one_line_failure, invoke
@@ -480,7 +480,7 @@ def test_the_prefill_thread_runs_below_the_decode_thread(bundle_dir):
     the server's priority; answers are the same; --prefill-nice 0 leaves both alone; bad values are refused."""
     import os
 
-    from t2r_export.serve.engine import PREFILL_NICE, Engine, Request
+    from t2r_export.serve.engine import Engine, Request
 
     bundle = load_bundle(bundle_dir)
     base = os.getpriority(os.PRIO_PROCESS, 0)

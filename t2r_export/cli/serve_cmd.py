@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ..serve.priority import PREFILL_NICE
 from .common import err_console, fail
 
 SERVE_EXTRA = "install the server with `pip install 't2r-export[serve]'`"
@@ -47,8 +48,8 @@ def serve(
     pin_decode: bool = typer.Option(False, "--pin-decode", help="With --threads 1: the decode thread gets the "
                                     "last allowed core to itself, the server's other threads the rest."),
     prefill_nice: int = typer.Option(None, help="Nice steps the prefill thread runs below the server, so busy "
-                                     "cores go to the running streams first (Linux; default 10; 0 = same "
-                                     "priority)."),
+                                     f"cores go to the running streams first (Linux; default {PREFILL_NICE}; "
+                                     "0 = same priority)."),
 ) -> None:
     for name, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-prompt-tokens",
                              max_prompt_tokens, 1), ("--max-tokens", max_tokens, 1), ("--threads", threads, 0),

@@ -26,7 +26,6 @@ event loop 64 times a step).
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -39,34 +38,12 @@ from ..runtime.generate import RowStream
 from ..runtime.prefix_cache import PrefixCache, prefill_cached, prefill_many
 from ..runtime.sampling import SamplingParams, sample_row
 from ..runtime.state import bundle_identity
+from .priority import PREFILL_NICE, lower_this_thread, thread_nice_supported
 
 # the server process's GIL switch interval (Python's default: 5 ms). The decode thread needs the
 # GIL only between steps, to sample and hand out its rows' tokens; with the default it can wait up
 # to 5 ms for the event loop's thread to let go, a third of a 64-row step on the bundled model
 GIL_SWITCH_S = 0.0005
-
-
-# how much lower the prefill thread's scheduling priority is than the server's (nice steps, Linux). On
-# a machine whose cores are all busy (the streams' steps, the prefill, the event loop, clients on the
-# same box) the scheduler then hands a contested core to the decode thread first, so the running
-# streams keep their pace and new prompts are prefilled in the time the decode thread leaves; with
-# idle cores the prefill runs as fast as before. Unprivileged processes may always lower a thread's
-# priority, never raise it back.
-PREFILL_NICE = 10
-
-
-def thread_nice_supported() -> bool:
-    """Whether this platform can set one thread's scheduling priority (Linux: a thread is a task with its
-    own nice value, addressed by its native id)."""
-    return sys.platform.startswith("linux") and hasattr(os, "setpriority")
-
-
-def lower_this_thread(steps: int) -> int:
-    """Lower the calling thread's priority by ``steps`` nice steps (capped at 19) → its nice value now."""
-    tid = threading.get_native_id()
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
-    os.setpriority(os.PRIO_PROCESS, tid, nice)
-    return nice
 
 
 def decode_core_plan(threads: int) -> tuple[int, set[int]]:
