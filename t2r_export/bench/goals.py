@@ -26,6 +26,7 @@ INT4_SPEEDUP_GOAL = 2.0
 # floor's prefill form (the prompt's dense matmuls alone)
 PREFILL_NAMES = ("t2r-ort prefill graph", "t2r-ort step feeding", "softmax-ort", "genai", "transformers", "floor")
 
+
 def summarize(result: dict) -> dict:
     """Per position: T2R speedup over each softmax path and the fastest one, latency vs the floor; goals."""
     paths = result["paths"]

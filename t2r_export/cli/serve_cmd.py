@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..serve.priority import PREFILL_NICE
+from ..serve.priority import PREFILL_NICE, resolve_prefill_nice
 from .common import err_console, fail
 
 SERVE_EXTRA = "install the server with `pip install 't2r-export[serve]'`"
@@ -154,8 +154,11 @@ def serve_load(
         fail(f"--stream-interval-ms must be in [0, 10000], got {stream_interval_ms}")
     if client not in ("openai", "aiohttp"):
         fail(f"--client must be openai or aiohttp, got {client!r}")
-    if prefill_nice is not None and not 0 <= prefill_nice <= 19:
-        fail(f"--prefill-nice must be in [0, 19], got {prefill_nice}")
+    if prefill_nice is not None:
+        try:
+            resolve_prefill_nice(prefill_nice)
+        except ValueError as err:
+            fail(str(err))
     if prefill_nice is not None and engine_only:
         fail("--prefill-nice sets the server's prefill priority; --engine-only runs no server (drop one of them)")
     if pin_decode and engine_only:

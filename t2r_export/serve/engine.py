@@ -38,7 +38,7 @@ from ..runtime.generate import RowStream
 from ..runtime.prefix_cache import PrefixCache, prefill_cached, prefill_many
 from ..runtime.sampling import SamplingParams, sample_row
 from ..runtime.state import bundle_identity
-from .priority import PREFILL_NICE, lower_this_thread, thread_nice_supported
+from .priority import lower_this_thread, resolve_prefill_nice
 
 # the server process's GIL switch interval (Python's default: 5 ms). The decode thread needs the
 # GIL only between steps, to sample and hand out its rows' tokens; with the default it can wait up
@@ -141,14 +141,8 @@ class Engine:
             raise ValueError(f"--prefill-batch must be >= 1, got {prefill_batch}")
         if prefill_tokens < 1:
             raise ValueError(f"--prefill-tokens must be >= 1, got {prefill_tokens}")
-        if prefill_nice is None:
-            prefill_nice = PREFILL_NICE if thread_nice_supported() else 0
-        if not 0 <= prefill_nice <= 19:
-            raise ValueError(f"--prefill-nice must be in [0, 19], got {prefill_nice}")
-        if prefill_nice and not thread_nice_supported():
-            raise ValueError("--prefill-nice needs per-thread priorities (Linux); pass --prefill-nice 0 here")
-        # nice steps the prefill thread runs below the rest of the server (PREFILL_NICE)
-        self.prefill_nice = prefill_nice
+        # nice steps the prefill thread runs below the rest of the server (PREFILL_NICE by default)
+        self.prefill_nice = resolve_prefill_nice(prefill_nice)
         self.bundle = bundle
         self.config = bundle.config
         # the core the decode thread pins itself to (decode_core_plan), or None: wherever the OS puts it
@@ -328,8 +322,8 @@ class Engine:
                             self._ready = joining[taken:]
                             if not self._ready:
                                 self._wake.notify_all()
+                # _iteration hands its events over itself, before the step graph runs
                 self._iteration()
-                self._flush()
             except Exception as err:  # a failing graph must not kill the server: fail the batch, go on
                 self._flush()
                 for choice in self._active:

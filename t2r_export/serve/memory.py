@@ -7,12 +7,12 @@ Runs :class:`Engine` in this process with a stand-in for the event loop, first o
 done), and prints the RSS after each stage and the growth per extra stream, next to the sizes
 the engine holds by design: its state once per state set the decoder keeps (one where the graphs
 update it in place, two otherwise) and a logits row per stream. Then the decoder alone, as the
-engine opens it, steps 1, 2, ... ``streams`` rows in a fresh process: what that adds per row
-is the decoder's own share, and the rest of the engine's figure is the requests, their prefill
-rounds and the heap they leave. ONNX Runtime's arena and the C heap grow in steps of up to a
-megabyte or so, so these per-row figures are sharp over many streams (64: within 1% of the design
-on the bundled model) and swing by tens of KB over a few. What ``serve-load`` measures beyond these figures is the HTTP side
-(uvicorn, asyncio, the per-request objects). Torch-free.
+engine opens it, steps 1, 2, ... ``streams`` rows in a fresh process: what that adds per row is
+the decoder's own share, and the rest of the engine's figure is the requests, their prefill rounds
+and the heap they leave. ONNX Runtime's arena and the C heap grow in steps of up to a megabyte or
+so, so these per-row figures are sharp over many streams (64: within 1% of the design on the
+bundled model) and swing by tens of KB over a few. What ``serve-load`` measures beyond these
+figures is the HTTP side (uvicorn, asyncio, the per-request objects). Torch-free.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ import threading
 # idle cores the prefill runs as fast as before. Unprivileged processes may always lower a thread's
 # priority, never raise it back.
 PREFILL_NICE = 10
+# the lowest priority a nice value reaches
+NICE_MAX = 19
 
 
 def thread_nice_supported() -> bool:
@@ -23,9 +25,21 @@ def thread_nice_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "setpriority")
 
 
+def resolve_prefill_nice(steps: int | None) -> int:
+    """``--prefill-nice``: None → the default where this platform has per-thread priorities (else 0);
+    ValueError (one line) for a value outside [0, NICE_MAX] or one this platform cannot apply."""
+    if steps is None:
+        return PREFILL_NICE if thread_nice_supported() else 0
+    if not 0 <= steps <= NICE_MAX:
+        raise ValueError(f"--prefill-nice must be in [0, {NICE_MAX}], got {steps}")
+    if steps and not thread_nice_supported():
+        raise ValueError("--prefill-nice needs per-thread priorities (Linux); pass --prefill-nice 0 here")
+    return steps
+
+
 def lower_this_thread(steps: int) -> int:
-    """Lower the calling thread's priority by ``steps`` nice steps (capped at 19) → its nice value now."""
+    """Lower the calling thread's priority by ``steps`` nice steps (capped at NICE_MAX) → its nice value now."""
     tid = threading.get_native_id()
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+    nice = min(NICE_MAX, os.getpriority(os.PRIO_PROCESS, tid) + steps)
     os.setpriority(os.PRIO_PROCESS, tid, nice)
     return nice
