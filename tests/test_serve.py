@@ -313,6 +313,21 @@ def test_the_engine_alone_reports_its_memory_by_stage(bundle_dir):
     assert_one_line_failure(invoke(["serve-load", bundle_dir, "--engine-only", "--streams", "1"]), 2, "--streams >= 2")
 
 
+def test_the_engine_report_says_why_the_decoder_alone_was_not_measured(bundle_dir, monkeypatch):
+    """A child that dies (the out-of-memory killer, say) leaves that one line saying so; the rest stands."""
+    from t2r_export.bench.child import ChildProcessFailed
+    from t2r_export.serve import memory
+
+    def dies(*args, **kwargs):
+        raise ChildProcessFailed("the decoder rows process ended without an answer (exit code -9)")
+
+    monkeypatch.setattr(memory, "run_in_child", dies)
+    lines = memory.report(bundle_dir, streams=2, max_tokens=4)
+    assert "growth per extra stream" in "\n".join(lines)
+    assert re.search(r"the decoder alone, stepping 1\.\.2 rows, per extra row: not measured \(the decoder rows "
+                     r"process ended without an answer \(exit code -9\)\)$", lines[-1]), lines[-1]
+
+
 class _Sink:
     """Stands in for an asyncio loop and queue: events are collected on the decode thread."""
 
