@@ -19,7 +19,7 @@ from t2r_export.contract import REQUIRED_FIELDS
 from t2r_export.runtime import (BundleError, GenerationError, NonFiniteLogitsError, OrtDecoder, ProviderError,
                                 SamplingParams, generate, generate_ids, inspect_bundle, load_bundle, sample_row)
 from t2r_export.runtime.generate import _RowStream
-from t2r_export.runtime.sampling import Sampler, _filtered_distribution
+from t2r_export.runtime.sampling import ARGMAX_CHUNK_BYTES, Sampler, _filtered_distribution, argmax_rows
 from t2r_export.tolerances import TOLERANCES
 
 from toy_bundle import EOS_ID, build_toy_bundle
@@ -220,6 +220,33 @@ def test_top_k_and_top_p_restrict_the_support():
     sampler = Sampler(SamplingParams(temperature=1.0, seed=1), batch=3)
     picked = sampler(np.tile(logits.astype(np.float32), (3, 1)), rows=np.array([0, 2]))
     assert picked[1] == -1 and picked[0] >= 0 and picked[2] >= 0
+
+
+@pytest.mark.parametrize("shape", [(64, 4096), (3, 40000), (2, 5, 300), (7,)])
+def test_argmax_rows_reads_a_read_only_block_in_place_and_answers_as_argmax(shape):
+    import tracemalloc
+
+    block = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    flat = block.reshape(-1, shape[-1])
+    flat[0, 3] = flat[0, 5] = 9.0           # ties: the first wins
+    flat[-1, :] = -np.inf                   # all -inf: index 0
+    if flat.shape[0] > 2:
+        flat[1, 4] = np.nan                 # NaN: its index, as argmax says
+    view = block.view()
+    view.flags.writeable = False
+    tracemalloc.start()
+    try:
+        picked = argmax_rows(view)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(picked, block.argmax(axis=-1))
+    assert picked.dtype == np.int64 and picked.shape == shape[:-1]
+    # the plain call on a read-only block copies all of it; this copies a chunk of rows at a time
+    row = shape[-1] * 4
+    assert peak <= max(ARGMAX_CHUNK_BYTES, row) + 4096, (peak, block.nbytes)
+    assert Sampler(SamplingParams(temperature=0.0), batch=flat.shape[0])(view.reshape(-1, shape[-1])).tolist() \
+        == block.reshape(-1, shape[-1]).argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -207,16 +208,29 @@ def test_the_openai_client_raises_its_own_errors(client):
         client.completions.create(model=MODEL, prompt="x", max_tokens=101)
 
 
-def test_a_disconnected_stream_frees_its_row(tmp_path):
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_disconnected_client_frees_its_row(tmp_path, stream):
     long_bundle = build_toy_bundle(tmp_path / "long", max_position=4200)
     with local_server(long_bundle, model_name=MODEL, max_batch=2, max_tokens_limit=4000) as url:
         root = url[:-len("/v1")]
         body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 4000, "temperature": 0,
-                           "stream": True}).encode()
-        request = urllib.request.Request(f"{url}/completions", data=body, headers={"Content-Type": "application/json"})
-        response = urllib.request.urlopen(request)
-        assert response.readline().startswith(b"data: ")
-        response.close()
+                           "stream": stream}).encode()
+        if stream:
+            request = urllib.request.Request(f"{url}/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            response = urllib.request.urlopen(request)
+            assert response.readline().startswith(b"data: ")
+            response.close()
+        else:
+            # a whole answer sends nothing until it is done: the client leaves once its row decodes
+            host, port = urllib.parse.urlsplit(url).netloc.split(":")
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                deadline = time.monotonic() + 10
+                while not json.loads(urllib.request.urlopen(f"{root}/metrics").read())["active_streams"]:
+                    assert time.monotonic() < deadline, "the request never started decoding"
+                    time.sleep(0.01)
         deadline = time.monotonic() + 10
         while (metrics := json.loads(urllib.request.urlopen(f"{root}/metrics").read()))["active_streams"]:
             assert time.monotonic() < deadline, "the disconnected request still holds its row"

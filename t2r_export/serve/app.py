@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from ..runtime.sampling import SamplingParams
 from .engine import Engine, EngineFull, Request, default_seed
@@ -111,19 +113,21 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
             engine.submit(request)
         except EngineFull as err:
             raise ApiError(429, str(err), code="rate_limit_exceeded", kind="rate_limit_error") from None
+
+        def gone() -> None:
+            request.cancel()
+            events.put_nowait(GONE)
+
         if stream:
-            return StreamingResponse(_sse(request, events, renderer, stream_interval), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return EventStream(_sse(request, events, renderer, stream_interval), gone)
         texts = [[] for _ in range(request.n)]
         reasons, tokens, left = [""] * request.n, 0, request.n
+        watcher = watch_disconnect(http.receive, gone)
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return JSONResponse(error_body("client disconnected"), status_code=499)
-                    continue
+                event = await events.get()
+                if event is GONE:
+                    return JSONResponse(error_body("client disconnected"), status_code=499)
                 if event[0] == "text":
                     texts[event[-1]].append(event[1])
                 elif event[0] == "error":
@@ -133,6 +137,7 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
                     if not left:
                         return renderer.whole(["".join(t) for t in texts], reasons, tokens)
         finally:
+            watcher.cancel()
             request.cancel()
 
     def make_request(ids, max_tokens, sampling, stops, body, cache_points=()):
@@ -168,6 +173,39 @@ def create_app(engine: Engine, model_name: str, max_prompt_tokens: int = 4096, m
     return app
 
 
+# put on a request's event queue when its client goes away
+GONE = ("gone",)
+
+
+def watch_disconnect(receive: Receive, gone: Callable[[], None]) -> asyncio.Task:
+    """One bare task that waits on the connection's ASGI ``receive`` for ``http.disconnect`` (the body
+    has been read by then) and calls ``gone``; the caller cancels it when its response is complete."""
+
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone()
+
+    return asyncio.get_running_loop().create_task(wait())
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that notice a client going away with one bare task (``watch_disconnect``)
+    instead of the task group Starlette's StreamingResponse opens for it per response under uvicorn,
+    which holds ~20 KB per open stream (measured: docs/design.md#serving-memory)."""
+
+    def __init__(self, content, gone: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.gone = gone
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = watch_disconnect(receive, self.gone)
+        try:
+            await self.stream_response(send)
+        finally:
+            watcher.cancel()
+
+
 async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer, interval: float = 0.0):
     """Server-sent events: what piled up since the last write goes out in one write, each choice's
     text in one chunk; the last choice to end carries the request's usage (as OpenAI does with
@@ -180,6 +218,8 @@ async def _sse(request: Request, events: asyncio.Queue, renderer: Renderer, inte
                 events_now.append(events.get_nowait())
             texts: dict[int, list[str]] = {}
             out = []
+            if any(event is GONE for event in events_now):
+                return
             for event in events_now:
                 if event[0] == "text":
                     texts.setdefault(event[-1], []).append(event[1])

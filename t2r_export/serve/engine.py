@@ -36,7 +36,7 @@ import numpy as np
 from ..runtime import OrtDecoder
 from ..runtime.generate import RowStream
 from ..runtime.prefix_cache import PrefixCache, prefill_cached, prefill_many
-from ..runtime.sampling import SamplingParams, sample_row
+from ..runtime.sampling import SamplingParams, argmax_rows, sample_row
 from ..runtime.state import bundle_identity
 from .priority import lower_this_thread, resolve_prefill_nice
 
@@ -344,7 +344,7 @@ class Engine:
             if len(self._active) + request.n > self.max_batch:
                 break
             # the prompt's last logits, shared by every choice of the request
-            first, best, finite = logits[0], int(logits[0].argmax()), bool(np.isfinite(logits[0]).all())
+            first, best, finite = logits[0], int(argmax_rows(logits[0])), bool(np.isfinite(logits[0]).all())
             for index in range(request.n):
                 self.decoder.take_row(self.staging, row, len(self._active))
                 seed = (request.sampling.seed + index) % (1 << 63)
@@ -389,7 +389,7 @@ class Engine:
         # NaN/inf checks and greedy picks of every row as reductions over the step's own logits block
         # (calls per row, or a stacked copy of the rows, cost the decode thread time and memory)
         finite = (np.isfinite(logits.max(axis=1)) & np.isfinite(logits.min(axis=1))).tolist()
-        best = logits.argmax(axis=1).tolist()
+        best = argmax_rows(logits).tolist()
         for row, choice in enumerate(self._active):
             choice.see(logits[row], best[row], finite[row])
             choice.position += 1
