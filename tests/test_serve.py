@@ -574,3 +574,25 @@ def test_greedy_rows_hold_no_generator(bundle_dir):
     finally:
         engine.stop()
     assert seen == {True: {True}, False: {False}}
+
+
+def test_an_event_box_hands_over_everything_put_in_order_and_wakes_its_reader():
+    import asyncio
+
+    from t2r_export.serve.app import EventBox
+
+    async def scenario():
+        box = EventBox()
+        box.put_nowait(("text", "a", 0))
+        box.put_nowait(("text", "b", 0))
+        assert await box.drain() == [("text", "a", 0), ("text", "b", 0)]
+        reader = asyncio.ensure_future(box.drain())
+        await asyncio.sleep(0)
+        assert not reader.done()
+        loop = asyncio.get_running_loop()
+        # as the decode thread hands a step's events over: from another thread, onto the loop
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(box.put_nowait, ("done", "eos", 2, 0))).start()
+        assert await asyncio.wait_for(reader, 5) == [("done", "eos", 2, 0)]
+        assert box._waiter is None and box._items == []
+
+    asyncio.run(scenario())
