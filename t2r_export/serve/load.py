@@ -1,7 +1,8 @@
 """`t2r-export serve-load`: start `serve` as a child process on a free 127.0.0.1 port and load it.
 
 In one run: the runtime's own batched decode at batch ``streams`` (``generate_ids``, the same
-prompts and sampling, decode time only) as the baseline; each prompt decoded alone by the runtime
+prompts and sampling, decode time only) as the baseline, run before the server and again after
+it (the ratio is to their mean: this machine's speed drifts within a minute); each prompt decoded alone by the runtime
 (what every served answer must equal); then the server, first one request alone (its RSS is the
 one-stream figure), then ``requests`` requests at ``streams`` concurrency from a client in a
 process of its own: the async openai client, or (``client="aiohttp"``) plain aiohttp reading the
@@ -48,8 +49,11 @@ class LoadReport:
     completion_tokens: int
     requests_per_s: float
     tokens_per_s: float
+    # the runtime's batched decode: the mean of one run before the server's and one after
     baseline_tokens_per_s: float
     ratio: float
+    baseline_before_tokens_per_s: float
+    baseline_after_tokens_per_s: float
     # the same while ``streams`` requests stayed outstanding (after the first wave, before the drain; None: no
     # such stretch)
     full_concurrency_tokens_per_s: float | None
@@ -94,8 +98,10 @@ class LoadReport:
             ("wall time", f"{self.wall_s:.2f} s"),
             ("requests/s", f"{self.requests_per_s:.2f}"),
             ("tokens/s (aggregate)", f"{self.tokens_per_s:.1f} ({self.completion_tokens} completion tokens)"),
-            (f"runtime batched decode, batch {self.streams}", f"{self.baseline_tokens_per_s:.1f} tokens/s (decode "
-                                                              "only)"),
+            (f"runtime batched decode, batch {self.streams}",
+             f"{self.baseline_tokens_per_s:.1f} tokens/s (decode only; the mean of "
+             f"{self.baseline_before_tokens_per_s:.1f} before the server's run and "
+             f"{self.baseline_after_tokens_per_s:.1f} after)"),
             ("ratio", f"{self.ratio:.2f} (goal >= 0.80)"),
             (f"while all {self.streams} were in flight",
              "— (too few requests for a stretch between the first wave and the drain)"
@@ -155,12 +161,19 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     prompts = load_prompts(requests)
     ids = [tokenizer.encode(p).ids for p in prompts]
     greedy = SamplingParams(temperature=0.0)
-    with OrtDecoder(loaded, threads=threads) as decoder:
-        batch = [ids[i % len(ids)] for i in range(streams)]
+    batch = [ids[i % len(ids)] for i in range(streams)]
+
+    def batched_decode(decoder) -> tuple[float, float, float]:
+        """(tokens/s decoding only, tokens/s with the prompts' prefill, tokens per CPU-second)"""
         generate_ids(decoder, tokenizer, batch, 4, greedy)
         cpu = time.process_time()
-        baseline = generate_ids(decoder, tokenizer, batch, max_tokens, greedy).timing
-        baseline_cpu = time.process_time() - cpu
+        timing = generate_ids(decoder, tokenizer, batch, max_tokens, greedy).timing
+        cpu = time.process_time() - cpu
+        return (timing.tokens_per_s, timing.decode_tokens / (timing.prefill_s + timing.decode_s),
+                timing.decode_tokens / max(cpu, 1e-9))
+
+    with OrtDecoder(loaded, threads=threads) as decoder:
+        before = batched_decode(decoder)
         solo = [generate_ids(decoder, tokenizer, [row], max_tokens, greedy).rows[0].text for row in ids]
         packed_ms, full_ms = _step_costs(decoder, streams, max(1, streams // 8))
     port = free_port()
@@ -199,6 +212,11 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+    # the baseline again once the server has gone: the machine's speed can drift within a minute, and
+    # the ratio is taken to the mean of the runs on either side of the server's
+    with OrtDecoder(loaded, threads=threads) as decoder:
+        after = batched_decode(decoder)
+    baseline, with_prefill, per_cpu = ((b + a) / 2 for b, a in zip(before, after))
     if one[0] is None:
         raise LoadError("the server answered no request")
     done = [r for r in results if r is not None]
@@ -209,14 +227,14 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
     mixed = sum(1 for r, want in zip(results, solo) if r is not None and r[0] != want)
     rate = tokens / wall if wall > 0 else 0.0
     full_rate = _full_concurrency_rate(done, requests, streams)
-    with_prefill = baseline.decode_tokens / (baseline.prefill_s + baseline.decode_s)
     mb = 1 << 20
     return LoadReport(
         streams=streams, requests=requests, max_tokens=max_tokens, stream=stream, wall_s=wall,
         completion_tokens=tokens, requests_per_s=len(done) / wall, tokens_per_s=rate,
-        baseline_tokens_per_s=baseline.tokens_per_s, ratio=rate / baseline.tokens_per_s,
+        baseline_tokens_per_s=baseline, ratio=rate / baseline,
+        baseline_before_tokens_per_s=before[0], baseline_after_tokens_per_s=after[0],
         full_concurrency_tokens_per_s=full_rate,
-        full_concurrency_ratio=None if full_rate is None else full_rate / baseline.tokens_per_s,
+        full_concurrency_ratio=None if full_rate is None else full_rate / baseline,
         baseline_with_prefill_tokens_per_s=with_prefill, ratio_with_prefill=rate / with_prefill,
         packed_step_ms=packed_ms, full_step_ms=full_ms,
         p50_latency_s=_quantile(latencies, 0.50), p99_latency_s=_quantile(latencies, 0.99),
@@ -226,7 +244,7 @@ def run_load_test(bundle: str | Path, streams: int = 64, requests: int = 256, ma
         rss_after_mb=rss_after / mb,
         rss_per_extra_stream_kb=(peak.peak - rss_one) / max(1, streams - 1) / 1000,
         state_bytes_per_stream=state_bytes, server_cpu_s=server_cpu, client_cpu_s=client_cpu,
-        baseline_tokens_per_cpu_s=baseline.decode_tokens / max(baseline_cpu, 1e-9), lost=requests - len(done),
+        baseline_tokens_per_cpu_s=per_cpu, lost=requests - len(done),
         mixed=mixed, prefill_batch=prefill_batch, stream_interval_ms=stream_interval_ms, client=client,
         pin_decode=pin_decode, prefill_nice=nice)
 
