@@ -232,6 +232,9 @@ class EventStream(StreamingResponse):
             await self.stream_response(send)
         finally:
             watcher.cancel()
+            # a response that ended early (its send failed) frees its rows now, not when its events'
+            # generator is collected; after a whole answer this changes nothing
+            self.gone()
 
 
 async def _sse(request: Request, events: EventBox, renderer: Renderer, interval: float = 0.0):
