@@ -600,3 +600,51 @@ def test_an_event_box_hands_over_everything_put_in_order_and_wakes_its_reader():
         assert box._waiter is None and box._items == []
 
     asyncio.run(scenario())
+
+
+def test_a_streamed_response_watches_for_its_client_with_one_task_and_frees_the_request_when_it_goes():
+    """The response streams in its own task plus one watcher (Starlette's StreamingResponse opens a
+    task group per response under uvicorn, ~20 KB an open stream); a client that leaves calls ``gone``."""
+    import asyncio
+
+    from t2r_export.serve.app import EventStream
+
+    async def scenario(leave: bool):
+        incoming: asyncio.Queue = asyncio.Queue()
+        sent, gone, more = [], [], asyncio.Event()
+
+        async def body():
+            yield "data: a\n\n"
+            await more.wait()
+            if not gone:
+                yield "data: b\n\n"
+
+        def on_gone():
+            gone.append(True)
+            more.set()
+
+        async def send(message):
+            sent.append(message)
+
+        response = EventStream(body(), on_gone)
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        task = asyncio.ensure_future(response(scope, incoming.get, send))
+        while len(sent) < 2:
+            await asyncio.sleep(0)
+        # this test's task, the response's and its watcher: nothing more per open stream
+        assert len(asyncio.all_tasks()) == 3
+        if leave:
+            incoming.put_nowait({"type": "http.disconnect"})
+        else:
+            more.set()
+        await asyncio.wait_for(task, 5)
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == 1, "the watcher outlived its response"
+        bodies = [m.get("body") for m in sent if m["type"] == "http.response.body"]
+        assert sent[0]["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+        return bodies, gone
+
+    bodies, gone = asyncio.run(scenario(leave=False))
+    assert bodies == [b"data: a\n\n", b"data: b\n\n", b""] and gone == [True]   # the finally's call: a no-op then
+    bodies, gone = asyncio.run(scenario(leave=True))
+    assert bodies == [b"data: a\n\n", b""] and gone[0] is True
