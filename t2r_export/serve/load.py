@@ -308,12 +308,27 @@ def _wait_healthy(server: subprocess.Popen, base: str, timeout: float = 60.0) ->
     raise LoadError(f"the server did not answer {base}/health within {timeout:.0f} s")
 
 
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The load generator's event loop: uvloop where installed (the `serve` extra installs it for the
+    server), as the server runs; it shares the server's cores, so its own CPU per chunk counts."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def _client(kind: str, base: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool):
     """In the client process: (results, wall s, CPU s of this process) of firing ``prompts``."""
     fire = _fire if kind == "openai" else _fire_aiohttp
-    cpu, start = time.process_time(), time.perf_counter()
-    results = asyncio.run(fire(base, prompts, concurrency, max_tokens, stream))
-    wall = time.perf_counter() - start
+    loop = _event_loop()
+    try:
+        cpu, start = time.process_time(), time.perf_counter()
+        results = loop.run_until_complete(fire(base, prompts, concurrency, max_tokens, stream))
+        wall = time.perf_counter() - start
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
     # each answer's end, from the start of the run (the fire functions note perf_counter at the end)
     results = [None if r is None else (*r[:3], r[3] - start, r[4]) for r in results]
     return results, wall, time.process_time() - cpu
