@@ -2,15 +2,17 @@
 
 In one run: the runtime's own batched decode at batch ``streams`` (``generate_ids``, the same
 prompts and sampling, decode time only) as the baseline, run before the server and again after
-it (the ratio is to their mean: this machine's speed drifts within a minute); each prompt decoded alone by the runtime
-(what every served answer must equal); then the server, first one request alone (its RSS is the
-one-stream figure), then ``requests`` requests at ``streams`` concurrency from a client in a
-process of its own: the async openai client, or (``client="aiohttp"``) plain aiohttp reading the
-JSON body or the server-sent events itself, a lighter load generator for a machine whose cores the
-client shares with the server (openai's client builds typed objects for every streamed chunk). Reported: requests/s, aggregate tokens/s (completion tokens over the whole wall time,
-prefill and HTTP included) and its ratio to the baseline, p50/p99 latency, the server's RSS idle,
-after one stream, at its peak under load and after, the growth per extra stream, and requests
-lost (no answer) or mixed up (an answer that is not its prompt's solo answer).
+it (the ratio is to their mean: a shared machine's speed drifts within a minute); each prompt
+decoded alone by the runtime (what every served answer must equal); then the server, first one
+request alone (its RSS is the one-stream figure), then ``requests`` requests at ``streams``
+concurrency from a client in a process of its own, on uvloop where installed: the async openai
+client, or (``client="aiohttp"``) plain aiohttp reading the JSON body or the server-sent events
+itself, a lighter load generator for a machine whose cores the client shares with the server
+(openai's client builds typed objects for every streamed chunk). Reported: requests/s, aggregate
+tokens/s (completion tokens over the whole wall time, prefill and HTTP included) and its ratio to
+the baseline, p50/p99 latency, the server's RSS idle, after one stream, at its peak under load and
+after, the growth per extra stream, and requests lost (no answer) or mixed up (an answer that is
+not its prompt's solo answer).
 """
 
 from __future__ import annotations
