@@ -232,8 +232,9 @@ class EventStream(StreamingResponse):
             await self.stream_response(send)
         finally:
             watcher.cancel()
-            # a response that ended early (its send failed) frees its rows now, not when its events'
-            # generator is collected; after a whole answer this changes nothing
+            # the request ends with its response, however that ended (answered, its send failed, its
+            # client left): cancelled, its rows are freed at the next step; after a whole answer this
+            # changes nothing
             self.gone()
 
 
@@ -242,34 +243,30 @@ async def _sse(request: Request, events: EventBox, renderer: Renderer, interval:
     text in one chunk; the last choice to end carries the request's usage (as OpenAI does with
     stream_options.include_usage)."""
     left, tokens = request.n, 0
-    try:
-        while left:
-            events_now = await events.drain()
-            texts: dict[int, list[str]] = {}
-            out = []
-            if any(event is GONE for event in events_now):
-                return
-            for event in events_now:
-                if event[0] == "text":
-                    texts.setdefault(event[-1], []).append(event[1])
-                    continue
-                # a choice's text goes out before its end
-                pending = texts.pop(event[-1], None)
-                if pending:
-                    out.append(renderer.chunk(event[-1], "".join(pending)))
-                if event[0] == "error":
-                    out.append(f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n")
-                    left = 0
-                    break
-                left, tokens = left - 1, tokens + event[2]
-                out.append(renderer.chunk(event[-1], "", event[1], None if left else renderer.usage(tokens)))
-            else:
-                out[:0] = [renderer.chunk(index, "".join(parts)) for index, parts in texts.items()]
-            yield "".join(out)
-            if interval and left:
-                # the steps of the next interval pile up in the queue and go out as one chunk each
-                await asyncio.sleep(interval)
-        yield "data: [DONE]\n\n"
-    finally:
-        # a client that went away cancels its request: the decode loop frees its rows at the next step
-        request.cancel()
+    while left:
+        events_now = await events.drain()
+        if any(event is GONE for event in events_now):
+            return
+        texts: dict[int, list[str]] = {}
+        out = []
+        for event in events_now:
+            if event[0] == "text":
+                texts.setdefault(event[-1], []).append(event[1])
+                continue
+            # a choice's text goes out before its end
+            pending = texts.pop(event[-1], None)
+            if pending:
+                out.append(renderer.chunk(event[-1], "".join(pending)))
+            if event[0] == "error":
+                out.append(f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n")
+                left = 0
+                break
+            left, tokens = left - 1, tokens + event[2]
+            out.append(renderer.chunk(event[-1], "", event[1], None if left else renderer.usage(tokens)))
+        else:
+            out[:0] = [renderer.chunk(index, "".join(parts)) for index, parts in texts.items()]
+        yield "".join(out)
+        if interval and left:
+            # the steps of the next interval pile up in the queue and go out as one chunk each
+            await asyncio.sleep(interval)
+    yield "data: [DONE]\n\n"
