@@ -197,10 +197,20 @@ class OrtDecoder(DecoderBase):
         return self._step_io(rows, input_ids, position_ids)
 
     def prepare_steps(self) -> int:
-        """Make the IO bindings ``step_rows`` uses for every row count now (a server's start-up),
-        not as the active rows first reach each count → how many exist (0 without IO binding)."""
+        """Get ready to step any count of rows (a server's start-up), so stepping later takes no new
+        memory: make the IO bindings ``step_rows`` uses for every row count now, not as the active
+        rows first reach each count, and run one step over the whole batch of a throwaway state
+        (this decoder's rows stay unwritten), so ONNX Runtime's arena holds the largest step's
+        working memory → how many step bindings exist (0 without IO binding)."""
         self._require_open()
-        return self._io.make_step_bindings() if self.io_binding else 0
+        made = self._io.make_step_bindings() if self.io_binding else 0
+        side = self.side_decoder(self._batch)
+        try:
+            ids = np.zeros((self._batch, 1), np.int64)
+            side.step(ids, ids)
+        finally:
+            side.close()
+        return made
 
     def side_decoder(self, batch: int) -> OrtDecoder:
         """A decoder over these same sessions with state buffers of its own, ``batch`` rows.

@@ -181,19 +181,13 @@ class Engine:
 
         ONNX Runtime's arena keeps the blocks it has needed, so without this a server's RSS climbs
         with the first busy minutes, by more than the streams' states; with it, what serving adds
-        per stream is that stream's state and logits row (docs/design.md#serving-memory). The step
-        runs once over ``max_batch`` rows of a throwaway state (the streams' own rows stay unwritten
-        until used); the staging rows, which every prefill round writes anyway, take one prefill of
-        ``prefill_tokens`` tokens, the most any later prefill call takes. The step's IO bindings for
-        every count of active rows are made here too.
+        per stream is that stream's state and logits row (docs/design.md#serving-memory). The step's
+        share is taken by ``OrtDecoder.prepare_steps`` (its IO bindings for every count of active
+        rows, and one step over ``max_batch`` rows of a throwaway state: the streams' own rows stay
+        unwritten until used); the staging rows, which every prefill round writes anyway, take one
+        prefill of ``prefill_tokens`` tokens, the most any later prefill call takes.
         """
         self.decoder.prepare_steps()
-        side = self.decoder.side_decoder(self.max_batch)
-        try:
-            zeros = np.zeros((self.max_batch, 1), np.int64)
-            side.step(zeros, zeros)
-        finally:
-            side.close()
         rows = min(self.prefill_batch, self.prefill_tokens)
         length = max(1, self.prefill_tokens // rows)
         if self.config.max_position is not None:

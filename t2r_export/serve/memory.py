@@ -104,12 +104,6 @@ def decoder_rows(bundle, streams: int) -> float:
         decoder.reset(streams)
         decoder.prepare_steps()
         ids = np.zeros((streams, 1), np.int64)
-        # the working memory of the largest step, taken on throwaway rows (as Engine.reserve does)
-        side = decoder.side_decoder(streams)
-        try:
-            side.step(ids, ids)
-        finally:
-            side.close()
         decoder.step_rows(1, ids[:1], ids[:1])
         gc.collect()
         before = proc.memory_info().rss
